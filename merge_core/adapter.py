@@ -1,0 +1,309 @@
+"""Reading PEFT LoRA adapters: adapter_config.json and the names of the weight tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError, UnsupportedAdapterError
+from .safetensors_io import SafetensorsFormatError, read_header, read_tensor
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+SUPPORTED_PEFT_TYPES = ("LORA",)
+SUPPORTED_DESCRIPTION = "LoRA, including rsLoRA, DoRA, rank/alpha patterns, embedding LoRA and modules_to_save"
+
+# Options that change what a LoRA computes in ways a weight merge cannot reproduce (or that
+# we have not verified yet). Refusing is better than writing a subtly wrong model.
+_UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA), whose effect depends on the prompt",
+    "use_bdlora": "block-diagonal LoRA",
+    "megatron_config": "Megatron-parallel LoRA",
+}
+
+
+@dataclass
+class AdapterConfig:
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    lora_bias: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    target_modules: Any = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    task_type: Optional[str] = None
+    ensure_weight_tying: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def _pattern_value(self, pattern: dict[str, Any], module: str) -> Any:
+        # PEFT's get_pattern_key: the first key that matches the end of the module name, as a regex.
+        for key in pattern:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return pattern[key]
+        return None
+
+    def rank_for(self, module: str) -> int:
+        value = self._pattern_value(self.rank_pattern, module)
+        return int(value) if value is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        value = self._pattern_value(self.alpha_pattern, module)
+        return float(value) if value is not None else self.lora_alpha
+
+    def scale_for(self, module: str) -> float:
+        r = self.rank_for(module)
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> AdapterConfig:
+    peft_type = str(data.get("peft_type", "")).upper()
+    if not peft_type:
+        raise AdapterConfigError(f"{source} has no peft_type; it does not look like a PEFT adapter config.")
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise UnsupportedAdapterError(
+            f"This adapter is a {peft_type} adapter. This tool merges {SUPPORTED_DESCRIPTION}; "
+            f"{peft_type} is not supported yet."
+        )
+    for key, what in _UNSUPPORTED_OPTIONS.items():
+        value = data.get(key)
+        if value not in (None, False, {}, [], ""):
+            raise UnsupportedAdapterError(
+                f"This adapter uses {what}, which cannot be merged exactly by this tool yet. "
+                f"Supported: {SUPPORTED_DESCRIPTION}."
+            )
+    try:
+        r = int(data.get("r", 8))
+        alpha = float(data.get("lora_alpha", 8))
+    except (TypeError, ValueError) as exc:
+        raise AdapterConfigError(f"{source}: r and lora_alpha must be numbers ({exc}).") from exc
+    if r <= 0:
+        raise AdapterConfigError(f"{source}: r must be positive, got {r}.")
+    modules_to_save = data.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    return AdapterConfig(
+        peft_type=peft_type,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=bool(data.get("use_rslora", False)),
+        use_dora=bool(data.get("use_dora", False)),
+        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        lora_bias=bool(data.get("lora_bias", False)),
+        rank_pattern=dict(data.get("rank_pattern") or {}),
+        alpha_pattern=dict(data.get("alpha_pattern") or {}),
+        modules_to_save=list(modules_to_save),
+        target_modules=data.get("target_modules"),
+        base_model_name_or_path=data.get("base_model_name_or_path"),
+        revision=data.get("revision"),
+        task_type=data.get("task_type"),
+        ensure_weight_tying=bool(data.get("ensure_weight_tying", False)),
+        raw=dict(data),
+    )
+
+
+def load_adapter_config(path: str | Path) -> AdapterConfig:
+    path = Path(path)
+    config_path = path / ADAPTER_CONFIG
+    if not config_path.is_file():
+        hint = ""
+        if path.is_dir():
+            subdirs = sorted(p.name for p in path.iterdir() if (p / ADAPTER_CONFIG).is_file())
+            if subdirs:
+                hint = f" It has adapters in subfolders: {', '.join(subdirs)}; pick one of them."
+            elif (path / "config.json").is_file():
+                hint = " It looks like a full model, not a LoRA adapter: did you swap base and adapter?"
+        raise AdapterConfigError(f"No {ADAPTER_CONFIG} in {path}.{hint}")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterConfigError(f"Could not read {config_path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AdapterConfigError(f"{config_path} is not a JSON object.")
+    return parse_adapter_config(data, str(config_path))
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterTensorSpec:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class LoraModule:
+    """The LoRA tensors of one base module, keyed by their normalized role."""
+
+    module: str
+    a: Optional[str] = None
+    b: Optional[str] = None
+    magnitude: Optional[str] = None
+    b_bias: Optional[str] = None
+    is_embedding: bool = False
+
+
+@dataclass
+class AdapterWeights:
+    """Adapter tensor names and shapes, and lazy access to their values."""
+
+    path: Path
+    file: Path
+    specs: dict[str, AdapterTensorSpec]
+    lora_modules: dict[str, LoraModule]
+    # Full tensors that replace a base tensor: modules_to_save and saved (resized) embedding layers.
+    replacements: dict[str, str]  # base-side tensor name ("lm_head.weight") -> adapter key
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.stat().st_size
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key in self._cache:
+            return self._cache[key]
+        if self.file.suffix == ".safetensors":
+            header = read_header(self.file)
+            return read_tensor(self.file, header.tensors[key])
+        return self._load_pickle()[key]
+
+    def _load_pickle(self) -> dict[str, torch.Tensor]:
+        if not self._cache:
+            self._cache.update(load_pickle_state_dict(self.file))
+        return self._cache
+
+    def check_finite(self) -> None:
+        """NaN/Inf in an adapter would silently poison the merged model: refuse up front."""
+        header = read_header(self.file) if self.file.suffix == ".safetensors" else None
+        for key in self.specs:
+            if header is not None:
+                value = read_tensor(self.file, header.tensors[key])
+            else:
+                value = self.tensor(key)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise NonFiniteAdapterWeightsError(
+                    f"The adapter tensor {key} contains {bad} NaN/Inf value(s); training probably "
+                    "diverged. Use an earlier checkpoint of the adapter."
+                )
+
+
+def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code.
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a plain tensor file"
+        raise AdapterWeightsError(
+            f"{file.name} could not be loaded safely (weights_only=True): {exc}. This tool never "
+            "executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterWeightsError(f"{file.name} is not a flat dict of tensors, so it is not a PEFT adapter file.")
+    return state
+
+
+def normalize_key(key: str) -> tuple[str, Optional[str], Optional[str]]:
+    """Split an adapter key into (module path, LoRA part or None, parameter or None).
+
+    Accepts the forms PEFT has written over the years: with or without the
+    ``base_model.model.`` prefix, with or without an adapter-name infix (``.default``).
+    """
+    if key.startswith(_PEFT_PREFIX):
+        key = key[len(_PEFT_PREFIX):]
+    parts = key.split(".")
+    for i, token in enumerate(parts):
+        if token in _LORA_PARTS and i > 0:
+            rest = parts[i + 1:]
+            param: Optional[str] = None
+            if rest and rest[-1] in ("weight", "bias"):
+                param = rest[-1]
+                rest = rest[:-1]
+            if len(rest) > 1:
+                break  # not a shape we know; treated as a plain tensor below
+            return ".".join(parts[:i]), token, param
+    # modules_to_save copies are saved either under the original name or with an infix.
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        # ".modules_to_save.default.weight" (adapter-name infix) or ".modules_to_save.weight"
+        drop = 2 if len(parts) - i > 2 else 1
+        key = ".".join(parts[:i] + parts[i + drop:])
+    return key, None, None
+
+
+def _read_specs(file: Path) -> dict[str, AdapterTensorSpec]:
+    if file.suffix == ".safetensors":
+        try:
+            header = read_header(file)
+        except SafetensorsFormatError as exc:
+            raise AdapterWeightsError(f"The adapter weights {file.name} are corrupt: {exc}") from exc
+        return {k: AdapterTensorSpec(k, t.shape, t.torch_dtype) for k, t in header.tensors.items()}
+    state = load_pickle_state_dict(file)
+    return {k: AdapterTensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def load_adapter_weights(path: str | Path) -> AdapterWeights:
+    path = Path(path)
+    file = path / ADAPTER_SAFETENSORS
+    if not file.is_file():
+        file = path / ADAPTER_PICKLE
+    if not file.is_file():
+        raise AdapterWeightsError(
+            f"No adapter weights in {path}: expected {ADAPTER_SAFETENSORS} (or {ADAPTER_PICKLE})."
+        )
+    specs = _read_specs(file)
+    if not specs:
+        raise AdapterWeightsError(f"{file.name} holds no tensors.")
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, str] = {}
+    for key in specs:
+        module, part, param = normalize_key(key)
+        if part is None:
+            if ".original_module." in f".{key}.":
+                continue  # PEFT saves the untouched original next to the trained copy
+            # "embed_tokens.base_layer.weight": PEFT saved the (resized) base embedding itself.
+            target = module.replace(".base_layer.", ".")
+            # The trained copy is also saved under the plain name; the explicit one wins.
+            if ".modules_to_save." in f".{key}." or target not in replacements:
+                replacements[target] = key
+            continue
+        entry = modules.setdefault(module, LoraModule(module))
+        if part in ("lora_A", "lora_embedding_A") and param != "bias":
+            entry.a = key
+        elif part in ("lora_B", "lora_embedding_B"):
+            if param == "bias":
+                entry.b_bias = key
+            else:
+                entry.b = key
+        elif part == "lora_magnitude_vector":
+            entry.magnitude = key
+        entry.is_embedding = entry.is_embedding or part.startswith("lora_embedding")
+    for entry in modules.values():
+        if entry.a is None or entry.b is None:
+            missing = "lora_A" if entry.a is None else "lora_B"
+            raise AdapterWeightsError(
+                f"The adapter has an incomplete LoRA pair for {entry.module}: {missing} is missing. "
+                "The adapter file is damaged; save it again with PEFT."
+            )
+    return AdapterWeights(path=path, file=file, specs=specs, lora_modules=modules, replacements=replacements)

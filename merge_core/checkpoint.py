@@ -1,0 +1,140 @@
+"""The base model as the merge sees it: config plus safetensors headers, no tensor data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import BaseCheckpointError
+from .safetensors_io import SafetensorsFormatError, TensorInfo, read_header
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    shard: Path
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class BaseCheckpoint:
+    """Everything about the base that the plan needs, read from a few KB of metadata."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, BaseTensor]  # in file order: shard by shard, by offset
+    shards: list[Path] = field(default_factory=list)
+    name: Optional[str] = None  # Hub ID or the path the user gave; shown in messages
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.info.nbytes for t in self.tensors.values())
+
+    @property
+    def display_name(self) -> str:
+        return self.name or str(self.path)
+
+    def text_config(self) -> dict[str, Any]:
+        """Multimodal configs nest the language model's settings under text_config."""
+        nested = self.config.get("text_config")
+        return nested if isinstance(nested, dict) else self.config
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        for cfg in (self.config, self.text_config()):
+            if "tie_word_embeddings" in cfg:
+                return bool(cfg["tie_word_embeddings"])
+        # transformers' PretrainedConfig default.
+        return True
+
+    def dominant_float_dtype(self) -> str:
+        """The dtype that holds most floating-point bytes: what "keep the base dtype" means."""
+        totals: dict[str, int] = {}
+        for t in self.tensors.values():
+            if t.info.is_float:
+                totals[t.info.dtype] = totals.get(t.info.dtype, 0) + t.info.nbytes
+        if not totals:
+            raise BaseCheckpointError(f"{self.display_name} holds no floating-point weights to merge into.")
+        return max(totals, key=totals.__getitem__)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseCheckpointError(f"Could not read {what} ({path.name}): {exc}") from exc
+    if not isinstance(data, dict):
+        raise BaseCheckpointError(f"{what} ({path.name}) is not a JSON object.")
+    return data
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files that make up the model, as the index (or the single file) says."""
+    index_path = path / SAFE_INDEX
+    if index_path.is_file():
+        index = read_json(index_path, "the safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BaseCheckpointError(f"{index_path} has no weight_map; the checkpoint is incomplete.")
+        names = list(dict.fromkeys(weight_map.values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise BaseCheckpointError(
+                f"The index lists {len(names)} shard(s) but {len(missing)} are missing in {path} "
+                f"(e.g. {missing[0]}). Download the complete model."
+            )
+        return sorted((path / n for n in names), key=lambda p: p.name)
+    if (path / SAFE_SINGLE).is_file():
+        return [path / SAFE_SINGLE]
+    pickles = [n for n in PICKLE_WEIGHT_NAMES if (path / n).exists()]
+    if pickles:
+        raise BaseCheckpointError(
+            f"The base model at {path} only has pickle weights ({pickles[0]}). This tool streams "
+            "safetensors files and never executes pickles. Use a revision that has safetensors "
+            "(many Hub repos have an 'Adding `safetensors` variant' pull request, e.g. revision "
+            "refs/pr/1), or convert the model once with transformers' save_pretrained."
+        )
+    raise BaseCheckpointError(
+        f"No model weights found in {path}: expected {SAFE_SINGLE} or {SAFE_INDEX} with its shards."
+    )
+
+
+def load_base_checkpoint(path: str | Path, name: Optional[str] = None) -> BaseCheckpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise BaseCheckpointError(f"The base model folder {path} does not exist.")
+    try:
+        config = read_json(path / "config.json", "the base model's config")
+    except FileNotFoundError:
+        raise BaseCheckpointError(
+            f"{path} has no config.json, so it is not a transformers model folder. Point the base at "
+            "the folder (or Hub repo) that holds config.json and the safetensors weights."
+        ) from None
+    shards = shard_files(path)
+    tensors: dict[str, BaseTensor] = {}
+    for shard in shards:
+        try:
+            header = read_header(shard)
+        except SafetensorsFormatError as exc:
+            raise BaseCheckpointError(f"Base shard {shard.name} is corrupt: {exc}. Download it again.") from exc
+        for info in header.tensors.values():
+            if info.name in tensors:
+                raise BaseCheckpointError(f"Tensor {info.name} appears in two shards of {path}; the checkpoint is broken.")
+            tensors[info.name] = BaseTensor(shard, info)
+    return BaseCheckpoint(path=path, config=config, tensors=tensors, shards=shards, name=name)

@@ -1,0 +1,300 @@
+"""The streaming merge: one output shard at a time, one row block of one tensor at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+import torch
+
+from .errors import InsufficientDiskError, MergeError, OutputExistsError
+from .plan import MergeOptions, MergePlan, OutputTensorPlan, build_plan
+from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .report import MergeReport, ModuleReport
+from .safetensors_io import DTYPE_FROM_ST, StreamingWriter, read_rows
+from .tensor_math import (
+    DEFAULT_BLOCK_ELEMENTS,
+    BlockStats,
+    ColumnNorms,
+    LoadedDelta,
+    dora_row_factor,
+    exact_block,
+    row_blocks,
+    rows_per_block,
+)
+
+# Room for config/tokenizer files and filesystem overhead on top of the weights.
+_DISK_MARGIN_BYTES = 64 << 20
+
+
+@dataclass
+class _Timings:
+    read: float = 0.0
+    math: float = 0.0
+    write: float = 0.0
+    copy: float = 0.0
+
+
+@dataclass
+class _Context:
+    plan: MergePlan
+    device: torch.device
+    compute_dtype: torch.dtype
+    block_elements: int
+    files: dict[Path, BinaryIO] = field(default_factory=dict)
+    timings: _Timings = field(default_factory=_Timings)
+    stats: dict[str, BlockStats] = field(default_factory=dict)
+
+    def base_file(self, path: Path) -> BinaryIO:
+        f = self.files.get(path)
+        if f is None:
+            f = self.files[path] = open(path, "rb")
+        return f
+
+    def adapter_tensor(self, key: str, transpose: bool = False) -> torch.Tensor:
+        t = self.plan.adapter.tensor(key).to(device=self.device, dtype=self.compute_dtype)
+        return t.T.contiguous() if transpose else t
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{output_dir} already exists. Choose another output folder or pass overwrite=True (CLI: --overwrite)."
+        )
+
+
+def check_disk(directory: Path, needed: int, what: str = "the merged model") -> None:
+    directory = next((p for p in (directory, *directory.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(directory).free
+    if free < needed + _DISK_MARGIN_BYTES:
+        raise InsufficientDiskError(
+            f"Not enough disk space for {what}: it needs {(needed + _DISK_MARGIN_BYTES) / 1e9:.2f} GB "
+            f"but only {free / 1e9:.2f} GB are free at {directory}. Free some space or choose another output folder."
+        )
+
+
+def _write_tensor(ctx: _Context, writer: StreamingWriter, t: OutputTensorPlan, on_bytes) -> None:
+    writer.begin(t.name)
+    out_dtype = DTYPE_FROM_ST[t.dtype]
+    if t.is_copy:
+        began = time.perf_counter()
+        assert t.base is not None
+        writer.copy_from(ctx.base_file(t.base.shard), t.base.info.begin, t.base.info.nbytes)
+        ctx.timings.copy += time.perf_counter() - began
+        on_bytes(t.base.info.nbytes)
+        return
+
+    n_rows = t.shape[0] if t.shape else 1
+    step = rows_per_block(t.shape, ctx.block_elements)
+    if t.adapter_key is not None:
+        full_start = ctx.plan.adapter.tensor(t.adapter_key)
+        read = lambda a, b: full_start[a:b] if t.shape else full_start  # noqa: E731
+    else:
+        assert t.base is not None
+        f, info = ctx.base_file(t.base.shard), t.base.info
+        read = lambda a, b: read_rows(f, info, a, b)  # noqa: E731
+
+    if not t.changed:  # dtype conversion only
+        for a, b in row_blocks(n_rows, step):
+            began = time.perf_counter()
+            block = read(a, b)
+            ctx.timings.read += time.perf_counter() - began
+            began = time.perf_counter()
+            out = block.to(ctx.compute_dtype).to(out_dtype)
+            ctx.timings.math += time.perf_counter() - began
+            began = time.perf_counter()
+            writer.write(out)
+            ctx.timings.write += time.perf_counter() - began
+            on_bytes(out.numel() * out.element_size())
+        return
+
+    deltas = [
+        LoadedDelta(ctx.adapter_tensor(d.l_key, d.l_transpose), ctx.adapter_tensor(d.r_key, d.r_transpose), d.scale)
+        for d in t.deltas
+    ]
+    bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
+    magnitude = ctx.adapter_tensor(t.dora.magnitude_key).reshape(-1) if t.dora else None
+
+    def exact(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        began = time.perf_counter()
+        start = read(a, b)
+        ctx.timings.read += time.perf_counter() - began
+        began = time.perf_counter()
+        block = exact_block(start.to(ctx.device), a, deltas, ctx.compute_dtype, bias_deltas)
+        ctx.timings.math += time.perf_counter() - began
+        return start, block
+
+    col_factor = None
+    if t.dora is not None and t.dora.axis == "col":
+        norms = ColumnNorms()
+        for a, b in row_blocks(n_rows, step):
+            norms.add(exact(a, b)[1])
+        col_factor = norms.factor(magnitude)  # type: ignore[arg-type]
+
+    stats = ctx.stats.setdefault(t.name, BlockStats())
+    replaced = t.replaced_base
+    for a, b in row_blocks(n_rows, step):
+        start, block = exact(a, b)
+        if replaced is not None:
+            # Report a full replacement as a change against the base rows it overwrites.
+            old_rows = replaced.info.shape[0]
+            old = read_rows(ctx.base_file(replaced.shard), replaced.info, min(a, old_rows), min(b, old_rows))
+            start = torch.cat([old.to(start.dtype), torch.zeros_like(start[old.shape[0]:])]) if old.shape[0] < start.shape[0] else old
+        began = time.perf_counter()
+        if t.dora is not None:
+            block = block * (col_factor if col_factor is not None else dora_row_factor(block, magnitude[a:b]))  # type: ignore[index]
+        out = block.to(out_dtype).cpu()
+        stats.add(start, block.cpu(), out)
+        ctx.timings.math += time.perf_counter() - began
+        began = time.perf_counter()
+        writer.write(out)
+        ctx.timings.write += time.perf_counter() - began
+        on_bytes(out.numel() * out.element_size())
+
+
+def _replace_dir(tmp: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        trash = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        output_dir.rename(trash)
+        tmp.rename(output_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(output_dir)
+
+
+def execute_plan(
+    plan: MergePlan,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: ProgressCallback = no_progress,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> MergeReport:
+    """Write the merged model into output_dir, atomically: all of it or nothing."""
+    output_dir = Path(output_dir).absolute()
+    check_output_dir(output_dir, overwrite)
+    check_disk(output_dir.parent, plan.output_nbytes)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so the final rename stays on one filesystem and is atomic.
+    tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    device = torch.device(plan.options.device)
+    ctx = _Context(plan, device, plan.compute_dtype, block_elements)
+    total = plan.output_nbytes
+    done = 0
+    started = time.perf_counter()
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(ProgressUpdate("merge", done, total, "B"))
+
+    try:
+        names = plan.shard_names()
+        weight_map: dict[str, str] = {}
+        progress(ProgressUpdate("merge", 0, total, "B", "starting"))
+        for shard_name, shard in zip(names, plan.shards):
+            with StreamingWriter(tmp / shard_name, [t.planned() for t in shard], {"format": "pt"}) as writer:
+                for t in shard:
+                    _write_tensor(ctx, writer, t, on_bytes)
+                    weight_map[t.name] = shard_name
+        if len(names) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        for name, src in plan.copy_files.items():
+            shutil.copyfile(src, tmp / name)
+        _replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ctx.close()
+    elapsed = time.perf_counter() - started
+    return _report(plan, output_dir, names, ctx, elapsed)
+
+
+def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context, elapsed: float) -> MergeReport:
+    modules = []
+    for m in plan.modules:
+        s = ctx.stats.get(m.tensor, BlockStats())
+        modules.append(
+            ModuleReport(
+                module=m.module,
+                tensor=m.tensor,
+                kind=m.kind,
+                variant=m.variant,
+                shape=tuple(m.shape),
+                rank=m.rank,
+                alpha=m.alpha,
+                scale=m.scale,
+                fan_in_fan_out=m.fan_in_fan_out,
+                weight_norm=s.weight_sq**0.5,
+                delta_norm=s.delta_sq**0.5,
+                applied_norm=s.applied_sq**0.5,
+                max_rounding_error=s.max_rounding_error,
+            )
+        )
+    changed = [t.name for t in plan.tensors if t.changed]
+    config_changes = {
+        k: v for k, v in plan.config.items() if plan.base.config.get(k) != v and k != "text_config"
+    }
+    name_of = {v: k for k, v in {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.items()}
+    return MergeReport(
+        base=plan.options.base_name or plan.base.display_name,
+        adapter=plan.options.adapter_name or str(plan.adapter.path),
+        adapter_revision=plan.options.adapter_revision,
+        output_dir=str(output_dir),
+        base_dtype=name_of.get(plan.base.dominant_float_dtype(), plan.base.dominant_float_dtype()),
+        output_dtype=name_of.get(plan.output_dtype, plan.output_dtype),
+        compute_dtype=plan.options.compute_dtype,
+        device=plan.options.device,
+        modules=modules,
+        changed_tensors=changed,
+        copied_tensors=sum(1 for t in plan.tensors if not t.changed),
+        shards=shards,
+        base_bytes=plan.base.nbytes,
+        adapter_bytes=plan.adapter.nbytes,
+        output_bytes=plan.output_nbytes,
+        seconds={
+            "total": elapsed,
+            "read": ctx.timings.read,
+            "math": ctx.timings.math,
+            "write": ctx.timings.write,
+            "copy": ctx.timings.copy,
+        },
+        notes=list(plan.notes),
+        warnings=list(plan.warnings),
+        config_changes=config_changes,
+        adapter_config=dict(plan.adapter_config.raw),
+    )
+
+
+def merge_adapter(
+    base: str | Path,
+    adapter: str | Path,
+    output_dir: str | Path,
+    options: Optional[MergeOptions] = None,
+    *,
+    overwrite: bool = False,
+    progress: ProgressCallback = no_progress,
+) -> MergeReport:
+    """Plan (validating everything from metadata) and then stream the merge into output_dir."""
+    check_output_dir(Path(output_dir), overwrite)
+    plan = build_plan(base, adapter, options)
+    return execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
+
+
+__all__ = ["merge_adapter", "execute_plan", "check_disk", "check_output_dir", "MergeError"]

@@ -1,0 +1,70 @@
+"""One progress callback type, shared by the CLI (tqdm) and the app (gr.Progress)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """A step of a long operation.
+
+    ``stage`` names the operation ("download", "merge", "verify", ...). ``done``/``total``
+    are in ``unit`` (bytes, tensors, ...); ``total`` is None when unknown.
+    """
+
+    stage: str
+    done: float
+    total: Optional[float]
+    unit: str = ""
+    message: str = ""
+
+    @property
+    def fraction(self) -> Optional[float]:
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+
+ProgressCallback = Callable[[ProgressUpdate], None]
+
+
+def no_progress(_: ProgressUpdate) -> None:
+    return None
+
+
+class TqdmProgress:
+    """A ProgressCallback that shows one tqdm bar per stage (used by the CLI)."""
+
+    def __init__(self, disable: bool = False) -> None:
+        self._bars: dict[str, object] = {}
+        self._disable = disable
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self._bars.get(update.stage)
+        if bar is None:
+            scale = update.unit == "B"
+            bar = tqdm(
+                total=update.total,
+                desc=update.stage,
+                unit=update.unit or "it",
+                unit_scale=scale,
+                unit_divisor=1024 if scale else 1000,
+                disable=self._disable,
+                leave=True,
+            )
+            self._bars[update.stage] = bar
+        if update.total is not None and bar.total != update.total:  # type: ignore[attr-defined]
+            bar.total = update.total  # type: ignore[attr-defined]
+        bar.n = update.done  # type: ignore[attr-defined]
+        if update.message:
+            bar.set_postfix_str(update.message, refresh=False)  # type: ignore[attr-defined]
+        bar.refresh()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()  # type: ignore[attr-defined]
+        self._bars.clear()

@@ -1,0 +1,286 @@
+"""Streaming reads and writes of the safetensors format, one tensor (or row block) at a time.
+
+The ``safetensors`` package reads through mmap and writes whole dicts of tensors. We need
+the opposite: write a shard whose header is known up front (all shapes come from the plan)
+and then append tensor bytes as they are produced, so that peak memory stays at one row
+block instead of one shard. The format is simple enough (8-byte little-endian header
+length, JSON header, raw little-endian data) to do this here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable, Optional
+
+import torch
+
+if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
+    raise ImportError("merge_core reads safetensors as raw little-endian bytes")
+
+DTYPE_FROM_ST: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+ST_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_ST.items()}
+FLOAT_ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+# Hard limit of the format's reference implementation; a larger header means a corrupt file.
+MAX_HEADER_BYTES = 100_000_000
+
+
+class SafetensorsFormatError(ValueError):
+    """The file is not a valid safetensors file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the data in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_FROM_ST[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_ST_DTYPES
+
+
+@dataclass
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]  # in data order
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def element_size(st_dtype: str) -> int:
+    return torch.empty((), dtype=DTYPE_FROM_ST[st_dtype]).element_size()
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Read only the JSON header of a safetensors file (a few KB, whatever the file size)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise SafetensorsFormatError(f"{path.name} is too short to be a safetensors file")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > MAX_HEADER_BYTES:
+            raise SafetensorsFormatError(f"{path.name} has an implausible header size ({header_len} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SafetensorsFormatError(f"{path.name} has a corrupt header: {exc}") from exc
+    data_start = 8 + header_len
+    file_size = path.stat().st_size
+    metadata = header.pop("__metadata__", None) or {}
+    infos = []
+    for name, entry in header.items():
+        dtype = entry["dtype"]
+        if dtype not in DTYPE_FROM_ST:
+            raise SafetensorsFormatError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+        begin, end = entry["data_offsets"]
+        info = TensorInfo(name, dtype, tuple(entry["shape"]), data_start + begin, data_start + end)
+        if info.numel * element_size(dtype) != info.nbytes or info.end > file_size:
+            raise SafetensorsFormatError(f"{path.name}: tensor {name} has inconsistent offsets (file truncated?)")
+        infos.append(info)
+    infos.sort(key=lambda t: t.begin)
+    return SafetensorsHeader(path, {t.name: t for t in infos}, metadata)
+
+
+def read_rows(f: BinaryIO, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
+    """Read rows [row_start, row_end) of a tensor (the first dimension) without touching the rest."""
+    if not info.shape:
+        row_start, row_end = 0, 1
+    row_numel = math.prod(info.shape[1:]) if info.shape else 1
+    itemsize = element_size(info.dtype)
+    offset = info.begin + row_start * row_numel * itemsize
+    nbytes = (row_end - row_start) * row_numel * itemsize
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        f.seek(offset)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise SafetensorsFormatError(f"unexpected end of file while reading {info.name}")
+            got += n
+    shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
+    return buf.view(info.torch_dtype).reshape(shape)
+
+
+def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return read_rows(f, info, 0, info.shape[0] if info.shape else 1)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+
+class StreamingWriter:
+    """Writes one safetensors file whose tensors are declared up front.
+
+    Tensors must be written in declaration order; each may arrive in several row blocks.
+    ``close`` refuses to finish a file with missing bytes, so a bug can never produce a
+    silently truncated shard.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], tensors: Iterable[PlannedTensor], metadata: Optional[dict[str, str]] = None):
+        self.path = Path(path)
+        self._tensors = list(tensors)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        offset = 0
+        for t in self._tensors:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        self._data_size = offset
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        # The reference implementation pads the header to 8 bytes so the data is aligned.
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._index = 0
+        self._written_in_current = 0
+
+    @property
+    def current(self) -> PlannedTensor:
+        return self._tensors[self._index]
+
+    def _advance(self, nbytes: int) -> None:
+        if self._index >= len(self._tensors):
+            raise RuntimeError(f"{self.path.name}: more data written than declared")
+        self._written_in_current += nbytes
+        expected = self.current.nbytes
+        if self._written_in_current > expected:
+            raise RuntimeError(f"{self.path.name}: too much data for {self.current.name}")
+        if self._written_in_current == expected:
+            self._index += 1
+            self._written_in_current = 0
+            # Zero-size tensors take no bytes: step over them right away.
+            while self._index < len(self._tensors) and self._tensors[self._index].nbytes == 0:
+                self._index += 1
+
+    def begin(self, name: str) -> None:
+        """Assert that the next bytes belong to ``name``; catches ordering bugs early."""
+        while self._index < len(self._tensors) and self._tensors[self._index].nbytes == 0 and self._tensors[self._index].name != name:
+            self._index += 1
+        if self._index >= len(self._tensors) or self.current.name != name or self._written_in_current:
+            got = self.current.name if self._index < len(self._tensors) else "<end>"
+            raise RuntimeError(f"{self.path.name}: expected tensor {got}, got {name}")
+        if self.current.nbytes == 0:
+            self._index += 1
+
+    def write(self, tensor: torch.Tensor) -> None:
+        data = tensor_bytes(tensor)
+        if data.nbytes == 0:
+            return
+        self._advance(data.nbytes)
+        self._file.write(data)
+
+    def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:
+        """Copy raw bytes from another file; kernel-side where the OS allows."""
+        self._advance(nbytes)
+        self._file.flush()
+        src_fd, dst_fd = src.fileno(), self._file.fileno()
+        remaining = nbytes
+        pos = offset
+        if hasattr(os, "copy_file_range"):
+            try:
+                while remaining:
+                    n = os.copy_file_range(src_fd, dst_fd, remaining, pos)
+                    if n == 0:
+                        raise SafetensorsFormatError(f"unexpected end of {getattr(src, 'name', 'file')}")
+                    remaining -= n
+                    pos += n
+                # copy_file_range advances dst's kernel offset; keep Python's view in sync.
+                self._file.seek(0, os.SEEK_END)
+                return
+            except OSError:
+                self._file.seek(0, os.SEEK_END)
+        chunk = 16 << 20
+        src.seek(pos)
+        while remaining:
+            buf = src.read(min(chunk, remaining))
+            if not buf:
+                raise SafetensorsFormatError(f"unexpected end of {getattr(src, 'name', 'file')}")
+            self._file.write(buf)
+            remaining -= len(buf)
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        while self._index < len(self._tensors) and self._tensors[self._index].nbytes == 0:
+            self._index += 1
+        complete = self._index == len(self._tensors) and self._written_in_current == 0
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if not complete:
+            raise RuntimeError(f"{self.path.name}: closed before all declared tensors were written")
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,108 @@
+"""Tiny models and adapters built on the fly: the tests never download anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+VOCAB = 96
+
+
+def tiny_config(arch: str, *, vocab: int = VOCAB, tie: Optional[bool] = None):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(vocab_size=vocab)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=bool(tie), **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=True if tie is None else tie, **common)
+    elif arch == "mistral":
+        cfg = MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=bool(tie), **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                         tie_word_embeddings=True if tie is None else tie, **common)
+    else:
+        raise ValueError(arch)
+    return cfg
+
+
+def make_base(path: Path, arch: str = "llama", *, dtype: torch.dtype = torch.float32, seed: int = 0,
+              max_shard_size: Optional[str] = None, tie: Optional[bool] = None, vocab: int = VOCAB) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab=vocab, tie=tie))
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def make_adapter(base_dir: Path, path: Path, *, seed: int = 1, resize_vocab: Optional[int] = None,
+                 magnitude_noise: float = 0.0, dtype: Optional[torch.dtype] = None, **lora_kwargs: Any) -> Path:
+    """A LoRA adapter with non-zero B (init_lora_weights=False), saved with PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base_dir)
+    torch.manual_seed(seed)
+    if resize_vocab:
+        model.resize_token_embeddings(resize_vocab, mean_resizing=False)
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    config = LoraConfig(init_lora_weights=False, base_model_name_or_path=str(base_dir), **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                # Large enough that a wrong scale or a missed module shows in the logits.
+                p.normal_(0, 0.2)
+            elif "lora_magnitude_vector" in name and magnitude_noise:
+                p.mul_(1 + magnitude_noise * torch.randn_like(p))
+            elif "modules_to_save" in name or "trainable" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    if dtype is not None:
+        peft_model = peft_model.to(dtype)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def prompt_ids(vocab: int = VOCAB, batch: int = 2, length: int = 12, seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def peft_reference(base_dir: Path, adapter_dir: Path, *, resize_vocab: Optional[int] = None,
+                   dtype: torch.dtype = torch.float32):
+    """PeftModel(base, adapter), unmerged: the ground truth a merge must reproduce."""
+    from peft import PeftModel
+
+    model = load_model(base_dir, dtype)
+    if resize_vocab:
+        model.resize_token_embeddings(resize_vocab, mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, new_tokens: int = 8) -> torch.Tensor:
+    out = model.generate(input_ids=ids[:1], max_new_tokens=new_tokens, do_sample=False,
+                         attention_mask=torch.ones_like(ids[:1]), pad_token_id=0)
+    return out[0, ids.shape[1]:]
