@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="precision of W + scale*B@A before rounding once to the output dtype (default float64)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (atomically)")
-    p.add_argument("--json", action="store_true", help="print the merge report as JSON")
+    p.add_argument("--verify", action="store_true", help="verify the merged files afterwards; exit code 1 if a check fails")
+    p.add_argument(
+        "--functional",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, or never",
+    )
+    p.add_argument("--json", action="store_true", help="print the merge report (and verification) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -53,16 +60,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_dir(output, args.overwrite)
         plan = build_plan(args.base, args.adapter, options)
         report = execute_plan(plan, output, overwrite=args.overwrite, progress=progress)
+        verification = None
+        if args.verify:
+            from .verify import verify_merge
+
+            verification = verify_merge(plan, output, functional=args.functional, device=args.device, progress=progress)
     except (MergeError, ValueError) as exc:
         progress.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     progress.close()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, default=str))
+        data = report.to_dict()
+        if verification is not None:
+            data["verification"] = verification.to_dict()
+        print(json.dumps(data, indent=2, default=str))
     else:
         print(report.summary())
-    return 0
+        if verification is not None:
+            print()
+            print(verification.to_text())
+    return 1 if verification is not None and not verification.passed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

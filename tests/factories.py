@@ -106,3 +106,19 @@ def greedy(model, ids: torch.Tensor, new_tokens: int = 8) -> torch.Tensor:
     out = model.generate(input_ids=ids[:1], max_new_tokens=new_tokens, do_sample=False,
                          attention_mask=torch.ones_like(ids[:1]), pad_token_id=0)
     return out[0, ids.shape[1]:]
+
+
+def make_tokenizer(path: Path, vocab: int = VOCAB) -> Path:
+    """A word-level tokenizer over made-up words, with a chat template; no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = specials + [f"w{i}" for i in range(vocab - len(specials))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    fast.save_pretrained(path)
+    return path

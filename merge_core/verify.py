@@ -1,0 +1,465 @@
+"""A verification table that proves a merge, computed from the files on disk.
+
+Three groups of checks:
+- structure: every tensor present with its shape and dtype, no LoRA keys, only the
+  expected tensors changed (the rest byte-identical to the base), no NaN/Inf, files load;
+- numerics: each merged tensor against an independent float64 reference
+  (W + scale * B @ A, or the DoRA formula) rounded once, and a random-probe check
+  W'x vs Wx + scale * B(Ax) that never forms B @ A;
+- function: logits and greedy tokens of the merged model vs PeftModel(base, adapter)
+  unmerged, when both fit the memory budget (otherwise the table says why it was skipped).
+
+Everything but the last streams row blocks, so it runs in about one block of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Optional
+
+import torch
+
+from .plan import MergePlan, ModulePlan, OutputTensorPlan
+from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .safetensors_io import SafetensorsFormatError, TensorInfo, read_header, read_rows
+from .tensor_math import DEFAULT_BLOCK_ELEMENTS, row_blocks, rows_per_block
+
+# Unit roundoff of each output dtype: the largest relative error of one correct rounding.
+UNIT_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F64": 2.0**-53}
+_LORA_MARKERS = ("lora_", "modules_to_save", "original_module", ".base_layer.")
+PROBE_VECTORS = 4
+
+
+@dataclass
+class Check:
+    name: str
+    group: str  # "structure" | "numerics" | "function"
+    passed: Optional[bool]  # None: skipped, with the reason in detail
+    value: str
+    threshold: str
+    detail: str = ""
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.passed is None else ("pass" if self.passed else "FAIL")
+
+
+@dataclass
+class ModuleNumerics:
+    tensor: str
+    variant: str
+    bitwise_fraction: float  # share of elements equal to round(float64 reference)
+    relative_error: float  # ||W'_written - ref|| / ||ref||
+    probe_error: float  # ||W'x - (Wx + s B(Ax))|| / ||Wx + s B(Ax)||
+
+
+@dataclass
+class VerificationReport:
+    checks: list[Check] = field(default_factory=list)
+    modules: list[ModuleNumerics] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed is not False for c in self.checks)
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
+    def check(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def rows(self) -> list[list[str]]:
+        return [[c.group, c.name, c.value, c.threshold, c.status, c.detail] for c in self.checks]
+
+    HEADERS = ["group", "check", "value", "threshold", "result", "detail"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [asdict(c) | {"status": c.status} for c in self.checks],
+                "modules": [asdict(m) for m in self.modules]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        widths = [max(len(str(r[i])) for r in [self.HEADERS, *self.rows()]) for i in range(5)]
+        lines = []
+        for row in [self.HEADERS, *self.rows()]:
+            cells = [str(v).ljust(w) for v, w in zip(row[:5], widths)]
+            lines.append("  ".join(cells) + (f"  {row[5]}" if row[5] else ""))
+        lines.append(f"verification: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+# --- reading the merged checkpoint --------------------------------------------------------------
+
+
+class _Files:
+    def __init__(self) -> None:
+        self._open: dict[Path, BinaryIO] = {}
+
+    def get(self, path: Path) -> BinaryIO:
+        if path not in self._open:
+            self._open[path] = open(path, "rb")
+        return self._open[path]
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+
+
+def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]], list[str]]:
+    """Tensor locations of the merged checkpoint, and problems with its index (if any)."""
+    problems: list[str] = []
+    index = merged_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = sorted({merged_dir / n for n in weight_map.values()})
+    else:
+        weight_map = {}
+        shards = [merged_dir / "model.safetensors"]
+    found: dict[str, tuple[Path, TensorInfo]] = {}
+    for shard in shards:
+        if not shard.is_file():
+            problems.append(f"missing shard {shard.name}")
+            continue
+        try:
+            header = read_header(shard)
+        except SafetensorsFormatError as exc:
+            problems.append(str(exc))
+            continue
+        for name, info in header.tensors.items():
+            found[name] = (shard, info)
+            if weight_map and weight_map.get(name) != shard.name:
+                problems.append(f"index maps {name} to {weight_map.get(name)}, found in {shard.name}")
+    return found, problems
+
+
+# --- the independent float64 reference ----------------------------------------------------------
+
+
+class _Reference:
+    """W + scale * orient(B @ A) [+ DoRA], built from ModulePlans and raw adapter tensors."""
+
+    def __init__(self, plan: MergePlan, tensor: OutputTensorPlan, modules: list[ModulePlan], files: _Files):
+        self.plan, self.t, self.files = plan, tensor, files
+        adapter = plan.adapter
+        self.terms = []
+        self.magnitude: Optional[torch.Tensor] = None
+        self.dora_cols = False
+        for m in modules:
+            if m.kind == "replaced":
+                continue
+            lm = adapter.lora_modules[m.module]
+            a = adapter.tensor(lm.a).double()  # type: ignore[arg-type]
+            b = adapter.tensor(lm.b).double()  # type: ignore[arg-type]
+            transposed = m.kind == "embedding" or m.fan_in_fan_out
+            self.terms.append((a, b, m.scale, transposed))
+            if lm.magnitude is not None:
+                self.magnitude = adapter.tensor(lm.magnitude).double().reshape(-1)
+                self.dora_cols = transposed
+        self.bias = [(adapter.tensor(k).double().reshape(-1), s) for k, s in tensor.bias_deltas]
+        self.full = adapter.tensor(tensor.adapter_key).double() if tensor.adapter_key else None
+
+    def start(self, a: int, b: int) -> torch.Tensor:
+        if self.full is not None:
+            return self.full[a:b]
+        base = self.t.base
+        assert base is not None
+        return read_rows(self.files.get(base.shard), base.info, a, b).double()
+
+    def delta_rows(self, a: int, b: int) -> torch.Tensor:
+        out = None
+        for lora_a, lora_b, scale, transposed in self.terms:
+            rows = (lora_a[:, a:b].T @ lora_b.T) if transposed else (lora_b[a:b] @ lora_a)
+            out = rows * scale if out is None else out + rows * scale
+        for vector, scale in self.bias:
+            rows = vector[a:b] * scale
+            out = rows if out is None else out + rows
+        return out if out is not None else torch.zeros(0)
+
+    def probe_rows(self, a: int, b: int, start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(W + delta)[a:b] @ x without forming B @ A: W x + scale * B (A x)."""
+        y = start @ x if start.dim() == 2 else start.unsqueeze(1) * x.sum(0, keepdim=True) * 0 + start.unsqueeze(1)
+        for lora_a, lora_b, scale, transposed in self.terms:
+            if transposed:  # rows of (B @ A).T = A.T @ B.T
+                y = y + scale * (lora_a[:, a:b].T @ (lora_b.T @ x))
+            else:
+                y = y + scale * (lora_b[a:b] @ (lora_a @ x))
+        for vector, scale in self.bias:
+            y = y + (vector[a:b] * scale).unsqueeze(1)
+        return y
+
+
+def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePlan], out_file: BinaryIO,
+                    out_info: TensorInfo, files: _Files, block_elements: int, seed: int) -> ModuleNumerics:
+    ref = _Reference(plan, t, modules, files)
+    out_dtype = out_info.torch_dtype
+    n_rows = t.shape[0]
+    step = rows_per_block(t.shape, block_elements)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t.shape[1], PROBE_VECTORS, generator=gen, dtype=torch.float64) if len(t.shape) == 2 else None
+
+    col_factor = None
+    if ref.magnitude is not None and ref.dora_cols:
+        sq = torch.zeros(t.shape[1], dtype=torch.float64)
+        for a, b in row_blocks(n_rows, step):
+            sq += (ref.start(a, b) + ref.delta_rows(a, b)).square().sum(0)
+        col_factor = ref.magnitude / sq.sqrt()
+
+    equal = total = 0
+    err_sq = ref_sq = probe_err_sq = probe_sq = 0.0
+    for a, b in row_blocks(n_rows, step):
+        start = ref.start(a, b)
+        exact = start + ref.delta_rows(a, b)
+        row_factor = None
+        if ref.magnitude is not None and not ref.dora_cols:
+            row_factor = (ref.magnitude[a:b] / torch.linalg.vector_norm(exact, dim=1)).unsqueeze(1)
+            exact = exact * row_factor
+        elif col_factor is not None:
+            exact = exact * col_factor.unsqueeze(0)
+        written = read_rows(out_file, out_info, a, b)
+        expected = exact.to(out_dtype)
+        same = written.view(-1).view(torch.uint8).view(-1, written.element_size()) == expected.reshape(-1).view(torch.uint8).view(-1, written.element_size())
+        equal += int(same.all(dim=1).sum())
+        total += written.numel()
+        w64 = written.double()
+        err_sq += float((w64 - exact).square().sum())
+        ref_sq += float(exact.square().sum())
+        if x is not None:
+            probe_x = x * col_factor.unsqueeze(1) if col_factor is not None else x
+            y_ref = ref.probe_rows(a, b, start, probe_x)
+            if row_factor is not None:
+                y_ref = y_ref * row_factor
+            y = w64 @ x
+            probe_err_sq += float((y - y_ref).square().sum())
+            probe_sq += float(y_ref.square().sum())
+    variant = ",".join(sorted({m.variant for m in modules}))
+    return ModuleNumerics(
+        tensor=t.name,
+        variant=variant,
+        bitwise_fraction=equal / total if total else 1.0,
+        relative_error=math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
+        probe_error=math.sqrt(probe_err_sq / probe_sq) if probe_sq else 0.0,
+    )
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+
+def verify_merge(
+    plan: MergePlan,
+    merged_dir: str | Path,
+    *,
+    functional: str = "auto",
+    device: str = "cpu",
+    progress: ProgressCallback = no_progress,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    memory_budget: Optional[int] = None,
+) -> VerificationReport:
+    """Check the merged folder against the plan, the base and the adapter."""
+    merged_dir = Path(merged_dir)
+    report = VerificationReport()
+    add = report.checks.append
+    found, problems = merged_tensors(merged_dir)
+    expected = {t.name: t for t in plan.tensors}
+
+    lora_keys = [n for n in found if any(m in n for m in _LORA_MARKERS)]
+    add(Check("no adapter keys left", "structure", not lora_keys, f"{len(lora_keys)} found", "0",
+              ", ".join(lora_keys[:3])))
+    missing = [n for n in expected if n not in found]
+    wrong_shape = [n for n, t in expected.items() if n in found and found[n][1].shape != t.shape]
+    extra = [n for n in found if n not in expected]
+    add(Check("all tensors present with their shapes", "structure", not (missing or wrong_shape or extra or problems),
+              f"{len(found)}/{len(expected)} present, {len(wrong_shape)} wrong shape, {len(extra)} unexpected",
+              f"{len(expected)} present, 0 wrong",
+              "; ".join([*(f"missing {n}" for n in missing[:3]), *(f"shape {n}" for n in wrong_shape[:3]),
+                         *(f"unexpected {n}" for n in extra[:3]), *problems[:3]])))
+    wrong_dtype = [n for n, t in expected.items() if n in found and found[n][1].dtype != t.dtype]
+    dtype_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(plan.output_dtype, plan.output_dtype)
+    add(Check("dtype as asked", "structure", not wrong_dtype, f"{len(wrong_dtype)} tensors differ",
+              f"all floating tensors {dtype_name}", ", ".join(wrong_dtype[:3])))
+
+    by_tensor: dict[str, list[ModulePlan]] = {}
+    for m in plan.modules:
+        by_tensor.setdefault(m.tensor, []).append(m)
+
+    files = _Files()
+    changed_unexpectedly: list[str] = []
+    unchanged_unexpectedly: list[str] = []
+    nonfinite: list[str] = []
+    total_bytes = sum(t.planned().nbytes for t in plan.tensors)
+    done = 0
+    try:
+        for i, t in enumerate(plan.tensors):
+            if t.name not in found or t.name in wrong_shape or t.name in wrong_dtype:
+                continue
+            shard, info = found[t.name]
+            f = files.get(shard)
+            step = rows_per_block(t.shape, block_elements)
+            n_rows = t.shape[0] if t.shape else 1
+            if t.changed and t.name in by_tensor and any(m.kind != "replaced" for m in by_tensor[t.name]) or t.bias_deltas:
+                numerics = _verify_changed(plan, t, by_tensor.get(t.name, []), f, info, files, block_elements, seed=i)
+                report.modules.append(numerics)
+                if t.base is not None and t.base.info.dtype == t.dtype:
+                    same_as_base = all(
+                        torch.equal(read_rows(f, info, a, b).view(torch.uint8), read_rows(files.get(t.base.shard), t.base.info, a, b).view(torch.uint8))
+                        for a, b in row_blocks(n_rows, step)
+                    )
+                    if same_as_base:
+                        unchanged_unexpectedly.append(t.name)
+            for a, b in row_blocks(n_rows, step):
+                out = read_rows(f, info, a, b)
+                if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                    nonfinite.append(t.name)
+                    break
+                if not t.changed:
+                    assert t.base is not None
+                    src = read_rows(files.get(t.base.shard), t.base.info, a, b)
+                    if src.dtype != out.dtype:
+                        src = src.double().to(out.dtype)
+                    if not torch.equal(out.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)):
+                        changed_unexpectedly.append(t.name)
+                        break
+            if t.changed and t.adapter_key and t.name not in by_tensor:
+                pass
+            done += t.planned().nbytes
+            progress(ProgressUpdate("verify", done, total_bytes, "B"))
+    finally:
+        files.close()
+
+    add(Check("untouched tensors bit-identical to base", "structure", not changed_unexpectedly,
+              f"{len(changed_unexpectedly)} changed", "0 changed", ", ".join(changed_unexpectedly[:3])))
+    add(Check("every adapted tensor changed", "structure", not unchanged_unexpectedly,
+              f"{len(unchanged_unexpectedly)} unchanged", "0 unchanged", ", ".join(unchanged_unexpectedly[:3])))
+    add(Check("no NaN/Inf", "structure", not nonfinite, f"{len(nonfinite)} tensors", "0", ", ".join(nonfinite[:3])))
+    add(_files_check(plan, merged_dir))
+
+    if report.modules:
+        u = UNIT_ROUNDOFF.get(plan.output_dtype, 2.0**-8)
+        worst_bits = min(report.modules, key=lambda m: m.bitwise_fraction)
+        exact_needed = plan.options.compute_dtype == "float64"
+        bit_threshold = 1.0 if exact_needed else 0.99
+        add(Check("merged = float64 reference rounded once", "numerics", worst_bits.bitwise_fraction >= bit_threshold,
+                  f"{worst_bits.bitwise_fraction:.6%} (worst: {worst_bits.tensor})",
+                  f">= {bit_threshold:.0%} of elements bitwise",
+                  f"{len(report.modules)} tensors checked"))
+        worst_rel = max(report.modules, key=lambda m: m.relative_error)
+        add(Check("relative error vs float64 reference", "numerics", worst_rel.relative_error <= u,
+                  f"{worst_rel.relative_error:.3e} (worst: {worst_rel.tensor})", f"<= {u:.3e} (one rounding)"))
+        worst_probe = max(report.modules, key=lambda m: m.probe_error)
+        add(Check("random probe W'x vs Wx + s·B(Ax)", "numerics", worst_probe.probe_error <= 4 * u,
+                  f"{worst_probe.probe_error:.3e} (worst: {worst_probe.tensor})", f"<= {4 * u:.3e}"))
+    else:
+        add(Check("merged = float64 reference rounded once", "numerics", None, "-", "-", "no low-rank delta in this adapter"))
+
+    if functional != "never":
+        report.checks.extend(functional_checks(plan, merged_dir, device=device, force=functional == "always",
+                                               memory_budget=memory_budget))
+    return report
+
+
+def _files_check(plan: MergePlan, merged_dir: Path) -> Check:
+    names = ["config.json", *plan.copy_files]
+    missing = [n for n in names if not (merged_dir / n).is_file()]
+    problems: list[str] = []
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(merged_dir)
+        embed_rows = {t.shape[0] for t in plan.tensors if t.name.endswith(("embed_tokens.weight", "wte.weight"))}
+        vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
+        if embed_rows and vocab not in embed_rows:
+            problems.append(f"config vocab_size {vocab} != embedding rows {sorted(embed_rows)}")
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
+        problems.append(f"config.json does not load: {exc}")
+    if any(n in plan.copy_files for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(merged_dir)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"tokenizer does not load: {str(exc)[:200]}")
+    ok = not missing and not problems
+    return Check("config and tokenizer files present and loadable", "structure", ok,
+                 f"{len(names) - len(missing)}/{len(names)} files" + (", loads" if not problems else ""),
+                 "all present, all load", "; ".join([*(f"missing {m}" for m in missing), *problems]))
+
+
+# --- functional: logits of merged vs PeftModel(base, adapter) ----------------------------------
+
+
+def functional_budget(plan: MergePlan, device: str = "cpu", memory_budget: Optional[int] = None) -> tuple[bool, str]:
+    """Whether base+adapter and merged fit in memory together (both in float32)."""
+    params = sum(math.prod(t.shape) for t in plan.tensors if t.dtype in ("F32", "F16", "BF16"))
+    needed = params * 4 * 2 + plan.adapter.nbytes * 2 + (512 << 20)
+    if memory_budget is None:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            memory_budget = int(torch.cuda.mem_get_info()[0] * 0.8)
+        else:
+            import psutil
+
+            memory_budget = int(psutil.virtual_memory().available * 0.6)
+    if needed > memory_budget:
+        return False, (f"needs about {needed / 1e9:.1f} GB to hold base+adapter and merged in float32, "
+                       f"{memory_budget / 1e9:.1f} GB available; the streamed checks above cover every tensor")
+    return True, ""
+
+
+def functional_checks(plan: MergePlan, merged_dir: Path, *, device: str = "cpu", force: bool = False,
+                      memory_budget: Optional[int] = None, models: Any = None) -> list[Check]:
+    from .generate import load_models
+
+    names = ["logits max abs diff vs PeftModel", "top-1 token agreement", "greedy continuation identical",
+             "adapter changes the output"]
+    fits, reason = functional_budget(plan, device, memory_budget)
+    if not fits and not force and models is None:
+        return [Check(n, "function", None, "-", "-", f"skipped: {reason}") for n in names]
+    own = models is None
+    if own:
+        models = load_models(plan, merged_dir, device=device)
+    try:
+        return _logit_checks(models)
+    finally:
+        if own:
+            models.release()
+
+
+@torch.no_grad()
+def _logit_checks(models: Any) -> list[Check]:
+    gen = torch.Generator().manual_seed(1234)
+    vocab = models.base_vocab
+    ids = torch.randint(0, vocab, (2, 24), generator=gen).to(models.device)
+    mask = torch.ones_like(ids)
+    ref = models.peft(input_ids=ids, attention_mask=mask).logits.float()
+    got = models.merged(input_ids=ids, attention_mask=mask).logits.float()
+    with models.peft.disable_adapter():
+        base = models.peft(input_ids=ids, attention_mask=mask).logits.float()
+    diff = float((ref - got).abs().max())
+    scale = float(ref.abs().max()) or 1.0
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    effect = float((base - ref).abs().max())
+    # Rounding a 16-bit merged weight is a real (tiny) difference from the unmerged sum.
+    low_precision = models.merged_dtype in (torch.float16, torch.bfloat16)
+    limit = 2e-2 * scale if low_precision else 1e-3 * max(1.0, scale / 10)
+    top1_needed = 0.95 if low_precision else 1.0
+    new_tokens = 16
+    greedy_kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=models.pad_token_id)
+    a = models.peft.generate(input_ids=ids[:1], attention_mask=mask[:1], **greedy_kwargs)[0, ids.shape[1]:]
+    b = models.merged.generate(input_ids=ids[:1], attention_mask=mask[:1], **greedy_kwargs)[0, ids.shape[1]:]
+    same = int((a[: len(b)] == b[: len(a)]).sum())
+    greedy_ok = same == len(a) == len(b) or (low_precision and same >= 0.75 * len(a))
+    return [
+        Check("logits max abs diff vs PeftModel", "function", diff <= limit, f"{diff:.3e}", f"<= {limit:.3e}",
+              f"2 random prompts x 24 tokens; logits up to {scale:.2f}"),
+        Check("top-1 token agreement", "function", top1 >= top1_needed, f"{top1:.2%}", f">= {top1_needed:.0%}"),
+        Check("greedy continuation identical", "function", greedy_ok, f"{same}/{len(a)} tokens",
+              "all" if not low_precision else ">= 75% (16-bit weights)"),
+        Check("adapter changes the output", "function", effect > 0, f"{effect:.3e}", "> 0",
+              "max |logits(base) - logits(base+adapter)|"),
+    ]
