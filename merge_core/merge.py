@@ -144,19 +144,14 @@ def _write_tensor(ctx: _Context, writer: StreamingWriter, t: OutputTensorPlan, o
         col_factor = norms.factor(magnitude)  # type: ignore[arg-type]
 
     stats = ctx.stats.setdefault(t.name, BlockStats())
-    replaced = t.replaced_base
+    stats.delta_norm = sum(d.frobenius_norm() for d in deltas)
     for a, b in row_blocks(n_rows, step):
         start, block = exact(a, b)
-        if replaced is not None:
-            # Report a full replacement as a change against the base rows it overwrites.
-            old_rows = replaced.info.shape[0]
-            old = read_rows(ctx.base_file(replaced.shard), replaced.info, min(a, old_rows), min(b, old_rows))
-            start = torch.cat([old.to(start.dtype), torch.zeros_like(start[old.shape[0]:])]) if old.shape[0] < start.shape[0] else old
         began = time.perf_counter()
         if t.dora is not None:
             block = block * (col_factor if col_factor is not None else dora_row_factor(block, magnitude[a:b]))  # type: ignore[index]
         out = block.to(out_dtype).cpu()
-        stats.add(start, block.cpu(), out)
+        stats.add_weight(start)
         ctx.timings.math += time.perf_counter() - began
         began = time.perf_counter()
         writer.write(out)
@@ -242,9 +237,7 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context,
                 scale=m.scale,
                 fan_in_fan_out=m.fan_in_fan_out,
                 weight_norm=s.weight_sq**0.5,
-                delta_norm=s.delta_sq**0.5,
-                applied_norm=s.applied_sq**0.5,
-                max_rounding_error=s.max_rounding_error,
+                delta_norm=s.delta_norm,
             )
         )
     changed = [t.name for t in plan.tensors if t.changed]

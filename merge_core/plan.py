@@ -113,7 +113,6 @@ class OutputTensorPlan:
     shape: tuple[int, ...]
     base: Optional[BaseTensor] = None  # where the starting value comes from...
     adapter_key: Optional[str] = None  # ...or the adapter (modules_to_save, resized embeddings)
-    replaced_base: Optional[BaseTensor] = None  # what the adapter's full tensor replaces, for the report
     deltas: list[LowRankDelta] = field(default_factory=list)
     bias_deltas: list[tuple[str, float]] = field(default_factory=list)  # (adapter key of lora_B.bias, scale)
     dora: Optional[DoraSpec] = None
@@ -364,7 +363,6 @@ class _Planner:
                 shape=start.shape,
                 base=None if name in replaced else src,
                 adapter_key=replaced.get(name),
-                replaced_base=src if name in replaced else None,
             )
 
         modules: list[ModulePlan] = []

@@ -20,13 +20,11 @@ class ModuleReport:
     scale: float
     fan_in_fan_out: bool
     weight_norm: float = 0.0
-    delta_norm: float = 0.0  # ||W'_exact - W||, computed in the compute dtype
-    applied_norm: float = 0.0  # ||W'_written - W||
-    max_rounding_error: float = 0.0
+    delta_norm: float = 0.0  # ||scale * B @ A||, before DoRA rescaling; 0 for replaced tensors
 
     @property
     def relative_change(self) -> float:
-        return self.applied_norm / self.weight_norm if self.weight_norm else math.inf
+        return self.delta_norm / self.weight_norm if self.weight_norm else math.inf
 
 
 @dataclass

@@ -162,6 +162,7 @@ def test_cli_verify_exit_codes(tmp: Path, capsys, monkeypatch) -> None:
     # A broken engine (a doubled delta) must turn the verification red and the exit code non-zero.
     import merge_core.tensor_math as tm
 
-    monkeypatch.setattr(tm.LoadedDelta, "rows", lambda self, a, b: (self.left[a:b] @ self.right) * self.scale * 2)
+    monkeypatch.setattr(tm.LoadedDelta, "add_rows_to", lambda self, block, a: torch.addmm(
+        block, self.left[a:a + block.shape[0]], self.right, alpha=2 * self.scale))
     assert cli_main([str(base), str(adapter), str(tmp / "bad"), "--verify", "--quiet"]) == 1
     assert "FAIL" in capsys.readouterr().out
