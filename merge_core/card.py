@@ -1,0 +1,122 @@
+"""The model card of a merged model: metadata the Hub understands, and the proof of the merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .report import MergeReport
+from .verify import VerificationReport
+
+TAGS = ["merge", "lora", "peft", "merged-lora", "lora-merge-space"]
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_model_card(
+    report: MergeReport,
+    verification: Optional[VerificationReport],
+    *,
+    repo_id: Optional[str],
+    base_id: str,
+    base_revision: Optional[str],
+    adapter_id: str,
+    adapter_revision: Optional[str],
+    base_card: Optional[dict[str, Any]] = None,
+):
+    """A huggingface_hub.ModelCard; the caller saves it as README.md beside the weights."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_card = base_card or {}
+    data = ModelCardData(
+        # The Hub only understands repo IDs here; a local path would be a broken link.
+        base_model=base_id if _is_hub_id(base_id) else None,
+        library_name="transformers",
+        license=base_card.get("license"),
+        pipeline_tag=base_card.get("pipeline_tag") or "text-generation",
+        tags=list(dict.fromkeys([*TAGS])),
+        base_model_relation="finetune",
+    )
+    scales = sorted({(m.rank, m.alpha, round(m.scale, 6)) for m in report.modules if m.kind != "replaced"})
+    recipe_rows = [
+        ["adapter", f"`{adapter_id}`" + (f" @ `{adapter_revision}`" if adapter_revision else "")],
+        ["base model", f"`{base_id}`" + (f" @ `{base_revision}`" if base_revision else "")],
+        ["merged modules", f"{len(report.modules)} ({', '.join(report.variants)})"],
+        ["rank / alpha / scale", "; ".join(f"r={r}, alpha={a:g}, scale={s:g}" for r, a, s in scales[:6])
+         + (" ..." if len(scales) > 6 else "")],
+        ["output dtype", f"{report.output_dtype} (from {report.base_dtype}; computed in {report.compute_dtype}, rounded once)"],
+        ["tensors changed / copied bit-identically", f"{len(report.changed_tensors)} / {report.copied_tensors}"],
+        ["size", f"{report.output_bytes / 1e9:.3f} GB in {len(report.shards)} shard(s)"],
+    ]
+    title = repo_id.split("/")[-1] if repo_id else Path(report.output_dir).name
+    parts = [
+        f"# {title}",
+        "",
+        f"This model is [`{base_id}`]({_hub_link(base_id)}) with the LoRA adapter "
+        f"[`{adapter_id}`]({_hub_link(adapter_id)})"
+        + (f" (revision `{adapter_revision}`)" if adapter_revision else "")
+        + " merged into its weights: W' = W + scale · B @ A, the math of PEFT's `merge_and_unload`. "
+        "It loads with plain transformers; no PEFT needed.",
+        "",
+        "## Merge recipe",
+        "",
+        _table(["", ""], recipe_rows),
+    ]
+    if report.notes or report.warnings:
+        parts += ["", *[f"- {n}" for n in report.notes], *[f"- ⚠️ {w}" for w in report.warnings]]
+    if verification is not None:
+        verdict = "all checks passed" if verification.passed else f"{len(verification.failed())} check(s) FAILED"
+        parts += [
+            "",
+            "## Verification",
+            "",
+            f"Measured on the merged files ({verdict}):",
+            "",
+            _table(["group", "check", "value", "threshold", "result"], [r[:5] for r in verification.rows()]),
+        ]
+    load_id = repo_id or "path/to/this/model"
+    parts += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
+        "```",
+        "",
+        "Merged with [LoRA Merge Space](https://huggingface.co/spaces) (`merge_core`).",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
+
+
+def _is_hub_id(text: str) -> bool:
+    from .hub import _REPO_ID
+
+    return bool(_REPO_ID.match(text)) and not Path(text).exists()
+
+
+def _hub_link(repo_id: str) -> str:
+    if repo_id.startswith(("/", ".")):
+        return repo_id
+    return f"https://huggingface.co/{repo_id}"
+
+
+def read_local_card_data(folder: Path) -> dict[str, Any]:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(readme).data.to_dict()
+    except Exception:  # noqa: BLE001 - a broken base card must not stop a merge
+        return {}
