@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import time
 import uuid
@@ -24,8 +22,9 @@ from .tensor_math import (
     BlockStats,
     ColumnNorms,
     LoadedDelta,
+    Workspace,
     dora_row_factor,
-    exact_block,
+    apply_deltas_,
     row_blocks,
     rows_per_block,
 )
@@ -48,6 +47,7 @@ class _Context:
     device: torch.device
     compute_dtype: torch.dtype
     block_elements: int
+    workspace: Workspace = field(default_factory=Workspace)
     files: dict[Path, BinaryIO] = field(default_factory=dict)
     timings: _Timings = field(default_factory=_Timings)
     stats: dict[str, BlockStats] = field(default_factory=dict)
@@ -96,6 +96,7 @@ def _write_tensor(ctx: _Context, writer: StreamingWriter, t: OutputTensorPlan, o
         on_bytes(t.base.info.nbytes)
         return
 
+    ws = ctx.workspace
     n_rows = t.shape[0] if t.shape else 1
     step = rows_per_block(t.shape, ctx.block_elements)
     if t.adapter_key is not None:
@@ -104,20 +105,31 @@ def _write_tensor(ctx: _Context, writer: StreamingWriter, t: OutputTensorPlan, o
     else:
         assert t.base is not None
         f, info = ctx.base_file(t.base.shard), t.base.info
-        read = lambda a, b: read_rows(f, info, a, b)  # noqa: E731
+        read_buf = ws.get("read", (step * max(1, info.nbytes // max(1, n_rows)),), torch.uint8, torch.device("cpu"))
+        read = lambda a, b: read_rows(f, info, a, b, read_buf)  # noqa: E731
+
+    def block_shape(a: int, b: int) -> tuple[int, ...]:
+        return (b - a, *t.shape[1:]) if t.shape else ()
+
+    def emit(work: torch.Tensor, a: int, b: int) -> None:
+        began = time.perf_counter()
+        out = ws.get("out", block_shape(a, b), out_dtype, torch.device("cpu"))
+        out.copy_(work)  # the one rounding to the output dtype
+        ctx.timings.math += time.perf_counter() - began
+        began = time.perf_counter()
+        writer.write(out)
+        ctx.timings.write += time.perf_counter() - began
+        on_bytes(out.numel() * out.element_size())
+
+    def timed_read(a: int, b: int) -> torch.Tensor:
+        began = time.perf_counter()
+        start = read(a, b)
+        ctx.timings.read += time.perf_counter() - began
+        return start
 
     if not t.changed:  # dtype conversion only
         for a, b in row_blocks(n_rows, step):
-            began = time.perf_counter()
-            block = read(a, b)
-            ctx.timings.read += time.perf_counter() - began
-            began = time.perf_counter()
-            out = block.to(ctx.compute_dtype).to(out_dtype)
-            ctx.timings.math += time.perf_counter() - began
-            began = time.perf_counter()
-            writer.write(out)
-            ctx.timings.write += time.perf_counter() - began
-            on_bytes(out.numel() * out.element_size())
+            emit(timed_read(a, b), a, b)
         return
 
     deltas = [
@@ -126,37 +138,34 @@ def _write_tensor(ctx: _Context, writer: StreamingWriter, t: OutputTensorPlan, o
     ]
     bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
     magnitude = ctx.adapter_tensor(t.dora.magnitude_key).reshape(-1) if t.dora else None
+    stats = ctx.stats.setdefault(t.name, BlockStats())
+    stats.delta_norm = sum(d.frobenius_norm() for d in deltas)
 
-    def exact(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def exact(a: int, b: int, record: bool = False) -> torch.Tensor:
+        start = timed_read(a, b)
         began = time.perf_counter()
-        start = read(a, b)
-        ctx.timings.read += time.perf_counter() - began
-        began = time.perf_counter()
-        block = exact_block(start.to(ctx.device), a, deltas, ctx.compute_dtype, bias_deltas)
+        work = ws.get("work", block_shape(a, b), ctx.compute_dtype)
+        work.copy_(start)
+        if record:
+            stats.weight_sq += float(torch.linalg.vector_norm(work)) ** 2
+        work = apply_deltas_(work, a, deltas, bias_deltas)
         ctx.timings.math += time.perf_counter() - began
-        return start, block
+        return work
 
     col_factor = None
     if t.dora is not None and t.dora.axis == "col":
         norms = ColumnNorms()
         for a, b in row_blocks(n_rows, step):
-            norms.add(exact(a, b)[1])
+            norms.add(exact(a, b))
         col_factor = norms.factor(magnitude)  # type: ignore[arg-type]
 
-    stats = ctx.stats.setdefault(t.name, BlockStats())
-    stats.delta_norm = sum(d.frobenius_norm() for d in deltas)
     for a, b in row_blocks(n_rows, step):
-        start, block = exact(a, b)
-        began = time.perf_counter()
+        work = exact(a, b, record=True)
         if t.dora is not None:
-            block = block * (col_factor if col_factor is not None else dora_row_factor(block, magnitude[a:b]))  # type: ignore[index]
-        out = block.to(out_dtype).cpu()
-        stats.add_weight(start)
-        ctx.timings.math += time.perf_counter() - began
-        began = time.perf_counter()
-        writer.write(out)
-        ctx.timings.write += time.perf_counter() - began
-        on_bytes(out.numel() * out.element_size())
+            began = time.perf_counter()
+            work.mul_(col_factor if col_factor is not None else dora_row_factor(work, magnitude[a:b]))  # type: ignore[index]
+            ctx.timings.math += time.perf_counter() - began
+        emit(work, a, b)
 
 
 def _replace_dir(tmp: Path, output_dir: Path) -> None:
@@ -186,7 +195,7 @@ def execute_plan(
     tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     device = torch.device(plan.options.device)
-    ctx = _Context(plan, device, plan.compute_dtype, block_elements)
+    ctx = _Context(plan, device, plan.compute_dtype, block_elements, Workspace(device))
     total = plan.output_nbytes
     done = 0
     started = time.perf_counter()

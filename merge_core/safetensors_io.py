@@ -119,15 +119,20 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return SafetensorsHeader(path, {t.name: t for t in infos}, metadata)
 
 
-def read_rows(f: BinaryIO, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
-    """Read rows [row_start, row_end) of a tensor (the first dimension) without touching the rest."""
+def read_rows(f: BinaryIO, info: TensorInfo, row_start: int, row_end: int,
+              buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Read rows [row_start, row_end) of a tensor (the first dimension) without touching the rest.
+
+    ``buffer`` (uint8, large enough) is reused instead of allocating: fresh multi-MB
+    allocations page-fault on every block and cost more than the merge arithmetic.
+    """
     if not info.shape:
         row_start, row_end = 0, 1
     row_numel = math.prod(info.shape[1:]) if info.shape else 1
     itemsize = element_size(info.dtype)
     offset = info.begin + row_start * row_numel * itemsize
     nbytes = (row_end - row_start) * row_numel * itemsize
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = buffer[:nbytes] if buffer is not None and buffer.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
         f.seek(offset)
         view = memoryview(buf.numpy())
