@@ -1,16 +1,21 @@
-"""Command line: python -m merge_core BASE ADAPTER OUTPUT [options]."""
+"""Command line: python -m merge_core BASE ADAPTER OUTPUT [options].
+
+BASE and ADAPTER are local folders or Hub IDs (owner/name, optionally @revision); BASE may
+be "-" to use the base the adapter names.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import MergeError
 from .merge import check_output_dir, execute_plan
-from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES, MergeOptions, build_plan, parse_size
+from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES, build_plan
 from .progress import TqdmProgress
 
 
@@ -19,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m merge_core",
         description="Merge a LoRA adapter into its base model, streaming shard by shard (W' = W + scale * B @ A).",
     )
-    p.add_argument("base", help="base model: a local folder with config.json and safetensors weights")
-    p.add_argument("adapter", help="LoRA adapter: a local folder with adapter_config.json and adapter weights")
+    p.add_argument("base", help="base model: local folder or Hub ID (owner/name[@revision]); '-' = the adapter's base")
+    p.add_argument("adapter", help="LoRA adapter: local folder or Hub ID (owner/name[@revision])")
     p.add_argument("output", help="folder to write the merged model into (must not exist unless --overwrite)")
+    p.add_argument("--base-revision", help="branch, tag or commit of the base repo")
+    p.add_argument("--adapter-revision", help="branch, tag or commit of the adapter repo")
     p.add_argument("--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="output dtype (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--device", default="cpu", help="where the merge math runs: cpu or cuda (default cpu)")
@@ -39,34 +46,68 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "always", "never"],
         help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, or never",
     )
+    p.add_argument("--push", metavar="REPO_ID", help="push the merged model to this Hub repo in one commit")
+    p.add_argument("--private", action="store_true", help="with --push: create the repo private")
+    p.add_argument("--push-mode", default="new", choices=["new", "update", "pr"],
+                   help="with --push: new repo (default), update an existing repo, or open a pull request")
+    p.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--json", action="store_true", help="print the merge report (and verification) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def _token() -> Optional[str]:
+    # HF_TOKEN or the token saved by `hf auth login`; passed explicitly, never printed.
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .pipeline import MergeRequest, MergeResult, push_merged, resolve_inputs, _suggest_name
+    from .verify import verify_merge
+
     args = build_parser().parse_args(argv)
     progress = TqdmProgress(disable=args.quiet)
+    token = _token()
+    pushed = None
+    verification = None
     try:
-        options = MergeOptions(
-            dtype=args.dtype,
-            max_shard_size=parse_size(args.max_shard_size),
-            compute_dtype=args.compute_dtype,
-            device=args.device,
-            base_name=args.base,
-            adapter_name=args.adapter,
-        )
-        output = Path(args.output)
+        output = Path(args.output).absolute()
         check_output_dir(output, args.overwrite)
-        plan = build_plan(args.base, args.adapter, options)
+        request = MergeRequest(
+            adapter=args.adapter, base="" if args.base == "-" else args.base,
+            adapter_revision=args.adapter_revision, base_revision=args.base_revision, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, compute_dtype=args.compute_dtype, device=args.device,
+            token=token, endpoint=args.endpoint,
+        )
+        inputs = resolve_inputs(request, output.parent, progress)
+        plan = build_plan(inputs.base_dir, inputs.adapter_dir, inputs.options)
         report = execute_plan(plan, output, overwrite=args.overwrite, progress=progress)
-        verification = None
         if args.verify:
-            from .verify import verify_merge
-
             verification = verify_merge(plan, output, functional=args.functional, device=args.device, progress=progress)
+        result = MergeResult(
+            workdir=output.parent, base_dir=inputs.base_dir, adapter_dir=inputs.adapter_dir, output_dir=output,
+            report=report, verification=verification, base_id=inputs.base_id,
+            base_revision=inputs.base_revision, adapter_id=inputs.adapter_id, adapter_revision=inputs.adapter_revision,
+            suggested_repo_name=_suggest_name(inputs.adapter_id), base_card=inputs.base_card,
+        )
+        result.write_card(args.push)
+        if args.push:
+            if verification is not None and not verification.passed:
+                raise MergeError("Verification failed, so nothing was pushed. See the table above.")
+            pushed = push_merged(result, args.push, token=token or "", private=args.private, mode=args.push_mode,
+                                 endpoint=args.endpoint, progress=progress)
     except (MergeError, ValueError) as exc:
         progress.close()
+        if verification is not None:
+            print(verification.to_text())
         print(f"error: {exc}", file=sys.stderr)
         return 2
     progress.close()
@@ -74,12 +115,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = report.to_dict()
         if verification is not None:
             data["verification"] = verification.to_dict()
+        if pushed is not None:
+            data["push"] = vars(pushed)
         print(json.dumps(data, indent=2, default=str))
     else:
         print(report.summary())
         if verification is not None:
             print()
             print(verification.to_text())
+        if pushed is not None:
+            print(f"\npushed: {pushed.repo_url} (commit {pushed.commit_oid[:12]})" + (f", pull request {pushed.pr_url}" if pushed.pr_url else ""))
     return 1 if verification is not None and not verification.passed else 0
 
 

@@ -31,6 +31,7 @@ class MergeRequest:
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     compute_dtype: str = "float64"
+    device: str = "cpu"
     token: Optional[str] = field(default=None, repr=False)
     endpoint: Optional[str] = None
     functional: str = "auto"
@@ -46,7 +47,7 @@ class MergeResult:
     adapter_dir: Path
     output_dir: Path
     report: MergeReport
-    verification: VerificationReport
+    verification: Optional[VerificationReport]
     base_id: str
     base_revision: Optional[str]
     adapter_id: str
@@ -87,10 +88,23 @@ def _preflight_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], na
     return BaseCheckpoint(path=base_dir, config=config, tensors=tensors, shards=[base_dir / s for s in sorted(headers)], name=name)
 
 
-def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback = no_progress) -> MergeResult:
-    """Everything up to a verified merged folder with its model card, in ``workdir``."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class ResolvedInputs:
+    """Local folders for base and adapter, validated against each other (preflight done)."""
+
+    base_dir: Path
+    adapter_dir: Path
+    options: MergeOptions
+    base_id: str
+    base_revision: Optional[str]
+    adapter_id: str
+    adapter_revision: Optional[str]
+    base_card: dict[str, Any]
+
+
+def resolve_inputs(request: MergeRequest, output_parent: Path, progress: ProgressCallback = no_progress) -> ResolvedInputs:
+    """Hub IDs or local folders -> local folders. For Hub IDs the small files come first and the
+    merge plan is validated from the safetensors headers before any shard is downloaded."""
     client: Optional[HubClient] = None
 
     def hub() -> HubClient:
@@ -115,7 +129,8 @@ def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback =
     progress(ProgressUpdate("resolve", 1, 2, "", "base"))
     base_src = parse_source(base_text, request.base_revision)
     options = MergeOptions(dtype=request.dtype, max_shard_size=parse_size(request.max_shard_size),
-                           compute_dtype=request.compute_dtype, base_name=str(base_src) if isinstance(base_src, RepoRef) else base_text,
+                           compute_dtype=request.compute_dtype, device=request.device,
+                           base_name=str(base_src) if isinstance(base_src, RepoRef) else base_text,
                            adapter_name=adapter_id, adapter_revision=adapter_rev)
     if isinstance(base_src, RepoRef):
         sha, files = hub().resolve(base_src)
@@ -126,7 +141,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback =
         shards = sorted(headers)
         shard_bytes = sum(files.get(s, 0) for s in shards)
         check_disk(base_dir, shard_bytes, f"downloading {base_src.repo_id}")
-        check_disk(workdir, preflight.output_nbytes)
+        check_disk(output_parent, preflight.output_nbytes)
         base_dir = hub().download(base_src, sha, matching(files, BASE_SMALL_PATTERNS) + shards,
                                   progress=progress, total_bytes=shard_bytes)
         base_id, base_rev = base_src.repo_id, base_src.revision
@@ -135,15 +150,23 @@ def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback =
         base_dir, base_id, base_rev = base_src, base_text, None
         base_card = read_local_card_data(base_dir)
     progress(ProgressUpdate("resolve", 2, 2, "", "done"))
+    return ResolvedInputs(Path(base_dir), Path(adapter_dir), options, base_id, base_rev, adapter_id, adapter_rev, base_card)
 
-    plan = build_plan(base_dir, adapter_dir, options)
+
+def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback = no_progress) -> MergeResult:
+    """Everything up to a verified merged folder with its model card, in ``workdir``/merged."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    inputs = resolve_inputs(request, workdir, progress)
+    plan = build_plan(inputs.base_dir, inputs.adapter_dir, inputs.options)
     output_dir = workdir / "merged"
     report = execute_plan(plan, output_dir, overwrite=True, progress=progress)
     verification = verify_merge(plan, output_dir, functional="never", progress=progress)
-    result = MergeResult(workdir=workdir, base_dir=Path(base_dir), adapter_dir=Path(adapter_dir), output_dir=output_dir,
-                         report=report, verification=verification, base_id=base_id, base_revision=base_rev,
-                         adapter_id=adapter_id, adapter_revision=adapter_rev,
-                         suggested_repo_name=_suggest_name(adapter_id), base_card=base_card)
+    result = MergeResult(workdir=workdir, base_dir=inputs.base_dir, adapter_dir=inputs.adapter_dir,
+                         output_dir=output_dir, report=report, verification=verification, base_id=inputs.base_id,
+                         base_revision=inputs.base_revision, adapter_id=inputs.adapter_id,
+                         adapter_revision=inputs.adapter_revision,
+                         suggested_repo_name=_suggest_name(inputs.adapter_id), base_card=inputs.base_card)
     result.write_card()
     return result
 
@@ -176,6 +199,8 @@ def model_checks(base_dir: Path, adapter_dir: Path, output_dir: Path, settings: 
 
 
 def add_model_checks(result: MergeResult, checks: ModelChecks) -> None:
+    if result.verification is None:
+        result.verification = VerificationReport()
     result.verification.checks = [c for c in result.verification.checks if c.group != "function"] + checks.checks
     result.sample = checks.sample
     result.write_card()
