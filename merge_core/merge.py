@@ -16,7 +16,7 @@ from .errors import InsufficientDiskError, MergeError, OutputExistsError
 from .plan import MergeOptions, MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport, ModuleReport
-from .safetensors_io import DTYPE_FROM_ST, StreamingWriter, read_rows
+from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, StreamingWriter, read_rows
 from .tensor_math import (
     DEFAULT_BLOCK_ELEMENTS,
     BlockStats,
@@ -85,7 +85,7 @@ def check_disk(directory: Path, needed: int, what: str = "the merged model") -> 
         )
 
 
-def _write_tensor(ctx: _Context, writer: StreamingWriter, t: OutputTensorPlan, on_bytes) -> None:
+def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, on_bytes) -> None:
     writer.begin(t.name)
     out_dtype = DTYPE_FROM_ST[t.dtype]
     if t.is_copy:
@@ -210,7 +210,8 @@ def execute_plan(
         weight_map: dict[str, str] = {}
         progress(ProgressUpdate("merge", 0, total, "B", "starting"))
         for shard_name, shard in zip(names, plan.shards):
-            with StreamingWriter(tmp / shard_name, [t.planned() for t in shard], {"format": "pt"}) as writer:
+            writer = StreamingWriter(tmp / shard_name, [t.planned() for t in shard], {"format": "pt"})
+            with BackgroundWriter(writer) as writer:
                 for t in shard:
                     _write_tensor(ctx, writer, t, on_bytes)
                     weight_map[t.name] = shard_name

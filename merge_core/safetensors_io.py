@@ -289,3 +289,76 @@ class StreamingWriter:
             self.close()
         else:
             self.abort()
+
+
+class BackgroundWriter:
+    """Runs a StreamingWriter's writes on a thread so disk writes overlap the merge math.
+
+    Bounded: at most ``depth`` blocks wait in the queue, each a private copy of the caller's
+    (reused) buffer, so memory stays at a few row blocks. Errors surface on the next call
+    or at close, and the order of writes is kept.
+    """
+
+    def __init__(self, writer: StreamingWriter, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self._writer = writer
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name=f"write-{writer.path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain: the caller will see the first error
+            try:
+                kind, *args = item
+                if kind == "begin":
+                    self._writer.begin(*args)
+                elif kind == "write":
+                    self._writer.write(*args)
+                else:
+                    self._writer.copy_from(*args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self._error = exc
+
+    def _put(self, item: tuple) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def begin(self, name: str) -> None:
+        self._put(("begin", name))
+
+    def write(self, tensor: torch.Tensor) -> None:
+        self._put(("write", tensor.detach().to("cpu", copy=True)))
+
+    def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:
+        self._put(("copy", src, offset, nbytes))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            self._writer.abort()
+            raise self._error
+        self._writer.close()
+
+    def abort(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.abort()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
