@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError, UnsupportedAdapterError
-from .safetensors_io import SafetensorsFormatError, read_header, read_tensor
+from .safetensors_io import SafetensorsFormatError, SafetensorsHeader, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -176,6 +176,7 @@ class AdapterWeights:
     # Full tensors that replace a base tensor: modules_to_save and saved (resized) embedding layers.
     replacements: dict[str, str]  # base-side tensor name ("lm_head.weight") -> adapter key
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _header: Optional[SafetensorsHeader] = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -185,8 +186,9 @@ class AdapterWeights:
         if key in self._cache:
             return self._cache[key]
         if self.file.suffix == ".safetensors":
-            header = read_header(self.file)
-            return read_tensor(self.file, header.tensors[key])
+            if self._header is None:
+                self._header = read_header(self.file)
+            return read_tensor(self.file, self._header.tensors[key])
         return self._load_pickle()[key]
 
     def _load_pickle(self) -> dict[str, torch.Tensor]:

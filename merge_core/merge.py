@@ -16,10 +16,9 @@ from .errors import InsufficientDiskError, MergeError, OutputExistsError
 from .plan import MergeOptions, MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport, ModuleReport
-from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, StreamingWriter, read_rows
+from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, StreamingWriter, fsync_tree, read_rows
 from .tensor_math import (
     DEFAULT_BLOCK_ELEMENTS,
-    BlockStats,
     ColumnNorms,
     LoadedDelta,
     Workspace,
@@ -37,8 +36,9 @@ _DISK_MARGIN_BYTES = 64 << 20
 class _Timings:
     read: float = 0.0
     math: float = 0.0
-    write: float = 0.0
+    write: float = 0.0  # handing blocks to the writer thread (disk writes overlap the math)
     copy: float = 0.0
+    sync: float = 0.0  # the final fsync: what the disk still had to write
 
 
 @dataclass
@@ -50,7 +50,6 @@ class _Context:
     workspace: Workspace = field(default_factory=Workspace)
     files: dict[Path, BinaryIO] = field(default_factory=dict)
     timings: _Timings = field(default_factory=_Timings)
-    stats: dict[str, BlockStats] = field(default_factory=dict)
 
     def base_file(self, path: Path) -> BinaryIO:
         f = self.files.get(path)
@@ -113,13 +112,9 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
 
     def emit(work: torch.Tensor, a: int, b: int) -> None:
         began = time.perf_counter()
-        out = ws.get("out", block_shape(a, b), out_dtype, torch.device("cpu"))
-        out.copy_(work)  # the one rounding to the output dtype
-        ctx.timings.math += time.perf_counter() - began
-        began = time.perf_counter()
-        writer.write(out)
+        writer.write(work, out_dtype)  # the one rounding to the output dtype, into the write buffer
         ctx.timings.write += time.perf_counter() - began
-        on_bytes(out.numel() * out.element_size())
+        on_bytes(work.numel() * torch.empty((), dtype=out_dtype).element_size())
 
     def timed_read(a: int, b: int) -> torch.Tensor:
         began = time.perf_counter()
@@ -138,16 +133,12 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
     ]
     bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
     magnitude = ctx.adapter_tensor(t.dora.magnitude_key).reshape(-1) if t.dora else None
-    stats = ctx.stats.setdefault(t.name, BlockStats())
-    stats.delta_norm = sum(d.frobenius_norm() for d in deltas)
 
-    def exact(a: int, b: int, record: bool = False) -> torch.Tensor:
+    def exact(a: int, b: int) -> torch.Tensor:
         start = timed_read(a, b)
         began = time.perf_counter()
         work = ws.get("work", block_shape(a, b), ctx.compute_dtype)
         work.copy_(start)
-        if record:
-            stats.weight_sq += float(torch.linalg.vector_norm(work)) ** 2
         work = apply_deltas_(work, a, deltas, bias_deltas)
         ctx.timings.math += time.perf_counter() - began
         return work
@@ -160,7 +151,7 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
         col_factor = norms.factor(magnitude)  # type: ignore[arg-type]
 
     for a, b in row_blocks(n_rows, step):
-        work = exact(a, b, record=True)
+        work = exact(a, b)
         if t.dora is not None:
             began = time.perf_counter()
             work.mul_(col_factor if col_factor is not None else dora_row_factor(work, magnitude[a:b]))  # type: ignore[index]
@@ -221,6 +212,9 @@ def execute_plan(
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         for name, src in plan.copy_files.items():
             shutil.copyfile(src, tmp / name)
+        began = time.perf_counter()
+        fsync_tree(tmp)
+        ctx.timings.sync += time.perf_counter() - began
         _replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,7 +228,6 @@ def execute_plan(
 def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context, elapsed: float) -> MergeReport:
     modules = []
     for m in plan.modules:
-        s = ctx.stats.get(m.tensor, BlockStats())
         modules.append(
             ModuleReport(
                 module=m.module,
@@ -246,8 +239,6 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context,
                 alpha=m.alpha,
                 scale=m.scale,
                 fan_in_fan_out=m.fan_in_fan_out,
-                weight_norm=s.weight_sq**0.5,
-                delta_norm=s.delta_norm,
             )
         )
     changed = [t.name for t in plan.tensors if t.changed]
@@ -277,6 +268,7 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context,
             "math": ctx.timings.math,
             "write": ctx.timings.write,
             "copy": ctx.timings.copy,
+            "sync": ctx.timings.sync,
         },
         notes=list(plan.notes),
         warnings=list(plan.warnings),

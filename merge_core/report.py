@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -19,12 +18,6 @@ class ModuleReport:
     alpha: float
     scale: float
     fan_in_fan_out: bool
-    weight_norm: float = 0.0
-    delta_norm: float = 0.0  # ||scale * B @ A||, before DoRA rescaling; 0 for replaced tensors
-
-    @property
-    def relative_change(self) -> float:
-        return self.delta_norm / self.weight_norm if self.weight_norm else math.inf
 
 
 @dataclass
@@ -55,10 +48,7 @@ class MergeReport:
         return sorted({m.variant for m in self.modules})
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for m, raw in zip(self.modules, data["modules"]):
-            raw["relative_change"] = m.relative_change
-        return data
+        return asdict(self)
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)

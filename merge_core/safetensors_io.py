@@ -84,8 +84,11 @@ class SafetensorsHeader:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+_ELEMENT_SIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPE_FROM_ST.items()}
+
+
 def element_size(st_dtype: str) -> int:
-    return torch.empty((), dtype=DTYPE_FROM_ST[st_dtype]).element_size()
+    return _ELEMENT_SIZE[st_dtype]
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -266,13 +269,14 @@ class StreamingWriter:
             remaining -= len(buf)
 
     def close(self) -> None:
+        # No fsync here: the kernel writes dirty pages back while later shards are merged;
+        # the caller fsyncs every file once, right before the atomic rename (fsync_tree).
         if self._file.closed:
             return
         while self._index < len(self._tensors) and self._tensors[self._index].nbytes == 0:
             self._index += 1
         complete = self._index == len(self._tensors) and self._written_in_current == 0
         self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         if not complete:
             raise RuntimeError(f"{self.path.name}: closed before all declared tensors were written")
@@ -291,6 +295,22 @@ class StreamingWriter:
             self.abort()
 
 
+def fsync_tree(folder: Path) -> None:
+    """Make every file in folder, and the folder entry itself, durable before a rename publishes it."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BackgroundWriter:
     """Runs a StreamingWriter's writes on a thread so disk writes overlap the merge math.
 
@@ -305,6 +325,10 @@ class BackgroundWriter:
 
         self._writer = writer
         self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=depth)
+        # Reused staging buffers: a fresh allocation per block page-faults as much as it copies.
+        self._free: "queue.Queue[torch.Tensor]" = queue.Queue()
+        for _ in range(depth + 1):
+            self._free.put(torch.empty(0, dtype=torch.uint8))
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=f"write-{writer.path.name}", daemon=True)
         self._thread.start()
@@ -321,7 +345,9 @@ class BackgroundWriter:
                 if kind == "begin":
                     self._writer.begin(*args)
                 elif kind == "write":
-                    self._writer.write(*args)
+                    staged, nbytes = args
+                    self._writer.write(staged[:nbytes])
+                    self._free.put(staged)
                 else:
                     self._writer.copy_from(*args)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -335,8 +361,22 @@ class BackgroundWriter:
     def begin(self, name: str) -> None:
         self._put(("begin", name))
 
-    def write(self, tensor: torch.Tensor) -> None:
-        self._put(("write", tensor.detach().to("cpu", copy=True)))
+    def write(self, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+        """Queue ``tensor`` converted to ``dtype`` (default: its own); the conversion writes
+        straight into a staging buffer, so rounding and staging are one pass."""
+        if self._error is not None:
+            raise self._error
+        data = tensor.detach()
+        dtype = dtype or data.dtype
+        if dtype == torch.bool:
+            data, dtype = data.to(torch.uint8), torch.uint8
+        nbytes = data.numel() * _ELEMENT_SIZE[ST_FROM_DTYPE[dtype]]
+        staged = self._free.get()
+        if staged.numel() < nbytes:
+            staged = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            staged[:nbytes].view(dtype).view(data.shape).copy_(data)
+        self._put(("write", staged, nbytes))
 
     def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:
         self._put(("copy", src, offset, nbytes))

@@ -29,26 +29,6 @@ class LoadedDelta:
         """block += delta rows, in place and fused (addmm_): the delta is never materialised."""
         return block.addmm_(self.left[start:start + block.shape[0]], self.right, alpha=self.scale)
 
-    def frobenius_norm(self) -> float:
-        """||scale * L @ R||_F from the factors alone: scale * sqrt(sum((L^T L) * (R R^T)))."""
-        gram = (self.left.T @ self.left) * (self.right @ self.right.T)
-        return abs(self.scale) * float(gram.sum().clamp_min(0).sqrt())
-
-
-@dataclass
-class BlockStats:
-    """Cheap norms for the merge report; the verification recomputes everything independently.
-
-    Per-element statistics (rounding error, NaN scans) cost more than the merge itself, so
-    they live in verify.py, which runs when asked to.
-    """
-
-    weight_sq: float = 0.0  # ||W||^2 of the starting value
-    delta_norm: float = 0.0  # ||scale * L @ R||, from the low-rank factors
-
-    def add_weight(self, start_block: torch.Tensor) -> None:
-        self.weight_sq += float(torch.linalg.vector_norm(start_block.to(torch.float64)) ** 2)
-
 
 def rows_per_block(shape: tuple[int, ...], block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
     row = 1
