@@ -112,6 +112,11 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
 
     def emit(work: torch.Tensor, a: int, b: int) -> None:
         began = time.perf_counter()
+        if work.device.type != "cpu":
+            # Round on the accelerator: the copy back then moves 2 bytes per element, not 8.
+            rounded = ws.get("rounded", block_shape(a, b), out_dtype)
+            rounded.copy_(work)
+            work = rounded
         writer.write(work, out_dtype)  # the one rounding to the output dtype, into the write buffer
         ctx.timings.write += time.perf_counter() - began
         on_bytes(work.numel() * torch.empty((), dtype=out_dtype).element_size())
@@ -138,6 +143,11 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
         start = timed_read(a, b)
         began = time.perf_counter()
         work = ws.get("work", block_shape(a, b), ctx.compute_dtype)
+        if work.device.type != "cpu":
+            # Move the stored dtype (2 bytes/element), widen on the accelerator.
+            staged = ws.get("start", block_shape(a, b), start.dtype)
+            staged.copy_(start)
+            start = staged
         work.copy_(start)
         work = apply_deltas_(work, a, deltas, bias_deltas)
         ctx.timings.math += time.perf_counter() - began
