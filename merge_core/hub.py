@@ -39,9 +39,11 @@ BASE_SMALL_PATTERNS = ["config.json", "generation_config.json", "model.safetenso
 class RepoRef:
     repo_id: str
     revision: Optional[str] = None
+    subfolder: str = ""  # PEFT's multi-adapter layout keeps each adapter in a subfolder
 
     def __str__(self) -> str:
-        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+        sub = f"/{self.subfolder}" if self.subfolder else ""
+        return self.repo_id + sub + (f"@{self.revision}" if self.revision else "")
 
 
 def parse_source(text: str, revision: Optional[str] = None) -> RepoRef | Path:
@@ -57,9 +59,11 @@ def parse_source(text: str, revision: Optional[str] = None) -> RepoRef | Path:
     if "@" in text:
         text, _, rev = text.partition("@")
         revision = revision or rev or None
-    if not _REPO_ID.match(text) or ".." in text or text.endswith((".", "-")):
+    parts = text.strip("/").split("/")
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
+    if not _REPO_ID.match(repo_id) or ".." in text or repo_id.endswith((".", "-")):
         raise ValueError(f"{text!r} is neither a local folder nor a Hub model ID of the form owner/name.")
-    return RepoRef(text, (revision or "").strip() or None)
+    return RepoRef(repo_id, (revision or "").strip() or None, subfolder)
 
 
 class HubClient:
@@ -219,11 +223,15 @@ def base_weight_files(files: dict[str, int], ref: RepoRef) -> list[str]:
 
 
 def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> list[str]:
+    subfolder = subfolder or ref.subfolder
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     if f"{prefix}adapter_config.json" not in files:
-        subdirs = sorted({f.split("/")[0] for f in files if f.endswith("/adapter_config.json")})
+        subdirs = sorted({f[: -len("/adapter_config.json")] for f in files if f.endswith("/adapter_config.json")})
         if subdirs:
-            raise AdapterConfigError(f"{ref} keeps its adapters in subfolders ({', '.join(subdirs)}); pick one of them.")
+            raise AdapterConfigError(
+                f"{ref} keeps its adapters in subfolders ({', '.join(subdirs)}); pick one by adding it to the ID, "
+                f"e.g. {ref.repo_id}/{subdirs[0]}."
+            )
         if "config.json" in files:
             raise AdapterConfigError(f"{ref} is a full model, not a LoRA adapter (no adapter_config.json). Did you swap base and adapter?")
         raise AdapterConfigError(f"{ref} has no adapter_config.json, so it is not a PEFT adapter repo.")
@@ -231,3 +239,8 @@ def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> l
         raise AdapterConfigError(f"{ref} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
     local = {f[len(prefix):]: f for f in files if f.startswith(prefix)}
     return [local[f] for f in matching(local, ADAPTER_PATTERNS)]
+
+
+def list_adapters(files: Iterable[str]) -> list[str]:
+    """Every adapter in a repo: "" for one at the root, else the subfolder names."""
+    return sorted(f[: -len("adapter_config.json")].rstrip("/") for f in files if f.endswith("adapter_config.json"))

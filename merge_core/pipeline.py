@@ -117,8 +117,9 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
     adapter_src = parse_source(request.adapter, request.adapter_revision)
     if isinstance(adapter_src, RepoRef):
         sha, files = hub().resolve(adapter_src)
-        adapter_dir = hub().download(adapter_src, sha, adapter_files(files, adapter_src))
-        adapter_id, adapter_rev = adapter_src.repo_id, adapter_src.revision or sha[:12]
+        adapter_dir = hub().download(adapter_src, sha, adapter_files(files, adapter_src)) / adapter_src.subfolder
+        adapter_id = adapter_src.repo_id + (f"/{adapter_src.subfolder}" if adapter_src.subfolder else "")
+        adapter_rev = adapter_src.revision or sha[:12]
     else:
         adapter_dir, adapter_id, adapter_rev = adapter_src, str(request.adapter).strip(), None
     adapter_config = load_adapter_config(adapter_dir)
