@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a LoRA adapter into its base model, streaming shard by shard (W' = W + scale * B @ A).",
     )
     p.add_argument("base", help="base model: local folder or Hub ID (owner/name[@revision]); '-' = the adapter's base")
-    p.add_argument("adapter", help="LoRA adapter: local folder or Hub ID (owner/name[@revision])")
+    p.add_argument("adapter", help="LoRA adapter: local folder or Hub ID (owner/name[/subfolder][@revision]); "
+                   "several: 'a/x,b/y:0.5' (comma-separated, optional :weight), combined with --combine")
     p.add_argument("output", help="folder to write the merged model into (must not exist unless --overwrite)")
     p.add_argument("--base-revision", help="branch, tag or commit of the base repo")
     p.add_argument("--adapter-revision", help="branch, tag or commit of the adapter repo")
@@ -38,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(COMPUTE_DTYPES),
         help="precision of W + scale*B@A before rounding once to the output dtype (default float64)",
     )
+    p.add_argument("--combine", default="stack", help="how several adapters combine: stack (sum of weighted deltas, "
+                   "default) or a PEFT add_weighted_adapter type: linear, cat, svd, ties, ties_svd, dare_linear, "
+                   "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd")
+    p.add_argument("--density", type=float, help="with ties/dare/magnitude_prune combinations")
+    p.add_argument("--svd-rank", type=int, help="with *_svd combinations")
+    p.add_argument("--seed", type=int, default=0, help="with dare combinations (reproducible masks)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (atomically)")
     p.add_argument("--verify", action="store_true", help="verify the merged files afterwards; exit code 1 if a check fails")
     p.add_argument(
@@ -70,7 +78,7 @@ def _token() -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .pipeline import MergeRequest, MergeResult, push_merged, resolve_inputs, _suggest_name
+    from .pipeline import MergeRequest, MergeResult, push_merged, resolve_inputs
     from .verify import verify_merge
 
     args = build_parser().parse_args(argv)
@@ -78,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     token = _token()
     pushed = None
     verification = None
+    temporary: list[Path] = []
     try:
         output = Path(args.output).absolute()
         check_output_dir(output, args.overwrite)
@@ -85,9 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             adapter=args.adapter, base="" if args.base == "-" else args.base,
             adapter_revision=args.adapter_revision, base_revision=args.base_revision, dtype=args.dtype,
             max_shard_size=args.max_shard_size, compute_dtype=args.compute_dtype, device=args.device,
-            token=token, endpoint=args.endpoint,
+            token=token, endpoint=args.endpoint, combination=args.combine, density=args.density,
+            svd_rank=args.svd_rank, seed=args.seed,
         )
         inputs = resolve_inputs(request, output.parent, progress)
+        temporary = inputs.temporary
         plan = build_plan(inputs.base_dir, inputs.adapter_dir, inputs.options)
         report = execute_plan(plan, output, overwrite=args.overwrite, progress=progress)
         if args.verify:
@@ -96,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             workdir=output.parent, base_dir=inputs.base_dir, adapter_dir=inputs.adapter_dir, output_dir=output,
             report=report, verification=verification, base_id=inputs.base_id,
             base_revision=inputs.base_revision, adapter_id=inputs.adapter_id, adapter_revision=inputs.adapter_revision,
-            suggested_repo_name=_suggest_name(inputs.adapter_id), base_card=inputs.base_card,
+            suggested_repo_name=inputs.suggested_name, base_card=inputs.base_card,
         )
         result.write_card(args.push)
         if args.push:
@@ -110,6 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(verification.to_text())
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for path in temporary:
+            shutil.rmtree(path, ignore_errors=True)
     progress.close()
     if args.json:
         data = report.to_dict()

@@ -4,6 +4,7 @@ merge, verify, card; then, separately, model checks (GPU-worthy) and the push.""
 from __future__ import annotations
 
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +36,12 @@ class MergeRequest:
     token: Optional[str] = field(default=None, repr=False)
     endpoint: Optional[str] = None
     functional: str = "auto"
+    # Several adapters: `adapter` lists them, one per line or comma-separated, each
+    # optionally with ":weight"; they are combined into one adapter first (merge_core.combine).
+    combination: str = "stack"
+    density: Optional[float] = None
+    svd_rank: Optional[int] = None
+    seed: int = 0
 
     def __repr__(self) -> str:  # dataclass repr=False on token is not enough if someone formats vars()
         return f"MergeRequest(adapter={self.adapter!r}, base={self.base!r}, dtype={self.dtype!r})"
@@ -100,6 +107,29 @@ class ResolvedInputs:
     adapter_id: str
     adapter_revision: Optional[str]
     base_card: dict[str, Any]
+    suggested_name: str = "merged"
+    temporary: list[Path] = field(default_factory=list)  # e.g. a combined adapter; remove when done
+
+
+def parse_adapter_list(text: str) -> list[tuple[str, float]]:
+    """'a/b, c/d:0.5' or one per line -> [("a/b", 1.0), ("c/d", 0.5)]."""
+    entries: list[tuple[str, float]] = []
+    for raw in text.replace("\n", ",").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        spec, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                weight = float(tail)
+                spec = head.strip()
+            except ValueError:
+                pass
+        entries.append((spec, weight))
+    if not entries:
+        raise ValueError("Enter a LoRA adapter: a Hub ID like owner/name, or a local folder.")
+    return entries
 
 
 def resolve_inputs(request: MergeRequest, output_parent: Path, progress: ProgressCallback = no_progress) -> ResolvedInputs:
@@ -114,14 +144,32 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
         return client
 
     progress(ProgressUpdate("resolve", 0, 2, "", "adapter"))
-    adapter_src = parse_source(request.adapter, request.adapter_revision)
-    if isinstance(adapter_src, RepoRef):
-        sha, files = hub().resolve(adapter_src)
-        adapter_dir = hub().download(adapter_src, sha, adapter_files(files, adapter_src)) / adapter_src.subfolder
-        adapter_id = adapter_src.repo_id + (f"/{adapter_src.subfolder}" if adapter_src.subfolder else "")
-        adapter_rev = adapter_src.revision or sha[:12]
+    entries = parse_adapter_list(request.adapter)
+    temporary: list[Path] = []
+    resolved: list[tuple[Path, str, Optional[str], float]] = []
+    for spec, weight in entries:
+        adapter_src = parse_source(spec, request.adapter_revision if len(entries) == 1 else None)
+        if isinstance(adapter_src, RepoRef):
+            sha, files = hub().resolve(adapter_src)
+            one_dir = hub().download(adapter_src, sha, adapter_files(files, adapter_src)) / adapter_src.subfolder
+            one_id = adapter_src.repo_id + (f"/{adapter_src.subfolder}" if adapter_src.subfolder else "")
+            resolved.append((one_dir, one_id, adapter_src.revision or sha[:12], weight))
+        else:
+            resolved.append((adapter_src, spec, None, weight))
+    if len(resolved) == 1 and resolved[0][3] == 1.0:
+        adapter_dir, adapter_id, adapter_rev, _ = resolved[0]
     else:
-        adapter_dir, adapter_id, adapter_rev = adapter_src, str(request.adapter).strip(), None
+        from .combine import AdapterSource, combine_adapters
+
+        combined = Path(output_parent) / f".combined-adapter-{uuid.uuid4().hex[:8]}"
+        adapter_dir = combine_adapters(
+            [AdapterSource(path, weight, name) for path, name, _, weight in resolved], request.combination, combined,
+            density=request.density, svd_rank=request.svd_rank, seed=request.seed,
+        )
+        adapter_id = " + ".join(f"{w:g} x {name}" + (f"@{rev}" if rev else "") for _, name, rev, w in resolved)
+        adapter_id = f"{request.combination}({adapter_id})"
+        adapter_rev = None
+        temporary.append(combined)
     adapter_config = load_adapter_config(adapter_dir)
 
     base_text = (request.base or "").strip() or (adapter_config.base_model_name_or_path or "")
@@ -151,7 +199,8 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
         base_dir, base_id, base_rev = base_src, base_text, None
         base_card = read_local_card_data(base_dir)
     progress(ProgressUpdate("resolve", 2, 2, "", "done"))
-    return ResolvedInputs(Path(base_dir), Path(adapter_dir), options, base_id, base_rev, adapter_id, adapter_rev, base_card)
+    return ResolvedInputs(Path(base_dir), Path(adapter_dir), options, base_id, base_rev, adapter_id, adapter_rev, base_card,
+                          suggested_name=_suggest_name(resolved[0][1]), temporary=temporary)
 
 
 def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback = no_progress) -> MergeResult:
@@ -167,7 +216,7 @@ def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback =
                          output_dir=output_dir, report=report, verification=verification, base_id=inputs.base_id,
                          base_revision=inputs.base_revision, adapter_id=inputs.adapter_id,
                          adapter_revision=inputs.adapter_revision,
-                         suggested_repo_name=_suggest_name(inputs.adapter_id), base_card=inputs.base_card)
+                         suggested_repo_name=inputs.suggested_name, base_card=inputs.base_card)
     result.write_card()
     return result
 
