@@ -189,11 +189,13 @@ def _progress_tqdm(progress: ProgressCallback, stage: str, total: int):
 
     class ForwardingTqdm(tqdm):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # A disabled tqdm skips most of its setup (no .unit), so remember what we need first.
+            self._counts_bytes = kwargs.get("unit") == "B"
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
-            if self.unit == "B" and n:
+            if self._counts_bytes and n:
                 state["done"] += int(n)
                 progress(ProgressUpdate(stage, min(state["done"], total), total, "B"))
             return super().update(n)

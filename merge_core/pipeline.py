@@ -321,6 +321,9 @@ def push_merged(result: MergeResult, repo_id: str, *, token: str, private: bool 
                 if created else f" Nothing was committed; {repo_id} is unchanged.")
         raise PushError(f"Upload failed ({type(exc).__name__}: {exc}).{hint}") from exc
     progress(ProgressUpdate("upload", result.report.output_bytes, result.report.output_bytes, "B", repo_id))
+    if mode == "pr" and not getattr(info, "pr_url", None):
+        # huggingface_hub skips files the repo already has; with nothing left it opens no PR.
+        raise PushError(f"{repo_id} already holds exactly these files, so there is nothing to propose; no pull request was opened.")
     url = f"{client.endpoint}/{repo_id}"
     return PushResult(repo_id, url, str(info.oid), str(info.commit_url), getattr(info, "pr_url", None))
 
