@@ -1,6 +1,7 @@
 """Build the bundled offline demo: a tiny base model and a LoRA adapter that visibly changes it.
 
     python scripts/make_demo.py            # writes demo/base, demo/adapter, demo/prompts.json
+    python scripts/make_demo.py OUT_DIR    # the same, elsewhere (the tests do this)
 
 Everything is made here, on the CPU, in well under a minute: a word-level tokenizer with a
 chat template, a tiny Llama trained on plain answers, and a LoRA (r=8, all projections)
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "demo"
+OUT = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "demo"
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
