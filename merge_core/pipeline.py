@@ -42,6 +42,11 @@ class MergeRequest:
     density: Optional[float] = None
     svd_rank: Optional[int] = None
     seed: int = 0
+    # Server-side safety for a public app: local folders are read only under these roots
+    # (None: any folder, as the CLI wants). Hub downloads go to cache_dir when given, so a
+    # per-request folder frees them again (default: the shared huggingface_hub cache).
+    local_roots: Optional[list[Path]] = None
+    cache_dir: Optional[Path] = None
 
     def __repr__(self) -> str:  # dataclass repr=False on token is not enough if someone formats vars()
         return f"MergeRequest(adapter={self.adapter!r}, base={self.base!r}, dtype={self.dtype!r})"
@@ -132,6 +137,15 @@ def parse_adapter_list(text: str) -> list[tuple[str, float]]:
     return entries
 
 
+def _check_local(path: Path, roots: Optional[list[Path]], what: str) -> Path:
+    if roots is None:
+        return path
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+        raise ValueError(f"{what} {str(path)!r} is a local folder, which is not allowed here; enter a Hub ID like owner/name.")
+    return path
+
+
 def resolve_inputs(request: MergeRequest, output_parent: Path, progress: ProgressCallback = no_progress) -> ResolvedInputs:
     """Hub IDs or local folders -> local folders. For Hub IDs the small files come first and the
     merge plan is validated from the safetensors headers before any shard is downloaded."""
@@ -151,11 +165,12 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
         adapter_src = parse_source(spec, request.adapter_revision if len(entries) == 1 else None)
         if isinstance(adapter_src, RepoRef):
             sha, files = hub().resolve(adapter_src)
-            one_dir = hub().download(adapter_src, sha, adapter_files(files, adapter_src)) / adapter_src.subfolder
+            one_dir = hub().download(adapter_src, sha, adapter_files(files, adapter_src),
+                                     cache_dir=request.cache_dir) / adapter_src.subfolder
             one_id = adapter_src.repo_id + (f"/{adapter_src.subfolder}" if adapter_src.subfolder else "")
             resolved.append((one_dir, one_id, adapter_src.revision or sha[:12], weight))
         else:
-            resolved.append((adapter_src, spec, None, weight))
+            resolved.append((_check_local(adapter_src, request.local_roots, "The adapter"), spec, None, weight))
     if len(resolved) == 1 and resolved[0][3] == 1.0:
         adapter_dir, adapter_id, adapter_rev, _ = resolved[0]
     else:
@@ -184,7 +199,7 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
     if isinstance(base_src, RepoRef):
         sha, files = hub().resolve(base_src)
         base_weight_files(files, base_src)  # refuses pickle-only repos before any download
-        base_dir = hub().download(base_src, sha, matching(files, BASE_SMALL_PATTERNS))
+        base_dir = hub().download(base_src, sha, matching(files, BASE_SMALL_PATTERNS), cache_dir=request.cache_dir)
         headers = hub().safetensors_headers(base_src, sha)
         preflight = build_plan(_preflight_checkpoint(base_dir, headers, str(base_src)), adapter_dir, options)
         shards = sorted(headers)
@@ -192,11 +207,11 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
         check_disk(base_dir, shard_bytes, f"downloading {base_src.repo_id}")
         check_disk(output_parent, preflight.output_nbytes)
         base_dir = hub().download(base_src, sha, matching(files, BASE_SMALL_PATTERNS) + shards,
-                                  progress=progress, total_bytes=shard_bytes)
+                                  cache_dir=request.cache_dir, progress=progress, total_bytes=shard_bytes)
         base_id, base_rev = base_src.repo_id, base_src.revision
         base_card = hub().card_data(base_src)
     else:
-        base_dir, base_id, base_rev = base_src, base_text, None
+        base_dir, base_id, base_rev = _check_local(base_src, request.local_roots, "The base model"), base_text, None
         base_card = read_local_card_data(base_dir)
     progress(ProgressUpdate("resolve", 2, 2, "", "done"))
     return ResolvedInputs(Path(base_dir), Path(adapter_dir), options, base_id, base_rev, adapter_id, adapter_rev, base_card,
@@ -230,7 +245,11 @@ class ModelChecks:
 def model_checks(base_dir: Path, adapter_dir: Path, output_dir: Path, settings: Optional[GenerationSettings], *,
                  device: str = "auto", functional: str = "auto") -> ModelChecks:
     """Forward passes (logits vs PeftModel) and sample generations, loading both models once."""
-    plan = build_plan(base_dir, adapter_dir, check_finite=False)
+    # The merged folder's own dtype decides the thresholds (16-bit weights round visibly).
+    merged_config = read_json(Path(output_dir) / "config.json", "the merged model's config")
+    dtype = str(merged_config.get("dtype") or merged_config.get("torch_dtype") or "auto")
+    plan = build_plan(base_dir, adapter_dir, MergeOptions(dtype=dtype if dtype in ("float16", "bfloat16", "float32") else "auto"),
+                      check_finite=False)
     fits, reason = functional_budget(plan, "cuda" if device in ("auto", "cuda") else device)
     if functional == "never" and settings is None:
         return ModelChecks([], None)

@@ -74,3 +74,27 @@ def test_cli_with_two_weighted_adapters_leaves_no_temporary_folder(tmp: Path) ->
     card = (out / "merged" / "README.md").read_text()
     assert "linear(" in card
     assert torch.isfinite(logits(load_model(out / "merged"), prompt_ids())).all()
+
+
+def test_local_roots_refuse_folders_outside(tmp: Path) -> None:
+    import pytest
+
+    base = make_base(tmp / "allowed" / "base", "llama")
+    adapter = make_adapter(base, tmp / "outside" / "adapter", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="not allowed"):
+        run_merge(MergeRequest(adapter=str(adapter), base=str(base), local_roots=[tmp / "allowed"]), tmp / "w1")
+    inside = make_adapter(base, tmp / "allowed" / "adapter", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="not allowed"):
+        run_merge(MergeRequest(adapter=str(inside), base=str(tmp / "outside" / "adapter"), local_roots=[tmp / "allowed"]),
+                  tmp / "w2")
+    assert run_merge(MergeRequest(adapter=str(inside), base=str(base), local_roots=[tmp / "allowed"]), tmp / "w3").verification.passed
+
+
+def test_model_checks_use_the_merged_dtype(tmp: Path) -> None:
+    base = make_base(tmp / "base", "llama")
+    make_tokenizer(base)
+    adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj", "v_proj"])
+    result = run_merge(MergeRequest(adapter=str(adapter), dtype="bfloat16"), tmp / "work")
+    checks = model_checks(result.base_dir, result.adapter_dir, result.output_dir, None, functional="always")
+    limit = next(c for c in checks.checks if c.name == "logits max abs diff vs PeftModel")
+    assert limit.passed and "16-bit" in next(c for c in checks.checks if c.name == "greedy continuation identical").threshold

@@ -1,0 +1,293 @@
+"""The app's handlers called directly (no browser): merge of the bundled demo, errors, push, cleanup."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import app
+from tests.conftest import HUB_PORT
+from tests.hubserver import HubServer
+
+ALICE = "hf_alice_app_write_token_0123456789"
+ALICE_READ = "hf_alice_app_read_token_0123456789"
+
+MERGE_OUTPUTS = ["state", "error", "verdict", "table", "gen_base", "gen_adapter", "gen_merged", "gen_note", "sizes",
+                 "summary", "repo_name", "push_btn", "merge_btn"]
+PUSH_OUTPUTS = ["push_result", "error", "merge_btn", "push_btn"]
+FUNCTIONAL_AUTO = next(iter(app.FUNCTIONAL))
+DEMO_DIR = app.DEMO_DIR
+
+
+def no_progress(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def merge(adapter: str, base: str = "", *, dtype: str = "auto", prompt: str = "", token: str = "",
+          previous: app.MergeResult | None = None, repo_name: str = "", oauth=None, profile=None,
+          adapter_revision: str = "") -> dict[str, Any]:
+    prompt = prompt or (app._demo_prompts() or ["Hello"])[0]
+    out = app.merge(adapter, base, adapter_revision, "", dtype, "5GB", FUNCTIONAL_AUTO, prompt, 24, 0.0, 0, repo_name,
+                    token, previous, oauth, profile, progress=no_progress)
+    assert len(out) == len(MERGE_OUTPUTS)
+    return dict(zip(MERGE_OUTPUTS, out))
+
+
+def push(result, repo_name: str, *, token: str = "", mode: str = "Create new repo", oauth=None, profile=None,
+         private: bool = False) -> dict[str, Any]:
+    out = app.push(repo_name, private, mode, token, result, oauth, profile, progress=no_progress)
+    assert len(out) == len(PUSH_OUTPUTS)
+    return dict(zip(PUSH_OUTPUTS, out))
+
+
+def lms_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("lms-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_present() -> None:
+    if not (DEMO_DIR / "base").is_dir() or not (DEMO_DIR / "adapter").is_dir():
+        pytest.fail(f"The bundled demo is missing ({DEMO_DIR}); build it with `python scripts/make_demo.py`.")
+
+
+@pytest.fixture
+def tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The app's per-merge folders (tempfile.mkdtemp) land here, so the test can see them all."""
+    root = tmp_path / "tempdir"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory):
+    """A local Hub with the demo as acme/tiny-llama + alice/tiny-lora, and an adapter whose config
+    names a server-side folder (a copy of the base, standing for the HF cache) as its base."""
+    root = tmp_path_factory.mktemp("app-hub")
+    server = HubServer(root / "hub", port=HUB_PORT).start()
+    server.add_user("alice", ALICE, write=True)
+    server.add_user("alice", ALICE_READ, write=False)
+    server.add_user("mallory", "hf_mallory_token_0123456789", write=True)
+    base, adapter = app.DEMO_DIR / "base", app.DEMO_DIR / "adapter"
+
+    def adapter_copy(name: str, declared: str) -> Path:
+        folder = root / name
+        shutil.copytree(adapter, folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = declared
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return folder
+
+    server_folder = root / "cache" / "models--acme--secret-llama"
+    shutil.copytree(base, server_folder)
+    for repo, folder in [("acme/tiny-llama", base), ("alice/tiny-lora", adapter_copy("tiny-lora", "acme/tiny-llama")),
+                         ("mallory/evil-lora", adapter_copy("evil-lora", str(server_folder)))]:
+        server.create_repo(repo)
+        server.upload_dir(repo, folder)
+    server.server_folder = server_folder  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory: pytest.TempPathFactory):
+    """One merge of the bundled demo, shared by the tests that only read or push it."""
+    tempdir = tmp_path_factory.mktemp("shared-merge")
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tempdir)
+    try:
+        out = merge("demo/adapter", "demo/base")
+    finally:
+        tempfile.tempdir = old
+    assert isinstance(out["state"], app.MergeResult), out["error"]
+    yield out
+    app.discard(out["state"])
+
+
+def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
+    out = merge("demo/adapter", "demo/base")
+    result = out["state"]
+    assert isinstance(result, app.MergeResult), out["error"]
+    assert out["error"]["visible"] is False
+    checks = result.verification.checks
+    assert out["verdict"] == f"### ✅ All {len(checks)} checks passed", out["verdict"]
+    table = out["table"]
+    assert list(table.columns) == app.VerificationReport.HEADERS
+    assert len(table) == len(checks) >= 10
+    assert set(table["result"]) == {"pass"}, table.to_string()
+    assert {"structure", "numerics", "function"} <= set(table["group"])
+
+    # Three generations: the merged model says exactly what base + adapter says; the base alone does not.
+    assert out["gen_merged"] and out["gen_merged"] == out["gen_adapter"]
+    assert out["gen_base"] != out["gen_adapter"]
+    assert "identical" in out["gen_note"]
+    assert "MB" in out["sizes"] and "GB" in out["sizes"] and "e-" not in out["sizes"]
+    assert result.report.summary() == out["summary"]
+    assert out["repo_name"] == result.suggested_repo_name  # no login, no token: no owner prefix
+    assert out["push_btn"]["interactive"] is True and out["merge_btn"]["interactive"] is True
+
+    # Its own temp folder, holding the merged model and its card.
+    assert lms_dirs(tempdir) == [result.workdir.name]
+    assert (result.output_dir / "README.md").is_file() and (result.output_dir / "config.json").is_file()
+
+    # A new merge replaces (and removes) the previous folder; ending the session removes the new one.
+    again = merge("demo/adapter", "demo/base", dtype="bfloat16", previous=result, repo_name=out["repo_name"])
+    assert isinstance(again["state"], app.MergeResult), again["error"]
+    assert not result.workdir.exists()
+    assert lms_dirs(tempdir) == [again["state"].workdir.name]
+    assert "all floating tensors bfloat16" in set(again["table"]["threshold"])
+    app.discard(again["state"])
+    assert lms_dirs(tempdir) == []
+
+
+@pytest.mark.parametrize(
+    "adapter, words",
+    [
+        ("nobody/does-not-exist", ["nobody/does-not-exist", "was not found", "Check the spelling"]),
+        ("not a valid id", ["'not a valid id'", "owner/name"]),
+        ("/etc", ["'/etc' is a local path", "Hub ID"]),
+        ("", ["Enter a LoRA adapter"]),
+    ],
+)
+def test_bad_adapter_shows_the_specific_message_and_leaves_nothing(tempdir: Path, hub: HubServer, adapter: str,
+                                                                    words: list[str]) -> None:
+    out = merge(adapter)
+    assert out["state"] is None
+    assert out["error"]["visible"] is True
+    for word in words:
+        assert word in out["error"]["value"], out["error"]["value"]
+    assert "Traceback" not in out["error"]["value"]
+    assert out["verdict"] == "" and len(out["table"]) == 0
+    assert out["push_btn"]["interactive"] is False and out["merge_btn"]["interactive"] is True
+    assert lms_dirs(tempdir) == []
+
+
+def test_failed_merge_also_removes_the_previous_result(tempdir: Path) -> None:
+    first = merge("demo/adapter", "demo/base")["state"]
+    assert isinstance(first, app.MergeResult)
+    out = merge("nobody/does-not-exist", previous=first)
+    assert out["state"] is None and not first.workdir.exists()
+    assert lms_dirs(tempdir) == []
+
+
+def test_unexpected_exception_names_its_type_only(tempdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(request, workdir, progress):
+        (Path(workdir) / "partial").write_text("x")
+        raise RuntimeError(f"internal detail with {request.token}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(app, "run_merge", boom)
+        out = merge("demo/adapter", "demo/base", token="hf_secret_token_in_error_0123")
+    message = out["error"]["value"]
+    assert "RuntimeError" in message and "internal detail" not in message and "hf_secret" not in message
+    assert out["state"] is None and lms_dirs(tempdir) == []
+    again = merge("demo/adapter", "demo/base")["state"]  # still serving
+    assert isinstance(again, app.MergeResult) and again.workdir.parent == tempdir
+    app.discard(again)
+
+
+def test_model_checks_failure_keeps_the_merge_and_says_why(tempdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_gpu(*args, **kwargs):
+        raise app.gr.Error("No GPU was available after 60s")
+
+    monkeypatch.setattr(app, "model_checks", no_gpu)
+    out = merge("demo/adapter", "demo/base")
+    result = out["state"]
+    assert isinstance(result, app.MergeResult) and out["error"]["visible"] is False
+    row = out["table"][out["table"]["group"] == "function"].iloc[0]
+    assert row["result"] == "skipped" and "No GPU was available" in row["detail"]
+    assert out["verdict"].startswith("### ✅ All") and "1 skipped" in out["verdict"]
+    assert out["gen_merged"] == "" and "No sample generation" in out["gen_note"]
+    app.discard(result)
+
+
+def test_gpu_duration_grows_with_model_size_and_is_capped() -> None:
+    small = app._gpu_seconds(Path("b"), Path("a"), Path("o"), None, 0.0001)
+    seven_b = app._gpu_seconds(Path("b"), Path("a"), Path("o"), None, 14.5)
+    huge = app._gpu_seconds(Path("b"), Path("a"), Path("o"), None, 500.0)
+    assert small == app.GPU_BASE_SECONDS < seven_b < huge == app.GPU_MAX_SECONDS
+
+
+def test_push_without_login_or_token_asks_to_log_in(demo_result) -> None:
+    out = push(demo_result["state"], "someone/x")
+    assert out["push_result"]["visible"] is False
+    assert out["error"]["visible"] is True
+    message = out["error"]["value"]
+    assert "sign in with hugging face" in message.lower() and "paste a write token" in message
+    assert out["push_btn"]["interactive"] is True  # the merge is still there to push once logged in
+
+
+def test_push_without_a_merge_says_so() -> None:
+    out = push(None, "someone/x", token=ALICE)
+    assert "merge first" in out["error"]["value"] and out["push_btn"]["interactive"] is False
+
+
+def test_hub_adapter_base_from_its_config_then_push_and_pr(tempdir: Path, hub: HubServer, capsys) -> None:
+    out = merge("alice/tiny-lora", token=ALICE)  # pasted token; the base comes from the adapter's config
+    result = out["state"]
+    assert isinstance(result, app.MergeResult), out["error"]
+    assert result.base_id == "acme/tiny-llama" and len(result.adapter_revision or "") == 40  # pinned commit
+    assert out["verdict"].startswith("### ✅ All"), out["verdict"]
+    assert out["repo_name"] == f"alice/{result.suggested_repo_name}"  # whoami of the pasted token
+
+    pushed = push(result, out["repo_name"], token=ALICE)
+    assert pushed["error"]["visible"] is False, pushed["error"]
+    text = pushed["push_result"]["value"]
+    assert pushed["push_result"]["visible"] and f"[{out['repo_name']}]({hub.url}/{out['repo_name']})" in text
+    files = hub.repo_files(out["repo_name"])
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= set(files)
+    assert b"alice/tiny-lora" in files["README.md"]
+
+    again = push(result, out["repo_name"], token=ALICE)  # "new" refuses an existing repo, clearly
+    assert "already exists" in again["error"]["value"]
+    same = push(result, out["repo_name"], token=ALICE, mode="Open a pull request")
+    assert "nothing to propose" in same["error"]["value"]
+
+    # A bfloat16 merge of the same adapter, proposed to the same repo as a pull request.
+    bf16 = merge("alice/tiny-lora", token=ALICE, dtype="bfloat16", previous=result, repo_name=out["repo_name"])
+    assert not result.workdir.exists() and bf16["repo_name"] == out["repo_name"]
+    result = bf16["state"]
+    pr = push(result, out["repo_name"], token=ALICE, mode="Open a pull request")
+    assert pr["error"]["visible"] is False, pr["error"]
+    assert "Pull request:" in pr["push_result"]["value"] and "/discussions/" in pr["push_result"]["value"]
+    read_only = push(result, out["repo_name"], token=ALICE_READ, mode="Update existing repo")
+    assert "read-only" in read_only["error"]["value"]
+
+    captured = capsys.readouterr()
+    for value in [*out.values(), *pushed.values(), *pr.values(), *read_only.values()]:
+        assert ALICE not in repr(value) and ALICE_READ not in repr(value)
+    assert ALICE not in captured.out + captured.err
+    app.discard(result)
+    assert lms_dirs(tempdir) == []
+
+
+def test_login_token_and_profile_are_used(tempdir: Path, hub: HubServer, demo_result) -> None:
+    oauth = app.gr.OAuthToken(token=ALICE, scope="openid profile contribute-repos", expires_at=int(time.time()) + 3600)
+    profile = app.gr.OAuthProfile({"name": "Alice", "preferred_username": "alice", "profile": "", "picture": ""})
+    out = merge("demo/adapter", "demo/base", oauth=oauth, profile=profile)
+    assert out["repo_name"] == f"alice/{out['state'].suggested_repo_name}"
+    pushed = push(out["state"], "demo-from-login", oauth=oauth, profile=profile)
+    assert pushed["error"]["visible"] is False, pushed["error"]
+    assert "model.safetensors" in hub.repo_files("alice/demo-from-login")
+    app.discard(out["state"])
+
+
+def test_adapter_naming_a_server_folder_as_its_base_is_refused(tempdir: Path, hub: HubServer) -> None:
+    hub.clear_log()
+    out = merge("mallory/evil-lora")
+    assert out["state"] is None
+    message = out["error"]["value"]
+    assert "names a local folder as its base model" in message and "Base model" in message
+    assert lms_dirs(tempdir) == []
+    # The explicit form of the same trick is refused too, and so is a list that hides it.
+    for adapter, base in [("alice/tiny-lora", str(hub.server_folder)),  # type: ignore[attr-defined]
+                          (f"alice/tiny-lora, {hub.server_folder}:0.5", "acme/tiny-llama")]:  # type: ignore[attr-defined]
+        out = merge(adapter, base)
+        assert out["state"] is None and "is a local path" in out["error"]["value"], out["error"]
+    assert lms_dirs(tempdir) == []
