@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from merge_core.adapter import load_adapter_config
+from merge_core.combine import COMBINATION_TYPES
 from merge_core.errors import MergeError
 from merge_core.generate import GenerationSettings
 from merge_core.hub import HubClient, RepoRef, adapter_files, parse_source
@@ -284,6 +285,8 @@ def merge(
     dtype: str,
     max_shard_size: str,
     functional: str,
+    combination: str,
+    density: float | None,
     prompt: str,
     max_new_tokens: float,
     temperature: float,
@@ -314,6 +317,7 @@ def merge(
             base_revision=(base_revision or "").strip() or None,
             dtype=dtype or "auto", max_shard_size=(max_shard_size or "").strip() or "5GB",
             token=token, functional=FUNCTIONAL.get(functional, functional or "auto"),
+            combination=combination or "stack", density=float(density) if density else None,
         )
         if request.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {request.dtype!r}; choose one of {', '.join(DTYPES)}.")
@@ -441,6 +445,10 @@ def build_demo() -> gr.Blocks:
             shard_box = gr.Textbox(label="Max shard size", value="5GB", elem_id="shard-size")
             functional_box = gr.Dropdown(list(FUNCTIONAL), value=next(iter(FUNCTIONAL)),
                                          label="Logits check vs PeftModel", elem_id="functional")
+            combination_box = gr.Dropdown(list(COMBINATION_TYPES), value="stack", elem_id="combination",
+                                          label="Several adapters (a/x, b/y:0.5): combine as",
+                                          info="stack = sum of weighted deltas; others: PEFT add_weighted_adapter")
+            density_box = gr.Number(value=None, label="density (ties/dare/magnitude_prune)", elem_id="density")
         if _has_demo():
             gr.Examples([["demo/adapter", "demo/base"]], inputs=[adapter_box, base_box],
                         label="Bundled offline demo (tiny Llama + LoRA)")
@@ -486,7 +494,8 @@ def build_demo() -> gr.Blocks:
         merge_btn.click(start_merge, None, [*results, push_btn, push_result, merge_btn], queue=False,
                         show_progress="hidden").then(
             merge,
-            [adapter_box, base_box, adapter_rev, base_rev, dtype_box, shard_box, functional_box, prompt_box, max_new,
+            [adapter_box, base_box, adapter_rev, base_rev, dtype_box, shard_box, functional_box, combination_box,
+             density_box, prompt_box, max_new,
              temperature, seed, repo_box, token_box, job],
             [job, *results, repo_box, push_btn, merge_btn],
             show_progress_on=[verdict],

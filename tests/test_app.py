@@ -31,9 +31,10 @@ def no_progress(*args: Any, **kwargs: Any) -> None:
 
 def merge(adapter: str, base: str = "", *, dtype: str = "auto", prompt: str = "", token: str = "",
           previous: app.MergeResult | None = None, repo_name: str = "", oauth=None, profile=None,
-          adapter_revision: str = "") -> dict[str, Any]:
+          adapter_revision: str = "", combination: str = "stack") -> dict[str, Any]:
     prompt = prompt or (app._demo_prompts() or ["Hello"])[0]
-    out = app.merge(adapter, base, adapter_revision, "", dtype, "5GB", FUNCTIONAL_AUTO, prompt, 24, 0.0, 0, repo_name,
+    out = app.merge(adapter, base, adapter_revision, "", dtype, "5GB", FUNCTIONAL_AUTO, combination, None, prompt, 24,
+                    0.0, 0, repo_name,
                     token, previous, oauth, profile, progress=no_progress)
     assert len(out) == len(MERGE_OUTPUTS)
     return dict(zip(MERGE_OUTPUTS, out))
@@ -291,3 +292,13 @@ def test_adapter_naming_a_server_folder_as_its_base_is_refused(tempdir: Path, hu
         out = merge(adapter, base)
         assert out["state"] is None and "is a local path" in out["error"]["value"], out["error"]
     assert lms_dirs(tempdir) == []
+
+
+def test_two_weighted_adapters_with_a_combination_type(tempdir: Path, demo_present: None) -> None:
+    out = merge("demo/adapter:0.6, demo/adapter:0.4", "demo/base", combination="linear")
+    result = out["state"]
+    assert isinstance(result, app.MergeResult), out
+    assert "All" in out["verdict"] and "passed" in out["verdict"], out["verdict"]
+    card = (result.output_dir / "README.md").read_text()
+    assert "linear(" in card
+    app.discard(result)
