@@ -165,6 +165,25 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+class _ClosesOnSuccess:
+    """`with` closes on success and aborts on an exception (which then propagates)."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
@@ -176,7 +195,7 @@ class PlannedTensor:
         return math.prod(self.shape) * element_size(self.dtype)
 
 
-class StreamingWriter:
+class StreamingWriter(_ClosesOnSuccess):
     """Writes one safetensors file whose tensors are declared up front.
 
     Tensors must be written in declaration order; each may arrive in several row blocks.
@@ -285,15 +304,6 @@ class StreamingWriter:
         if not self._file.closed:
             self._file.close()
 
-    def __enter__(self) -> "StreamingWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def fsync_tree(folder: Path) -> None:
     """Make every file in folder, and the folder entry itself, durable before a rename publishes it."""
@@ -311,7 +321,7 @@ def fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-class BackgroundWriter:
+class BackgroundWriter(_ClosesOnSuccess):
     """Runs a StreamingWriter's writes on a thread so disk writes overlap the merge math.
 
     Bounded: at most ``depth`` blocks wait in the queue, each a private copy of the caller's
@@ -393,12 +403,3 @@ class BackgroundWriter:
         self._queue.put(None)
         self._thread.join()
         self._writer.abort()
-
-    def __enter__(self) -> "BackgroundWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -8,7 +8,7 @@ final result is cast to the output dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -21,9 +21,6 @@ class LoadedDelta:
     left: torch.Tensor  # (rows, r)
     right: torch.Tensor  # (r, cols)
     scale: float
-
-    def rows(self, start: int, end: int) -> torch.Tensor:
-        return (self.left[start:end] @ self.right) * self.scale
 
     def add_rows_to(self, block: torch.Tensor, start: int) -> torch.Tensor:
         """block += delta rows, in place and fused (addmm_): the delta is never materialised."""
@@ -40,23 +37,6 @@ def rows_per_block(shape: tuple[int, ...], block_elements: int = DEFAULT_BLOCK_E
 def row_blocks(n_rows: int, step: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
-
-
-def exact_block(
-    start_rows: torch.Tensor,
-    row_start: int,
-    deltas: list[LoadedDelta],
-    compute_dtype: torch.dtype,
-    bias_deltas: Optional[list[tuple[torch.Tensor, float]]] = None,
-) -> torch.Tensor:
-    """W[rows] + sum of deltas for those rows, in compute_dtype, before any DoRA rescaling."""
-    block = start_rows.to(compute_dtype)
-    row_end = row_start + block.shape[0] if block.dim() else 1
-    for delta in deltas:
-        block = delta.add_rows_to(block.clone(), row_start)
-    for vector, scale in bias_deltas or ():
-        block = block + vector[row_start:row_end] * scale
-    return block
 
 
 def dora_row_factor(exact_rows: torch.Tensor, magnitude_rows: torch.Tensor) -> torch.Tensor:
@@ -80,8 +60,6 @@ class ColumnNorms:
         assert self.sq is not None
         return (magnitude / self.sq.sqrt()).unsqueeze(0)
 
-
-ReadRows = Callable[[int, int], torch.Tensor]
 
 
 class Workspace:
