@@ -9,7 +9,8 @@ if [[ "${1:-}" == "--with-browser" ]] && ! command -v chromium >/dev/null 2>&1; 
   # Playwright drives Debian's chromium; `playwright install` would download a browser and fail offline.
   SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  # The emoji font lets screenshots show the verdict marks instead of empty boxes.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null
 fi
 
 python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
