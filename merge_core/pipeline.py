@@ -187,11 +187,23 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
         temporary.append(combined)
     adapter_config = load_adapter_config(adapter_dir)
 
+    declared = not (request.base or "").strip()
     base_text = (request.base or "").strip() or (adapter_config.base_model_name_or_path or "")
     if not base_text:
         raise ValueError("The adapter does not name its base model; enter the base model ID.")
     progress(ProgressUpdate("resolve", 1, 2, "", "base"))
-    base_src = parse_source(base_text, request.base_revision)
+    try:
+        base_src = parse_source(base_text, request.base_revision)
+        if declared and isinstance(base_src, Path):
+            _check_local(base_src, request.local_roots, "The base model")
+    except ValueError:
+        if not declared:
+            raise
+        # Adapters often record the trainer's own folder (e.g. a Colab path) as their base.
+        raise ValueError(
+            f"The adapter's config names {base_text!r} as its base model, which is not a Hub ID that can be used "
+            "here. Enter the base model's Hub ID."
+        ) from None
     options = MergeOptions(dtype=request.dtype, max_shard_size=parse_size(request.max_shard_size),
                            compute_dtype=request.compute_dtype, device=request.device,
                            base_name=str(base_src) if isinstance(base_src, RepoRef) else base_text,

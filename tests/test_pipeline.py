@@ -98,3 +98,17 @@ def test_model_checks_use_the_merged_dtype(tmp: Path) -> None:
     checks = model_checks(result.base_dir, result.adapter_dir, result.output_dir, None, functional="always")
     limit = next(c for c in checks.checks if c.name == "logits max abs diff vs PeftModel")
     assert limit.passed and "16-bit" in next(c for c in checks.checks if c.name == "greedy continuation identical").threshold
+
+
+def test_adapter_declaring_a_foreign_local_base_gets_a_clear_message(tmp: Path) -> None:
+    import pytest
+
+    base = make_base(tmp / "base", "llama")
+    adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/content/drive/MyDrive/llama-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names '/content/drive/MyDrive/llama-base' as its base model.*Hub ID"):
+        run_merge(MergeRequest(adapter=str(adapter)), tmp / "work")
+    # an explicit base still works
+    assert run_merge(MergeRequest(adapter=str(adapter), base=str(base)), tmp / "work2").verification.passed
