@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import MergeError
-from .merge import check_output_dir, execute_plan
-from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES, build_plan
+from .merge import check_output_dir
+from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES
 from .progress import TqdmProgress
 
 
@@ -78,8 +78,7 @@ def _token() -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .pipeline import MergeRequest, MergeResult, push_merged, resolve_inputs
-    from .verify import verify_merge
+    from .pipeline import MergeRequest, push_merged, run_merge
 
     args = build_parser().parse_args(argv)
     progress = TqdmProgress(disable=args.quiet)
@@ -97,19 +96,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             token=token, endpoint=args.endpoint, combination=args.combine, density=args.density,
             svd_rank=args.svd_rank, seed=args.seed,
         )
-        inputs = resolve_inputs(request, output.parent, progress)
-        temporary = inputs.temporary
-        plan = build_plan(inputs.base_dir, inputs.adapter_dir, inputs.options)
-        report = execute_plan(plan, output, overwrite=args.overwrite, progress=progress)
-        if args.verify:
-            verification = verify_merge(plan, output, functional=args.functional, device=args.device, progress=progress)
-        result = MergeResult(
-            workdir=output.parent, base_dir=inputs.base_dir, adapter_dir=inputs.adapter_dir, output_dir=output,
-            report=report, verification=verification, base_id=inputs.base_id,
-            base_revision=inputs.base_revision, adapter_id=inputs.adapter_id, adapter_revision=inputs.adapter_revision,
-            suggested_repo_name=inputs.suggested_name, base_card=inputs.base_card,
-        )
-        result.write_card(args.push)
+        result = run_merge(request, output.parent, progress, output_dir=output, overwrite=args.overwrite,
+                           verify=args.verify, functional=args.functional)
+        temporary = result.temporary
+        report, verification = result.report, result.verification
         if args.push:
             if verification is not None and not verification.passed:
                 raise MergeError("Verification failed, so nothing was pushed. See the table above.")

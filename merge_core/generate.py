@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .plan import MergePlan
+from .safetensors_io import DTYPE_FROM_ST
 
 # Keeps a CPU Space responsive: generation on 2 vCPUs is slow for anything but tiny models.
 CPU_MAX_NEW_TOKENS = 64
@@ -92,7 +93,7 @@ def load_models(plan: MergePlan, merged_dir: str | Path, *, device: str = "auto"
     pad = None
     if tokenizer is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    merged_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[plan.output_dtype]
+    merged_dtype = DTYPE_FROM_ST[plan.output_dtype]
     return LoadedModels(peft_model, merged, tokenizer, dev, merged_dtype, base_vocab, pad if pad is not None else 0)
 
 

@@ -8,15 +8,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Optional
 
 import torch
 
 from .errors import InsufficientDiskError, MergeError, OutputExistsError
-from .plan import MergeOptions, MergePlan, OutputTensorPlan, build_plan
+from .plan import MergeOptions, MergePlan, OutputTensorPlan, build_plan, dtype_name
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport, ModuleReport
-from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, StreamingWriter, fsync_tree, read_rows
+from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree, read_rows
 from .tensor_math import (
     DEFAULT_BLOCK_ELEMENTS,
     ColumnNorms,
@@ -48,23 +48,12 @@ class _Context:
     compute_dtype: torch.dtype
     block_elements: int
     workspace: Workspace = field(default_factory=Workspace)
-    files: dict[Path, BinaryIO] = field(default_factory=dict)
+    files: OpenFiles = field(default_factory=OpenFiles)
     timings: _Timings = field(default_factory=_Timings)
-
-    def base_file(self, path: Path) -> BinaryIO:
-        f = self.files.get(path)
-        if f is None:
-            f = self.files[path] = open(path, "rb")
-        return f
 
     def adapter_tensor(self, key: str, transpose: bool = False) -> torch.Tensor:
         t = self.plan.adapter.tensor(key).to(device=self.device, dtype=self.compute_dtype)
         return t.T.contiguous() if transpose else t
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-        self.files.clear()
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -90,7 +79,7 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
     if t.is_copy:
         began = time.perf_counter()
         assert t.base is not None
-        writer.copy_from(ctx.base_file(t.base.shard), t.base.info.begin, t.base.info.nbytes)
+        writer.copy_from(ctx.files.get(t.base.shard), t.base.info.begin, t.base.info.nbytes)
         ctx.timings.copy += time.perf_counter() - began
         on_bytes(t.base.info.nbytes)
         return
@@ -103,7 +92,7 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
         read = lambda a, b: full_start[a:b] if t.shape else full_start  # noqa: E731
     else:
         assert t.base is not None
-        f, info = ctx.base_file(t.base.shard), t.base.info
+        f, info = ctx.files.get(t.base.shard), t.base.info
         read_buf = ws.get("read", (step * max(1, info.nbytes // max(1, n_rows)),), torch.uint8, torch.device("cpu"))
         read = lambda a, b: read_rows(f, info, a, b, read_buf)  # noqa: E731
 
@@ -119,7 +108,7 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, 
             work = rounded
         writer.write(work, out_dtype)  # the one rounding to the output dtype, into the write buffer
         ctx.timings.write += time.perf_counter() - began
-        on_bytes(work.numel() * torch.empty((), dtype=out_dtype).element_size())
+        on_bytes(work.numel() * element_size(t.dtype))
 
     def timed_read(a: int, b: int) -> torch.Tensor:
         began = time.perf_counter()
@@ -230,7 +219,7 @@ def execute_plan(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        ctx.close()
+        ctx.files.close()
     elapsed = time.perf_counter() - started
     return _report(plan, output_dir, names, ctx, elapsed)
 
@@ -255,14 +244,13 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context,
     config_changes = {
         k: v for k, v in plan.config.items() if plan.base.config.get(k) != v and k != "text_config"
     }
-    name_of = {v: k for k, v in {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.items()}
     return MergeReport(
         base=plan.options.base_name or plan.base.display_name,
         adapter=plan.options.adapter_name or str(plan.adapter.path),
         adapter_revision=plan.options.adapter_revision,
         output_dir=str(output_dir),
-        base_dtype=name_of.get(plan.base.dominant_float_dtype(), plan.base.dominant_float_dtype()),
-        output_dtype=name_of.get(plan.output_dtype, plan.output_dtype),
+        base_dtype=dtype_name(plan.base.dominant_float_dtype()),
+        output_dtype=dtype_name(plan.output_dtype),
         compute_dtype=plan.options.compute_dtype,
         device=plan.options.device,
         modules=modules,

@@ -67,6 +67,7 @@ class MergeResult:
     suggested_repo_name: str
     base_card: dict[str, Any] = field(default_factory=dict)
     sample: Optional[SampleGeneration] = None
+    temporary: list[Path] = field(default_factory=list)  # e.g. a combined adapter outside workdir's "merged"
 
     def sizes(self) -> dict[str, float]:
         return {
@@ -211,14 +212,15 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
     if isinstance(base_src, RepoRef):
         sha, files = hub().resolve(base_src)
         base_weight_files(files, base_src)  # refuses pickle-only repos before any download
-        base_dir = hub().download(base_src, sha, matching(files, BASE_SMALL_PATTERNS), cache_dir=request.cache_dir)
+        small = matching(files, BASE_SMALL_PATTERNS)
+        base_dir = hub().download(base_src, sha, small, cache_dir=request.cache_dir)
         headers = hub().safetensors_headers(base_src, sha)
         preflight = build_plan(_preflight_checkpoint(base_dir, headers, str(base_src)), adapter_dir, options)
         shards = sorted(headers)
         shard_bytes = sum(files.get(s, 0) for s in shards)
         check_disk(base_dir, shard_bytes, f"downloading {base_src.repo_id}")
         check_disk(output_parent, preflight.output_nbytes)
-        base_dir = hub().download(base_src, sha, matching(files, BASE_SMALL_PATTERNS) + shards,
+        base_dir = hub().download(base_src, sha, small + shards,
                                   cache_dir=request.cache_dir, progress=progress, total_bytes=shard_bytes)
         base_id, base_rev = base_src.repo_id, base_src.revision
         base_card = hub().card_data(base_src)
@@ -230,20 +232,31 @@ def resolve_inputs(request: MergeRequest, output_parent: Path, progress: Progres
                           suggested_name=_suggest_name(resolved[0][1]), temporary=temporary)
 
 
-def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback = no_progress) -> MergeResult:
-    """Everything up to a verified merged folder with its model card, in ``workdir``/merged."""
+def run_merge(request: MergeRequest, workdir: Path, progress: ProgressCallback = no_progress, *,
+              output_dir: Optional[Path] = None, overwrite: bool = True, verify: bool = True,
+              functional: str = "never") -> MergeResult:
+    """Everything up to a verified merged folder with its model card: ``output_dir`` (default
+    ``workdir``/merged). The forward-pass checks are off by default: the app runs them on the
+    GPU through model_checks; the CLI asks for them here."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     inputs = resolve_inputs(request, workdir, progress)
-    plan = build_plan(inputs.base_dir, inputs.adapter_dir, inputs.options)
-    output_dir = workdir / "merged"
-    report = execute_plan(plan, output_dir, overwrite=True, progress=progress)
-    verification = verify_merge(plan, output_dir, functional="never", progress=progress)
+    try:
+        plan = build_plan(inputs.base_dir, inputs.adapter_dir, inputs.options)
+        output_dir = Path(output_dir) if output_dir is not None else workdir / "merged"
+        report = execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
+        verification = (verify_merge(plan, output_dir, functional=functional, device=request.device, progress=progress)
+                        if verify else None)
+    except BaseException:
+        for path in inputs.temporary:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     result = MergeResult(workdir=workdir, base_dir=inputs.base_dir, adapter_dir=inputs.adapter_dir,
                          output_dir=output_dir, report=report, verification=verification, base_id=inputs.base_id,
                          base_revision=inputs.base_revision, adapter_id=inputs.adapter_id,
                          adapter_revision=inputs.adapter_revision,
-                         suggested_repo_name=inputs.suggested_name, base_card=inputs.base_card)
+                         suggested_repo_name=inputs.suggested_name, base_card=inputs.base_card,
+                         temporary=inputs.temporary)
     result.write_card()
     return result
 
@@ -343,14 +356,11 @@ def push_merged(result: MergeResult, repo_id: str, *, token: str, private: bool 
             # An update replaces the weights whole: stale shards of an older merge must not survive.
             delete_patterns=["*.safetensors", "model.safetensors.index.json"] if mode == "update" else None,
         ))
-    except MergeError as exc:
-        hint = (f" The repository {repo_id} was created but nothing was committed; push again with 'Update existing repo'."
-                if created else f" Nothing was committed; {repo_id} is unchanged.")
-        raise PushError(f"Upload failed: {exc}.{hint}") from exc
     except Exception as exc:  # noqa: BLE001 - any upload failure: say that nothing landed
         hint = (f" The repository {repo_id} was created but nothing was committed; push again with 'Update existing repo'."
                 if created else f" Nothing was committed; {repo_id} is unchanged.")
-        raise PushError(f"Upload failed ({type(exc).__name__}: {exc}).{hint}") from exc
+        detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+        raise PushError(f"Upload failed ({detail}).{hint}") from exc
     progress(ProgressUpdate("upload", result.report.output_bytes, result.report.output_bytes, "B", repo_id))
     if mode == "pr" and not getattr(info, "pr_url", None):
         # huggingface_hub skips files the repo already has; with nothing left it opens no PR.

@@ -27,6 +27,12 @@ from .errors import (
 from .safetensors_io import ST_FROM_DTYPE, PlannedTensor
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_DTYPE_NAMES = {**{v: k for k, v in OUTPUT_DTYPES.items()}, "F64": "float64"}
+
+
+def dtype_name(st_dtype: str) -> str:
+    """'BF16' -> 'bfloat16': the name transformers and users know."""
+    return _DTYPE_NAMES.get(st_dtype, st_dtype)
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 
@@ -518,10 +524,9 @@ class _Planner:
         import copy
 
         config = copy.deepcopy(self.base.config)
-        dtype_name = {v: k for k, v in OUTPUT_DTYPES.items()}.get(out_dtype, "float32")
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for key in keys:
-            config[key] = dtype_name
+            config[key] = dtype_name(out_dtype)
         targets = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
         if embed is not None and embed in plans:
             vocab = plans[embed].shape[0]

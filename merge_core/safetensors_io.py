@@ -165,6 +165,24 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+class OpenFiles:
+    """Read handles kept open per path while a checkpoint streams by (merge and verification)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, BinaryIO] = {}
+
+    def get(self, path: Path) -> BinaryIO:
+        f = self._open.get(path)
+        if f is None:
+            f = self._open[path] = open(path, "rb")
+        return f
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
 class _ClosesOnSuccess:
     """`with` closes on success and aborts on an exception (which then propagates)."""
 
@@ -278,14 +296,16 @@ class StreamingWriter(_ClosesOnSuccess):
                 return
             except OSError:
                 self._file.seek(0, os.SEEK_END)
+        # pread, not seek+read: BackgroundWriter runs this on its thread while the merge thread
+        # reads other tensors through the same handle.
         chunk = 16 << 20
-        src.seek(pos)
         while remaining:
-            buf = src.read(min(chunk, remaining))
+            buf = os.pread(src_fd, min(chunk, remaining), pos)
             if not buf:
                 raise SafetensorsFormatError(f"unexpected end of {getattr(src, 'name', 'file')}")
             self._file.write(buf)
             remaining -= len(buf)
+            pos += len(buf)
 
     def close(self) -> None:
         # No fsync here: the kernel writes dirty pages back while later shards are merged;
@@ -348,20 +368,24 @@ class BackgroundWriter(_ClosesOnSuccess):
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # drain: the caller will see the first error
+            kind, *args = item
             try:
-                kind, *args = item
+                if self._error is not None:
+                    continue  # drain: the caller will see the first error
                 if kind == "begin":
                     self._writer.begin(*args)
                 elif kind == "write":
                     staged, nbytes = args
                     self._writer.write(staged[:nbytes])
-                    self._free.put(staged)
                 else:
                     self._writer.copy_from(*args)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = exc
+            finally:
+                # Every staged buffer returns to the pool, also after an error: otherwise the
+                # caller can block forever waiting for a free one.
+                if kind == "write":
+                    self._free.put(args[0])
 
     def _put(self, item: tuple) -> None:
         if self._error is not None:

@@ -22,9 +22,9 @@ from typing import Any, BinaryIO, Optional
 
 import torch
 
-from .plan import MergePlan, ModulePlan, OutputTensorPlan
+from .plan import MergePlan, ModulePlan, OutputTensorPlan, dtype_name
 from .progress import ProgressCallback, ProgressUpdate, no_progress
-from .safetensors_io import SafetensorsFormatError, TensorInfo, read_header, read_rows
+from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header, read_rows
 from .tensor_math import DEFAULT_BLOCK_ELEMENTS, row_blocks, rows_per_block
 
 # Unit roundoff of each output dtype: the largest relative error of one correct rounding.
@@ -99,20 +99,6 @@ class VerificationReport:
 # --- reading the merged checkpoint --------------------------------------------------------------
 
 
-class _Files:
-    def __init__(self) -> None:
-        self._open: dict[Path, BinaryIO] = {}
-
-    def get(self, path: Path) -> BinaryIO:
-        if path not in self._open:
-            self._open[path] = open(path, "rb")
-        return self._open[path]
-
-    def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-
-
 def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]], list[str]]:
     """Tensor locations of the merged checkpoint, and problems with its index (if any)."""
     problems: list[str] = []
@@ -146,7 +132,7 @@ def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]]
 class _Reference:
     """W + scale * orient(B @ A) [+ DoRA], built from ModulePlans and raw adapter tensors."""
 
-    def __init__(self, plan: MergePlan, tensor: OutputTensorPlan, modules: list[ModulePlan], files: _Files):
+    def __init__(self, plan: MergePlan, tensor: OutputTensorPlan, modules: list[ModulePlan], files: OpenFiles):
         self.plan, self.t, self.files = plan, tensor, files
         adapter = plan.adapter
         self.terms = []
@@ -164,14 +150,18 @@ class _Reference:
                 self.magnitude = adapter.tensor(lm.magnitude).double().reshape(-1)
                 self.dora_cols = transposed
         self.bias = [(adapter.tensor(k).double().reshape(-1), s) for k, s in tensor.bias_deltas]
-        self.full = adapter.tensor(tensor.adapter_key).double() if tensor.adapter_key else None
+        self.full = adapter.tensor(tensor.adapter_key) if tensor.adapter_key else None
 
     def start(self, a: int, b: int) -> torch.Tensor:
+        return self.start_raw(a, b).double()
+
+    def start_raw(self, a: int, b: int) -> torch.Tensor:
+        """The starting rows as stored (base dtype), for the bitwise "did it change" test."""
         if self.full is not None:
             return self.full[a:b]
         base = self.t.base
         assert base is not None
-        return read_rows(self.files.get(base.shard), base.info, a, b).double()
+        return read_rows(self.files.get(base.shard), base.info, a, b)
 
     def delta_rows(self, a: int, b: int) -> torch.Tensor:
         out = None
@@ -185,7 +175,7 @@ class _Reference:
 
     def probe_rows(self, a: int, b: int, start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(W + delta)[a:b] @ x without forming B @ A: W x + scale * B (A x)."""
-        y = start @ x if start.dim() == 2 else start.unsqueeze(1) * x.sum(0, keepdim=True) * 0 + start.unsqueeze(1)
+        y = start @ x
         for lora_a, lora_b, scale, transposed in self.terms:
             if transposed:  # rows of (B @ A).T = A.T @ B.T
                 y = y + scale * (lora_a[:, a:b].T @ (lora_b.T @ x))
@@ -196,8 +186,16 @@ class _Reference:
         return y
 
 
+@dataclass
+class _ChangedTensor:
+    numerics: ModuleNumerics
+    identical_to_start: bool  # bitwise equal to the base (only decided when the dtypes match)
+    nonfinite: bool
+
+
 def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePlan], out_file: BinaryIO,
-                    out_info: TensorInfo, files: _Files, block_elements: int, seed: int) -> ModuleNumerics:
+                    out_info: TensorInfo, files: OpenFiles, block_elements: int, seed: int) -> _ChangedTensor:
+    """One pass over a merged tensor: reference comparison, probes, unchanged test, NaN scan."""
     ref = _Reference(plan, t, modules, files)
     out_dtype = out_info.torch_dtype
     n_rows = t.shape[0]
@@ -214,8 +212,11 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
 
     equal = total = 0
     err_sq = ref_sq = probe_err_sq = probe_sq = 0.0
+    comparable = t.base is not None and t.base.info.dtype == t.dtype
+    identical, nonfinite = comparable, False
     for a, b in row_blocks(n_rows, step):
-        start = ref.start(a, b)
+        start_raw = ref.start_raw(a, b)
+        start = start_raw.double()
         exact = start + ref.delta_rows(a, b)
         row_factor = None
         if ref.magnitude is not None and not ref.dora_cols:
@@ -224,6 +225,9 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
         elif col_factor is not None:
             exact = exact * col_factor.unsqueeze(0)
         written = read_rows(out_file, out_info, a, b)
+        if identical:
+            identical = torch.equal(written.reshape(-1).view(torch.uint8), start_raw.reshape(-1).view(torch.uint8))
+        nonfinite = nonfinite or not bool(torch.isfinite(written).all())
         expected = exact.to(out_dtype)
         same = written.view(-1).view(torch.uint8).view(-1, written.element_size()) == expected.reshape(-1).view(torch.uint8).view(-1, written.element_size())
         equal += int(same.all(dim=1).sum())
@@ -240,13 +244,14 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
             probe_err_sq += float((y - y_ref).square().sum())
             probe_sq += float(y_ref.square().sum())
     variant = ",".join(sorted({m.variant for m in modules}))
-    return ModuleNumerics(
+    numerics = ModuleNumerics(
         tensor=t.name,
         variant=variant,
         bitwise_fraction=equal / total if total else 1.0,
         relative_error=math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
         probe_error=math.sqrt(probe_err_sq / probe_sq) if probe_sq else 0.0,
     )
+    return _ChangedTensor(numerics, identical, nonfinite)
 
 
 # --- the checks ----------------------------------------------------------------------------------
@@ -281,15 +286,14 @@ def verify_merge(
               "; ".join([*(f"missing {n}" for n in missing[:3]), *(f"shape {n}" for n in wrong_shape[:3]),
                          *(f"unexpected {n}" for n in extra[:3]), *problems[:3]])))
     wrong_dtype = [n for n, t in expected.items() if n in found and found[n][1].dtype != t.dtype]
-    dtype_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(plan.output_dtype, plan.output_dtype)
     add(Check("dtype as asked", "structure", not wrong_dtype, f"{len(wrong_dtype)} tensors differ",
-              f"all floating tensors {dtype_name}", ", ".join(wrong_dtype[:3])))
+              f"all floating tensors {dtype_name(plan.output_dtype)}", ", ".join(wrong_dtype[:3])))
 
     by_tensor: dict[str, list[ModulePlan]] = {}
     for m in plan.modules:
         by_tensor.setdefault(m.tensor, []).append(m)
 
-    files = _Files()
+    files = OpenFiles()
     changed_unexpectedly: list[str] = []
     unchanged_unexpectedly: list[str] = []
     nonfinite: list[str] = []
@@ -301,33 +305,29 @@ def verify_merge(
                 continue
             shard, info = found[t.name]
             f = files.get(shard)
-            step = rows_per_block(t.shape, block_elements)
-            n_rows = t.shape[0] if t.shape else 1
-            if t.changed and t.name in by_tensor and any(m.kind != "replaced" for m in by_tensor[t.name]) or t.bias_deltas:
-                numerics = _verify_changed(plan, t, by_tensor.get(t.name, []), f, info, files, block_elements, seed=i)
-                report.modules.append(numerics)
-                if t.base is not None and t.base.info.dtype == t.dtype:
-                    same_as_base = all(
-                        torch.equal(read_rows(f, info, a, b).view(torch.uint8), read_rows(files.get(t.base.shard), t.base.info, a, b).view(torch.uint8))
-                        for a, b in row_blocks(n_rows, step)
-                    )
-                    if same_as_base:
-                        unchanged_unexpectedly.append(t.name)
-            for a, b in row_blocks(n_rows, step):
-                out = read_rows(f, info, a, b)
-                if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            has_delta = any(m.kind != "replaced" for m in by_tensor.get(t.name, []))
+            if (t.changed and has_delta) or t.bias_deltas:
+                checked = _verify_changed(plan, t, by_tensor.get(t.name, []), f, info, files, block_elements, seed=i)
+                report.modules.append(checked.numerics)
+                if checked.identical_to_start:
+                    unchanged_unexpectedly.append(t.name)
+                if checked.nonfinite:
                     nonfinite.append(t.name)
-                    break
-                if not t.changed:
-                    assert t.base is not None
-                    src = read_rows(files.get(t.base.shard), t.base.info, a, b)
-                    if src.dtype != out.dtype:
-                        src = src.double().to(out.dtype)
-                    if not torch.equal(out.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)):
-                        changed_unexpectedly.append(t.name)
+            else:
+                step = rows_per_block(t.shape, block_elements)
+                for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
+                    out = read_rows(f, info, a, b)
+                    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                        nonfinite.append(t.name)
                         break
-            if t.changed and t.adapter_key and t.name not in by_tensor:
-                pass
+                    if not t.changed:
+                        assert t.base is not None
+                        src = read_rows(files.get(t.base.shard), t.base.info, a, b)
+                        if src.dtype != out.dtype:
+                            src = src.double().to(out.dtype)
+                        if not torch.equal(out.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)):
+                            changed_unexpectedly.append(t.name)
+                            break
             done += t.planned().nbytes
             progress(ProgressUpdate("verify", done, total_bytes, "B"))
     finally:

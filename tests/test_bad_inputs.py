@@ -222,3 +222,30 @@ def test_overwrite_replaces_atomically(tmp: Path, llama: Path, llama_adapter: Pa
 def test_name_mismatch_with_matching_shapes_is_a_warning(tmp: Path, llama: Path, llama_adapter: Path) -> None:
     report = merge_adapter(llama, llama_adapter, tmp / "merged", MergeOptions(base_name="someone/else"))
     assert any("someone/else" in w for w in report.warnings)
+
+
+def test_writer_failure_with_many_blocks_in_flight_raises_instead_of_hanging(tmp: Path, llama: Path, llama_adapter: Path,
+                                                                              monkeypatch) -> None:
+    import threading
+
+    from merge_core import build_plan, execute_plan
+
+    def broken(self, tensor):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(merge_core.merge.StreamingWriter, "write", broken)
+    plan = build_plan(llama, llama_adapter)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            execute_plan(plan, tmp / "merged", block_elements=64)  # hundreds of tiny blocks
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the merge hung after the writer thread failed"
+    assert isinstance(outcome.get("error"), OSError)
+    assert_no_output(tmp)
