@@ -859,22 +859,20 @@ def _read_body(h: BaseHTTPRequestHandler) -> Iterator[bytes]:
                 while h.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
                     pass
                 return
-            remaining = size
-            while remaining:
-                data = h.rfile.read(min(remaining, _CHUNK))
-                if not data:
-                    raise ConnectionError("client closed the connection mid-body")
-                remaining -= len(data)
-                yield data
+            yield from _read_exactly(h, size)
             h.rfile.readline()  # CRLF after each chunk
     else:
-        remaining = int(h.headers.get("Content-Length") or 0)
-        while remaining:
-            data = h.rfile.read(min(remaining, _CHUNK))
-            if not data:
-                raise ConnectionError("client closed the connection mid-body")
-            remaining -= len(data)
-            yield data
+        yield from _read_exactly(h, int(h.headers.get("Content-Length") or 0))
+
+
+def _read_exactly(h: BaseHTTPRequestHandler, size: int):
+    remaining = size
+    while remaining:
+        data = h.rfile.read(min(remaining, _CHUNK))
+        if not data:
+            raise ConnectionError("client closed the connection mid-body")
+        remaining -= len(data)
+        yield data
 
 
 def _send(h: BaseHTTPRequestHandler, resp: _Response) -> None:
