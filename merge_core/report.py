@@ -42,6 +42,8 @@ class MergeReport:
     warnings: list[str] = field(default_factory=list)
     config_changes: dict[str, Any] = field(default_factory=dict)
     adapter_config: dict[str, Any] = field(default_factory=dict)
+    # How several adapters were combined into the merged one (empty for a single adapter).
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def variants(self) -> list[str]:
