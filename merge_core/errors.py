@@ -88,3 +88,49 @@ class HubNetworkError(HubError):
 
 class PushError(HubError):
     """Creating the repository or committing the merged model failed."""
+
+
+# --- output safety and the operating system ----------------------------------------------------
+
+
+class UnsafeOutputError(MergeError):
+    """The output location is, contains or lies inside an input: writing there would destroy it."""
+
+
+class OutputWriteError(MergeError):
+    """The operating system refused to write the output (disk full, permissions, name too long)."""
+
+
+class NonFiniteOutputError(MergeError):
+    """The merged weights overflow the output dtype (Inf) or are NaN."""
+
+
+class InvalidOptionError(MergeError, ValueError):
+    """An option has a value this tool cannot use (shard size, device, dtype, ...)."""
+
+
+_OS_ERROR_ADVICE = {
+    "ENOSPC": "the disk is full; free some space or choose a folder on another disk",
+    "EDQUOT": "the disk quota is exhausted; free some space or choose a folder on another disk",
+    "EACCES": "permission denied; choose a folder you can write to",
+    "EPERM": "the operation is not permitted; choose a folder you can write to",
+    "EROFS": "the filesystem is read-only; choose a folder on a writable disk",
+    "ENAMETOOLONG": "a name is too long for the filesystem; choose a shorter name",
+    "ENOTDIR": "a part of the path is a file, not a folder; choose another path",
+    "EISDIR": "a folder is in the way of a file; choose another path",
+    "ENOENT": "the path does not exist; check it",
+    "EEXIST": "something already exists there; choose another path",
+    "EMFILE": "too many open files; close other programs and try again",
+}
+
+
+def explain_os_error(exc: OSError, action: str, path: object) -> str:
+    """One sentence for an OSError: what failed, where, and what to do."""
+    import errno
+
+    code = errno.errorcode.get(exc.errno or 0, "")
+    advice = _OS_ERROR_ADVICE.get(code, f"{exc.strerror or type(exc).__name__}; check the path and try again")
+    where = str(path)
+    if len(where) > 160:
+        where = where[:80] + "…" + where[-60:]
+    return f"Could not {action} {where}: {advice}."

@@ -1,66 +1,77 @@
-"""The streaming merge: one output shard at a time, one row block of one tensor at a time."""
+"""The streaming merge: one output shard at a time, one row block of one tensor at a time.
+
+Each output tensor is one of four kinds, each written by its own small function: a byte copy,
+a dtype conversion, a low-rank delta (with DoRA's row rescaling), or DoRA on columns (two
+passes). Every row block that is computed is checked to be finite after its one rounding.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
-import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from .errors import InsufficientDiskError, MergeError, OutputExistsError
-from .plan import MergeOptions, MergePlan, OutputTensorPlan, build_plan, dtype_name
+from .errors import InsufficientDiskError, NonFiniteOutputError, OutputWriteError, explain_os_error
+from .options import MergeOptions, dtype_name
+from .outputs import begin_staging, check_output_target, discard, publish
+from .plan import MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport, ModuleReport
-from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree, read_rows
+from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree
+from .safetensors_io import read_rows
 from .tensor_math import (
     DEFAULT_BLOCK_ELEMENTS,
     ColumnNorms,
     LoadedDelta,
     Workspace,
-    dora_row_factor,
     apply_deltas_,
+    dora_row_factor,
     row_blocks,
     rows_per_block,
 )
 
 # Room for config/tokenizer files and filesystem overhead on top of the weights.
 _DISK_MARGIN_BYTES = 64 << 20
+Rows = Callable[[int, int], torch.Tensor]
 
 
 @dataclass
-class _Timings:
-    read: float = 0.0
-    math: float = 0.0
-    write: float = 0.0  # handing blocks to the writer thread (disk writes overlap the math)
-    copy: float = 0.0
-    sync: float = 0.0  # the final fsync: what the disk still had to write
+class Timings:
+    """Seconds per phase, kept apart from the math so the functions below read as arithmetic."""
+
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"read": 0.0, "math": 0.0, "write": 0.0, "copy": 0.0, "sync": 0.0}
+    )
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        import time
+
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - began
 
 
 @dataclass
 class _Context:
     plan: MergePlan
     device: torch.device
-    compute_dtype: torch.dtype
     block_elements: int
-    workspace: Workspace = field(default_factory=Workspace)
+    on_bytes: Callable[[int], None]
+    workspace: Workspace
     files: OpenFiles = field(default_factory=OpenFiles)
-    timings: _Timings = field(default_factory=_Timings)
+    timings: Timings = field(default_factory=Timings)
 
     def adapter_tensor(self, key: str, transpose: bool = False) -> torch.Tensor:
-        t = self.plan.adapter.tensor(key).to(device=self.device, dtype=self.compute_dtype)
+        t = self.plan.adapter.tensor(key).to(device=self.device, dtype=self.plan.compute_dtype)
         return t.T.contiguous() if transpose else t
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{output_dir} already exists. Choose another output folder or pass overwrite=True (CLI: --overwrite)."
-        )
 
 
 def check_disk(directory: Path, needed: int, what: str = "the merged model") -> None:
@@ -73,99 +84,179 @@ def check_disk(directory: Path, needed: int, what: str = "the merged model") -> 
         )
 
 
-def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, on_bytes) -> None:
-    writer.begin(t.name)
-    out_dtype = DTYPE_FROM_ST[t.dtype]
-    if t.is_copy:
-        began = time.perf_counter()
-        assert t.base is not None
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless overwriting was asked for (inputs are checked by execute_plan)."""
+    check_output_target(output_dir, protected=(), overwrite=overwrite)
+
+
+# --- the four kinds of output tensor -----------------------------------------------------------------
+
+
+def _copy(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) -> None:
+    assert t.base is not None
+    with ctx.timings.phase("copy"):
         writer.copy_from(ctx.files.get(t.base.shard), t.base.info.begin, t.base.info.nbytes)
-        ctx.timings.copy += time.perf_counter() - began
-        on_bytes(t.base.info.nbytes)
-        return
+    ctx.on_bytes(t.base.info.nbytes)
 
-    ws = ctx.workspace
-    n_rows = t.shape[0] if t.shape else 1
-    step = rows_per_block(t.shape, ctx.block_elements)
+
+def _start_rows(ctx: _Context, t: OutputTensorPlan, step: int) -> Rows:
+    """Rows [a, b) of the tensor's starting value: the base's, or the adapter's full copy."""
     if t.adapter_key is not None:
-        full_start = ctx.plan.adapter.tensor(t.adapter_key)
-        read = lambda a, b: full_start[a:b] if t.shape else full_start  # noqa: E731
-    else:
-        assert t.base is not None
-        f, info = ctx.files.get(t.base.shard), t.base.info
-        read_buf = ws.get("read", (step * max(1, info.nbytes // max(1, n_rows)),), torch.uint8, torch.device("cpu"))
-        read = lambda a, b: read_rows(f, info, a, b, read_buf)  # noqa: E731
+        full = ctx.plan.adapter.tensor(t.adapter_key)
+        return lambda a, b: full[a:b] if t.shape else full
+    assert t.base is not None
+    f, info = ctx.files.get(t.base.shard), t.base.info
+    n_rows = t.shape[0] if t.shape else 1
+    buffer = ctx.workspace.get("read", (step * max(1, info.nbytes // max(1, n_rows)),), torch.uint8,
+                               torch.device("cpu"))
+    return lambda a, b: read_rows(f, info, a, b, buffer)
 
-    def block_shape(a: int, b: int) -> tuple[int, ...]:
-        return (b - a, *t.shape[1:]) if t.shape else ()
 
-    def emit(work: torch.Tensor, a: int, b: int) -> None:
-        began = time.perf_counter()
+def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> None:
+    """Round ``work`` once to the output dtype, queue it for the disk, and refuse Inf/NaN."""
+    out_dtype = DTYPE_FROM_ST[t.dtype]
+    with ctx.timings.phase("write"):
         if work.device.type != "cpu":
             # Round on the accelerator: the copy back then moves 2 bytes per element, not 8.
-            rounded = ws.get("rounded", block_shape(a, b), out_dtype)
+            rounded = ctx.workspace.get("rounded", tuple(work.shape), out_dtype)
             rounded.copy_(work)
-            work = rounded
-        writer.write(work, out_dtype)  # the one rounding to the output dtype, into the write buffer
-        ctx.timings.write += time.perf_counter() - began
-        on_bytes(work.numel() * element_size(t.dtype))
+            staged = writer.write(rounded, out_dtype)
+        else:
+            staged = writer.write(work, out_dtype)
+    if staged.is_floating_point() and staged.numel():
+        low, high = torch.aminmax(staged)
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise NonFiniteOutputError(_non_finite_message(ctx, t, work, rows))
+    ctx.on_bytes(staged.numel() * element_size(t.dtype))
 
-    def timed_read(a: int, b: int) -> torch.Tensor:
-        began = time.perf_counter()
-        start = read(a, b)
-        ctx.timings.read += time.perf_counter() - began
-        return start
 
-    if not t.changed:  # dtype conversion only
-        for a, b in row_blocks(n_rows, step):
-            emit(timed_read(a, b), a, b)
-        return
+def _non_finite_message(ctx: _Context, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> str:
+    values = work.detach().double()
+    if torch.isnan(values).any():
+        return (f"The merged tensor {t.name} (rows {rows.start}-{rows.stop - 1}) contains NaN, so nothing was "
+                "written; the base or the adapter holds invalid values there: check both files.")
+    largest = float(values.abs().max())
+    limit = torch.finfo(DTYPE_FROM_ST[t.dtype]).max
+    name = dtype_name(t.dtype)
+    hint = ("choose bfloat16 output, which has float32's range" if t.dtype == "F16"
+            else "check the adapter's scale (lora_alpha / r), which is implausibly large")
+    return (f"The merged tensor {t.name} reaches {largest:.4g}, beyond {name}'s largest value {limit:.4g}, so nothing "
+            f"was written; {hint}.")
 
-    deltas = [
-        LoadedDelta(ctx.adapter_tensor(d.l_key, d.l_transpose), ctx.adapter_tensor(d.r_key, d.r_transpose), d.scale)
-        for d in t.deltas
-    ]
-    bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
-    magnitude = ctx.adapter_tensor(t.dora.magnitude_key).reshape(-1) if t.dora else None
 
-    def exact(a: int, b: int) -> torch.Tensor:
-        start = timed_read(a, b)
-        began = time.perf_counter()
-        work = ws.get("work", block_shape(a, b), ctx.compute_dtype)
-        if work.device.type != "cpu":
-            # Move the stored dtype (2 bytes/element), widen on the accelerator.
-            staged = ws.get("start", block_shape(a, b), start.dtype)
-            staged.copy_(start)
-            start = staged
-        work.copy_(start)
-        work = apply_deltas_(work, a, deltas, bias_deltas)
-        ctx.timings.math += time.perf_counter() - began
-        return work
+def _convert(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
+    for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
+        with ctx.timings.phase("read"):
+            start = read(a, b)
+        _emit(ctx, writer, t, start, range(a, b))
 
-    col_factor = None
-    if t.dora is not None and t.dora.axis == "col":
-        norms = ColumnNorms()
-        for a, b in row_blocks(n_rows, step):
-            norms.add(exact(a, b))
-        col_factor = norms.factor(magnitude)  # type: ignore[arg-type]
 
+@dataclass
+class _DeltaMath:
+    """The exact value of rows [a, b): start widened to the compute dtype plus every delta."""
+
+    ctx: _Context
+    t: OutputTensorPlan
+    read: Rows
+
+    def __post_init__(self) -> None:
+        ctx, t = self.ctx, self.t
+        self.deltas = [
+            LoadedDelta(ctx.adapter_tensor(d.left_key, d.left_transpose), ctx.adapter_tensor(d.right_key, d.right_transpose),
+                        d.scale)
+            for d in t.deltas
+        ]
+        self.bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
+        self.magnitude = ctx.adapter_tensor(t.dora.magnitude_key).reshape(-1) if t.dora else None
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        ctx, shape = self.ctx, (b - a, *self.t.shape[1:]) if self.t.shape else ()
+        with ctx.timings.phase("read"):
+            start = self.read(a, b)
+        with ctx.timings.phase("math"):
+            work = ctx.workspace.get("work", shape, ctx.plan.compute_dtype)
+            if work.device.type != "cpu":
+                # Move the stored dtype (2 bytes/element), widen on the accelerator.
+                staged = ctx.workspace.get("start", shape, start.dtype)
+                staged.copy_(start)
+                start = staged
+            work.copy_(start)
+            return apply_deltas_(work, a, self.deltas, self.bias_deltas)
+
+
+def _low_rank(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
+    """W + sum(scale * L @ R) (+ bias), and DoRA's per-row rescaling for Linear layers."""
+    math_ = _DeltaMath(ctx, t, read)
+    for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
+        work = math_.rows(a, b)
+        if math_.magnitude is not None:
+            with ctx.timings.phase("math"):
+                work.mul_(dora_row_factor(work, math_.magnitude[a:b]))
+        _emit(ctx, writer, t, work, range(a, b))
+
+
+def _dora_columns(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
+    """DoRA on Conv1D and Embedding: column norms of W + delta over all rows first, then rescale."""
+    math_ = _DeltaMath(ctx, t, read)
+    assert math_.magnitude is not None
+    n_rows = t.shape[0]
+    norms = ColumnNorms()
     for a, b in row_blocks(n_rows, step):
-        work = exact(a, b)
-        if t.dora is not None:
-            began = time.perf_counter()
-            work.mul_(col_factor if col_factor is not None else dora_row_factor(work, magnitude[a:b]))  # type: ignore[index]
-            ctx.timings.math += time.perf_counter() - began
-        emit(work, a, b)
+        norms.add(math_.rows(a, b))
+    factor = norms.factor(math_.magnitude)
+    for a, b in row_blocks(n_rows, step):
+        work = math_.rows(a, b)
+        with ctx.timings.phase("math"):
+            work.mul_(factor)
+        _emit(ctx, writer, t, work, range(a, b))
 
 
-def _replace_dir(tmp: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        trash = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        output_dir.rename(trash)
-        tmp.rename(output_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) -> None:
+    writer.begin(t.name)
+    if t.is_copy:
+        _copy(ctx, writer, t)
+        return
+    step = rows_per_block(t.shape, ctx.block_elements)
+    read = _start_rows(ctx, t, step)
+    if not t.changed:
+        _convert(ctx, writer, t, read, step)
+    elif t.dora is not None and t.dora.axis == "col":
+        _dora_columns(ctx, writer, t, read, step)
     else:
-        tmp.rename(output_dir)
+        _low_rank(ctx, writer, t, read, step)
+
+
+# --- the folder ----------------------------------------------------------------------------------------
+
+
+def _write_folder(ctx: _Context, folder: Path) -> list[str]:
+    plan = ctx.plan
+    names = plan.shard_names()
+    weight_map: dict[str, str] = {}
+    for shard_name, shard in zip(names, plan.shards, strict=True):
+        writer = StreamingWriter(folder / shard_name, [t.planned() for t in shard], {"format": "pt"})
+        with BackgroundWriter(writer) as background:
+            for t in shard:
+                _write_tensor(ctx, background, t)
+                weight_map[t.name] = shard_name
+    if len(names) > 1:
+        index = {"metadata": {"total_size": plan.output_nbytes}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    for name, src in plan.copy_files.items():
+        shutil.copyfile(src, folder / name)
+    with ctx.timings.phase("sync"):
+        fsync_tree(folder)
+    return names
+
+
+def protected_inputs(plan: MergePlan) -> list[tuple[str, Path]]:
+    """The folders an output must stay clear of: both inputs, and where their files really live."""
+    protected = [("the base model", plan.base.path), ("the adapter", plan.adapter.path)]
+    real_dirs = {Path(shard).resolve().parent for shard in plan.base.shards}
+    real_dirs.add(plan.adapter.file.resolve().parent)
+    protected += [("a folder holding the inputs' files", d) for d in sorted(real_dirs)]
+    return protected
 
 
 def execute_plan(
@@ -177,73 +268,49 @@ def execute_plan(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> MergeReport:
     """Write the merged model into output_dir, atomically: all of it or nothing."""
-    output_dir = Path(output_dir).absolute()
-    check_output_dir(output_dir, overwrite)
+    import time
+
+    output_dir = check_output_target(output_dir, protected=protected_inputs(plan), overwrite=overwrite)
     check_disk(output_dir.parent, plan.output_nbytes)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the target, so the final rename stays on one filesystem and is atomic.
-    tmp = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    device = torch.device(plan.options.device)
-    ctx = _Context(plan, device, plan.compute_dtype, block_elements, Workspace(device))
-    total = plan.output_nbytes
-    done = 0
-    started = time.perf_counter()
+    total, done = plan.output_nbytes, [0]
 
     def on_bytes(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(ProgressUpdate("merge", done, total, "B"))
+        done[0] += n
+        progress(ProgressUpdate("merge", done[0], total, "B"))
 
+    device = torch.device(plan.options.device)
+    ctx = _Context(plan, device, block_elements, on_bytes, Workspace(device))
+    started = time.perf_counter()
+    staging = begin_staging(output_dir)
     try:
-        names = plan.shard_names()
-        weight_map: dict[str, str] = {}
         progress(ProgressUpdate("merge", 0, total, "B", "starting"))
-        for shard_name, shard in zip(names, plan.shards):
-            writer = StreamingWriter(tmp / shard_name, [t.planned() for t in shard], {"format": "pt"})
-            with BackgroundWriter(writer) as writer:
-                for t in shard:
-                    _write_tensor(ctx, writer, t, on_bytes)
-                    weight_map[t.name] = shard_name
-        if len(names) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-        for name, src in plan.copy_files.items():
-            shutil.copyfile(src, tmp / name)
-        began = time.perf_counter()
-        fsync_tree(tmp)
-        ctx.timings.sync += time.perf_counter() - began
-        _replace_dir(tmp, output_dir)
+        names = _write_folder(ctx, staging.folder)
+        publish(staging, output_dir)
+    except OSError as exc:
+        discard(staging)
+        raise OutputWriteError(explain_os_error(exc, "write the merged model to", output_dir)) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(staging)
         raise
     finally:
+        staging.release()
         ctx.files.close()
-    elapsed = time.perf_counter() - started
-    return _report(plan, output_dir, names, ctx, elapsed)
+    return _report(plan, output_dir, names, ctx.timings, time.perf_counter() - started)
 
 
-def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context, elapsed: float) -> MergeReport:
-    modules = []
-    for m in plan.modules:
-        modules.append(
-            ModuleReport(
-                module=m.module,
-                tensor=m.tensor,
-                kind=m.kind,
-                variant=m.variant,
-                shape=tuple(m.shape),
-                rank=m.rank,
-                alpha=m.alpha,
-                scale=m.scale,
-                fan_in_fan_out=m.fan_in_fan_out,
-            )
-        )
-    changed = [t.name for t in plan.tensors if t.changed]
-    config_changes = {
-        k: v for k, v in plan.config.items() if plan.base.config.get(k) != v and k != "text_config"
-    }
+def _report(plan: MergePlan, output_dir: Path, shards: list[str], timings: Timings, elapsed: float) -> MergeReport:
+    try:  # TEMP until the combine package lands
+        from .combine import read_recipe
+    except ImportError:
+        def read_recipe(_path):  # type: ignore[no-redef]
+            return {}
+
+    modules = [
+        ModuleReport(module=m.module, tensor=m.tensor, kind=m.kind, variant=m.variant, shape=tuple(m.shape),
+                     rank=m.rank, alpha=m.alpha, scale=m.scale, fan_in_fan_out=m.fan_in_fan_out)
+        for m in plan.modules
+    ]
+    config_changes = {k: v for k, v in plan.config.items() if plan.base.config.get(k) != v and k != "text_config"}
     return MergeReport(
         base=plan.options.base_name or plan.base.display_name,
         adapter=plan.options.adapter_name or str(plan.adapter.path),
@@ -254,24 +321,18 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], ctx: _Context,
         compute_dtype=plan.options.compute_dtype,
         device=plan.options.device,
         modules=modules,
-        changed_tensors=changed,
+        changed_tensors=[t.name for t in plan.tensors if t.changed],
         copied_tensors=sum(1 for t in plan.tensors if not t.changed),
         shards=shards,
         base_bytes=plan.base.nbytes,
         adapter_bytes=plan.adapter.nbytes,
         output_bytes=plan.output_nbytes,
-        seconds={
-            "total": elapsed,
-            "read": ctx.timings.read,
-            "math": ctx.timings.math,
-            "write": ctx.timings.write,
-            "copy": ctx.timings.copy,
-            "sync": ctx.timings.sync,
-        },
+        seconds={"total": elapsed, **timings.seconds},
         notes=list(plan.notes),
         warnings=list(plan.warnings),
         config_changes=config_changes,
         adapter_config=dict(plan.adapter_config.raw),
+        recipe=read_recipe(plan.adapter.path),
     )
 
 
@@ -279,15 +340,16 @@ def merge_adapter(
     base: str | Path,
     adapter: str | Path,
     output_dir: str | Path,
-    options: Optional[MergeOptions] = None,
+    options: MergeOptions | None = None,
     *,
     overwrite: bool = False,
     progress: ProgressCallback = no_progress,
 ) -> MergeReport:
     """Plan (validating everything from metadata) and then stream the merge into output_dir."""
-    check_output_dir(Path(output_dir), overwrite)
+    protected = [("the base model", Path(base)), ("the adapter", Path(adapter))]
+    check_output_target(output_dir, protected=protected, overwrite=overwrite)
     plan = build_plan(base, adapter, options)
     return execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
 
 
-__all__ = ["merge_adapter", "execute_plan", "check_disk", "check_output_dir", "MergeError"]
+__all__ = ["check_disk", "check_output_dir", "execute_plan", "merge_adapter", "protected_inputs"]

@@ -395,9 +395,12 @@ class BackgroundWriter(_ClosesOnSuccess):
     def begin(self, name: str) -> None:
         self._put(("begin", name))
 
-    def write(self, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    def write(self, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Queue ``tensor`` converted to ``dtype`` (default: its own); the conversion writes
-        straight into a staging buffer, so rounding and staging are one pass."""
+        straight into a staging buffer, so rounding and staging are one pass.
+
+        Returns the staged (converted) values. They stay valid until the next ``write``: only
+        the caller's thread takes buffers from the pool, the writer thread only reads them."""
         if self._error is not None:
             raise self._error
         data = tensor.detach()
@@ -408,9 +411,11 @@ class BackgroundWriter(_ClosesOnSuccess):
         staged = self._free.get()
         if staged.numel() < nbytes:
             staged = torch.empty(nbytes, dtype=torch.uint8)
+        view = staged[:nbytes].view(dtype).view(data.shape)
         if nbytes:
-            staged[:nbytes].view(dtype).view(data.shape).copy_(data)
+            view.copy_(data)
         self._put(("write", staged, nbytes))
+        return view
 
     def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:
         self._put(("copy", src, offset, nbytes))

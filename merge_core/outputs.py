@@ -1,0 +1,101 @@
+"""Where a merged model goes: refusing outputs that would touch an input, staging beside the
+target, replacing it atomically, and clearing what killed runs left behind.
+
+Every write goes to ``.<name>.partial-<id>`` next to the output (same filesystem, so the final
+rename is atomic), claimed with a lock file (merge_core.locks) so that the next run can tell
+a live merge from a dead one and remove only the dead one's leftovers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import OutputExistsError, OutputWriteError, UnsafeOutputError, explain_os_error
+from .locks import Claim, claim, remove_abandoned
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _relation(output: Path, protected: Path) -> str | None:
+    if output == protected:
+        return "is"
+    if output in protected.parents:
+        return "contains"
+    if protected in output.parents:
+        return "lies inside"
+    return None
+
+
+def check_output_target(output: str | Path, *, protected: Iterable[tuple[str, Path]], overwrite: bool) -> Path:
+    """The absolute output path, after refusing any location that would touch an input.
+
+    ``protected`` pairs a description ("the base model") with a path; symlinks are resolved on
+    both sides, so a link pointing into an input is caught too.
+    """
+    output = Path(os.path.abspath(Path(output).expanduser()))
+    real = _real(output)
+    for what, path in protected:
+        relation = _relation(real, _real(Path(path)))
+        if relation is not None:
+            raise UnsafeOutputError(
+                f"The output {output} {relation} {what} ({path}); writing there could destroy it. "
+                "Choose an output folder outside every input."
+            )
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise OutputExistsError(
+            f"{output} already exists. Choose another output folder or pass overwrite=True (CLI: --overwrite)."
+        )
+    return output
+
+
+def sweep_leftovers(output: Path) -> list[Path]:
+    """Remove staging and trash folders of this output that no live process owns."""
+    parent = output.parent
+    if not parent.is_dir():
+        return []
+    return [
+        *remove_abandoned(parent, f".{output.name}.partial-*"),
+        *remove_abandoned(parent, f".{output.name}.old-*"),
+    ]
+
+
+def begin_staging(output: Path) -> Claim:
+    """A fresh, claimed staging folder beside ``output``."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(output)
+        return claim(output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+    except OSError as exc:
+        raise OutputWriteError(explain_os_error(exc, "create the output folder in", output.parent)) from exc
+
+
+def publish(staging: Claim, output: Path) -> None:
+    """Move the finished staging folder to ``output``, replacing what was there."""
+    if not (output.exists() or output.is_symlink()):
+        os.rename(staging.folder, output)
+        return
+    if output.is_symlink() or not output.is_dir():
+        # A file or a link (even one to a folder) is replaced itself; its target is left alone.
+        output.unlink()
+        os.rename(staging.folder, output)
+        return
+    trash = claim(output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        trash.folder.rmdir()  # claim() made it; the rename below needs the name free
+        os.rename(output, trash.folder)
+        os.rename(staging.folder, output)
+    finally:
+        trash.release(remove_folder=True)
+
+
+def discard(staging: Claim) -> None:
+    """Remove an unfinished staging folder and its lock."""
+    staging.release(remove_folder=True)
+
+
+__all__ = ["begin_staging", "check_output_target", "discard", "publish", "sweep_leftovers"]
