@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import BinaryIO, Optional
 
 import torch
 
@@ -26,77 +26,13 @@ from .plan import MergePlan, ModulePlan, OutputTensorPlan, dtype_name
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header, read_rows
 from .tensor_math import DEFAULT_BLOCK_ELEMENTS, row_blocks, rows_per_block
+from .verify_function import functional_budget, functional_checks
+from .verify_report import Check, ModuleNumerics, VerificationReport
 
 # Unit roundoff of each output dtype: the largest relative error of one correct rounding.
 UNIT_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F64": 2.0**-53}
 _LORA_MARKERS = ("lora_", "modules_to_save", "original_module", ".base_layer.")
 PROBE_VECTORS = 4
-
-
-@dataclass
-class Check:
-    name: str
-    group: str  # "structure" | "numerics" | "function"
-    passed: Optional[bool]  # None: skipped, with the reason in detail
-    value: str
-    threshold: str
-    detail: str = ""
-
-    @property
-    def status(self) -> str:
-        return "skipped" if self.passed is None else ("pass" if self.passed else "FAIL")
-
-
-@dataclass
-class ModuleNumerics:
-    tensor: str
-    variant: str
-    bitwise_fraction: float  # share of elements equal to round(float64 reference)
-    relative_error: float  # ||W'_written - ref|| / ||ref||
-    probe_error: float  # ||W'x - (Wx + s B(Ax))|| / ||Wx + s B(Ax)||
-
-
-@dataclass
-class VerificationReport:
-    checks: list[Check] = field(default_factory=list)
-    modules: list[ModuleNumerics] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed is not False for c in self.checks)
-
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.passed is False]
-
-    def check(self, name: str) -> Check:
-        for c in self.checks:
-            if c.name == name:
-                return c
-        raise KeyError(name)
-
-    def rows(self) -> list[list[str]]:
-        return [[c.group, c.name, c.value, c.threshold, c.status, c.detail] for c in self.checks]
-
-    HEADERS = ["group", "check", "value", "threshold", "result", "detail"]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "checks": [asdict(c) | {"status": c.status} for c in self.checks],
-                "modules": [asdict(m) for m in self.modules]}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_text(self) -> str:
-        widths = [max(len(str(r[i])) for r in [self.HEADERS, *self.rows()]) for i in range(5)]
-        lines = []
-        for row in [self.HEADERS, *self.rows()]:
-            cells = [str(v).ljust(w) for v, w in zip(row[:5], widths)]
-            lines.append("  ".join(cells) + (f"  {row[5]}" if row[5] else ""))
-        lines.append(f"verification: {'PASSED' if self.passed else 'FAILED'}")
-        return "\n".join(lines)
-
-
-# --- reading the merged checkpoint --------------------------------------------------------------
 
 
 def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]], list[str]]:
@@ -257,6 +193,126 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
 # --- the checks ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Found:
+    """The merged folder's tensors, and which of them the structure checks already rejected."""
+
+    tensors: dict[str, tuple[Path, TensorInfo]]
+    problems: list[str]
+    rejected: set[str] = field(default_factory=set)
+
+
+def _structure_checks(plan: MergePlan, found: _Found) -> list[Check]:
+    expected = {t.name: t for t in plan.tensors}
+    tensors = found.tensors
+    lora_keys = [n for n in tensors if any(m in n for m in _LORA_MARKERS)]
+    missing = [n for n in expected if n not in tensors]
+    wrong_shape = [n for n, t in expected.items() if n in tensors and tensors[n][1].shape != t.shape]
+    extra = [n for n in tensors if n not in expected]
+    wrong_dtype = [n for n, t in expected.items() if n in tensors and tensors[n][1].dtype != t.dtype]
+    found.rejected = set(wrong_shape) | set(wrong_dtype)
+    details = [*(f"missing {n}" for n in missing[:3]), *(f"shape {n}" for n in wrong_shape[:3]),
+               *(f"unexpected {n}" for n in extra[:3]), *found.problems[:3]]
+    return [
+        Check("no adapter keys left", "structure", not lora_keys, f"{len(lora_keys)} found", "0",
+              ", ".join(lora_keys[:3])),
+        Check("all tensors present with their shapes", "structure",
+              not (missing or wrong_shape or extra or found.problems),
+              f"{len(tensors)}/{len(expected)} present, {len(wrong_shape)} wrong shape, {len(extra)} unexpected",
+              f"{len(expected)} present, 0 wrong", "; ".join(details)),
+        Check("dtype as asked", "structure", not wrong_dtype, f"{len(wrong_dtype)} tensors differ",
+              f"all floating tensors {dtype_name(plan.output_dtype)}", ", ".join(wrong_dtype[:3])),
+    ]
+
+
+@dataclass
+class _Findings:
+    changed_unexpectedly: list[str] = field(default_factory=list)
+    unchanged_unexpectedly: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
+    modules: list[ModuleNumerics] = field(default_factory=list)
+
+    def checks(self) -> list[Check]:
+        changed, unchanged, nonfinite = self.changed_unexpectedly, self.unchanged_unexpectedly, self.nonfinite
+        return [
+            Check("untouched tensors bit-identical to base", "structure", not changed, f"{len(changed)} changed",
+                  "0 changed", ", ".join(changed[:3])),
+            Check("every adapted tensor changed", "structure", not unchanged, f"{len(unchanged)} unchanged",
+                  "0 unchanged", ", ".join(unchanged[:3])),
+            Check("no NaN/Inf", "structure", not nonfinite, f"{len(nonfinite)} tensors", "0",
+                  ", ".join(nonfinite[:3])),
+        ]
+
+
+def _check_unchanged(t: OutputTensorPlan, out_file: BinaryIO, info: TensorInfo, files: OpenFiles,
+                     block_elements: int, findings: _Findings) -> None:
+    """Tensors without a delta: finite, and (when not replaced) equal to the base bit for bit."""
+    step = rows_per_block(t.shape, block_elements)
+    for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
+        out = read_rows(out_file, info, a, b)
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            findings.nonfinite.append(t.name)
+            return
+        if t.changed:
+            continue
+        assert t.base is not None
+        src = read_rows(files.get(t.base.shard), t.base.info, a, b)
+        if src.dtype != out.dtype:
+            src = src.double().to(out.dtype)
+        if not torch.equal(out.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)):
+            findings.changed_unexpectedly.append(t.name)
+            return
+
+
+def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, progress: ProgressCallback) -> _Findings:
+    """One pass over every merged tensor: the numerics of changed ones, identity and finiteness of the rest."""
+    by_tensor: dict[str, list[ModulePlan]] = {}
+    for m in plan.modules:
+        by_tensor.setdefault(m.tensor, []).append(m)
+    findings, files = _Findings(), OpenFiles()
+    total_bytes, done = sum(t.planned().nbytes for t in plan.tensors), 0
+    try:
+        for i, t in enumerate(plan.tensors):
+            if t.name not in found.tensors or t.name in found.rejected:
+                continue
+            shard, info = found.tensors[t.name]
+            modules = by_tensor.get(t.name, [])
+            if (t.changed and any(m.kind != "replaced" for m in modules)) or t.bias_deltas:
+                checked = _verify_changed(plan, t, modules, files.get(shard), info, files, block_elements, seed=i)
+                findings.modules.append(checked.numerics)
+                if checked.identical_to_start:
+                    findings.unchanged_unexpectedly.append(t.name)
+                if checked.nonfinite:
+                    findings.nonfinite.append(t.name)
+            else:
+                _check_unchanged(t, files.get(shard), info, files, block_elements, findings)
+            done += t.planned().nbytes
+            progress(ProgressUpdate("verify", done, total_bytes, "B"))
+    finally:
+        files.close()
+    return findings
+
+
+def _numerics_checks(plan: MergePlan, modules: list[ModuleNumerics]) -> list[Check]:
+    if not modules:
+        return [Check("merged = float64 reference rounded once", "numerics", None, "-", "-",
+                      "no low-rank delta in this adapter")]
+    u = UNIT_ROUNDOFF.get(plan.output_dtype, 2.0**-8)
+    worst_bits = min(modules, key=lambda m: m.bitwise_fraction)
+    bit_threshold = 1.0 if plan.options.compute_dtype == "float64" else 0.99
+    worst_rel = max(modules, key=lambda m: m.relative_error)
+    worst_probe = max(modules, key=lambda m: m.probe_error)
+    return [
+        Check("merged = float64 reference rounded once", "numerics", worst_bits.bitwise_fraction >= bit_threshold,
+              f"{worst_bits.bitwise_fraction:.6%} (worst: {worst_bits.tensor})",
+              f">= {bit_threshold:.0%} of elements bitwise", f"{len(modules)} tensors checked"),
+        Check("relative error vs float64 reference", "numerics", worst_rel.relative_error <= u,
+              f"{worst_rel.relative_error:.3e} (worst: {worst_rel.tensor})", f"<= {u:.3e} (one rounding)"),
+        Check("random probe W'x vs Wx + s·B(Ax)", "numerics", worst_probe.probe_error <= 4 * u,
+              f"{worst_probe.probe_error:.3e} (worst: {worst_probe.tensor})", f"<= {4 * u:.3e}"),
+    ]
+
+
 def verify_merge(
     plan: MergePlan,
     merged_dir: str | Path,
@@ -269,98 +325,14 @@ def verify_merge(
 ) -> VerificationReport:
     """Check the merged folder against the plan, the base and the adapter."""
     merged_dir = Path(merged_dir)
-    report = VerificationReport()
-    add = report.checks.append
-    found, problems = merged_tensors(merged_dir)
-    expected = {t.name: t for t in plan.tensors}
-
-    lora_keys = [n for n in found if any(m in n for m in _LORA_MARKERS)]
-    add(Check("no adapter keys left", "structure", not lora_keys, f"{len(lora_keys)} found", "0",
-              ", ".join(lora_keys[:3])))
-    missing = [n for n in expected if n not in found]
-    wrong_shape = [n for n, t in expected.items() if n in found and found[n][1].shape != t.shape]
-    extra = [n for n in found if n not in expected]
-    add(Check("all tensors present with their shapes", "structure", not (missing or wrong_shape or extra or problems),
-              f"{len(found)}/{len(expected)} present, {len(wrong_shape)} wrong shape, {len(extra)} unexpected",
-              f"{len(expected)} present, 0 wrong",
-              "; ".join([*(f"missing {n}" for n in missing[:3]), *(f"shape {n}" for n in wrong_shape[:3]),
-                         *(f"unexpected {n}" for n in extra[:3]), *problems[:3]])))
-    wrong_dtype = [n for n, t in expected.items() if n in found and found[n][1].dtype != t.dtype]
-    add(Check("dtype as asked", "structure", not wrong_dtype, f"{len(wrong_dtype)} tensors differ",
-              f"all floating tensors {dtype_name(plan.output_dtype)}", ", ".join(wrong_dtype[:3])))
-
-    by_tensor: dict[str, list[ModulePlan]] = {}
-    for m in plan.modules:
-        by_tensor.setdefault(m.tensor, []).append(m)
-
-    files = OpenFiles()
-    changed_unexpectedly: list[str] = []
-    unchanged_unexpectedly: list[str] = []
-    nonfinite: list[str] = []
-    total_bytes = sum(t.planned().nbytes for t in plan.tensors)
-    done = 0
-    try:
-        for i, t in enumerate(plan.tensors):
-            if t.name not in found or t.name in wrong_shape or t.name in wrong_dtype:
-                continue
-            shard, info = found[t.name]
-            f = files.get(shard)
-            has_delta = any(m.kind != "replaced" for m in by_tensor.get(t.name, []))
-            if (t.changed and has_delta) or t.bias_deltas:
-                checked = _verify_changed(plan, t, by_tensor.get(t.name, []), f, info, files, block_elements, seed=i)
-                report.modules.append(checked.numerics)
-                if checked.identical_to_start:
-                    unchanged_unexpectedly.append(t.name)
-                if checked.nonfinite:
-                    nonfinite.append(t.name)
-            else:
-                step = rows_per_block(t.shape, block_elements)
-                for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
-                    out = read_rows(f, info, a, b)
-                    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-                        nonfinite.append(t.name)
-                        break
-                    if not t.changed:
-                        assert t.base is not None
-                        src = read_rows(files.get(t.base.shard), t.base.info, a, b)
-                        if src.dtype != out.dtype:
-                            src = src.double().to(out.dtype)
-                        if not torch.equal(out.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)):
-                            changed_unexpectedly.append(t.name)
-                            break
-            done += t.planned().nbytes
-            progress(ProgressUpdate("verify", done, total_bytes, "B"))
-    finally:
-        files.close()
-
-    add(Check("untouched tensors bit-identical to base", "structure", not changed_unexpectedly,
-              f"{len(changed_unexpectedly)} changed", "0 changed", ", ".join(changed_unexpectedly[:3])))
-    add(Check("every adapted tensor changed", "structure", not unchanged_unexpectedly,
-              f"{len(unchanged_unexpectedly)} unchanged", "0 unchanged", ", ".join(unchanged_unexpectedly[:3])))
-    add(Check("no NaN/Inf", "structure", not nonfinite, f"{len(nonfinite)} tensors", "0", ", ".join(nonfinite[:3])))
-    add(_files_check(plan, merged_dir))
-
-    if report.modules:
-        u = UNIT_ROUNDOFF.get(plan.output_dtype, 2.0**-8)
-        worst_bits = min(report.modules, key=lambda m: m.bitwise_fraction)
-        exact_needed = plan.options.compute_dtype == "float64"
-        bit_threshold = 1.0 if exact_needed else 0.99
-        add(Check("merged = float64 reference rounded once", "numerics", worst_bits.bitwise_fraction >= bit_threshold,
-                  f"{worst_bits.bitwise_fraction:.6%} (worst: {worst_bits.tensor})",
-                  f">= {bit_threshold:.0%} of elements bitwise",
-                  f"{len(report.modules)} tensors checked"))
-        worst_rel = max(report.modules, key=lambda m: m.relative_error)
-        add(Check("relative error vs float64 reference", "numerics", worst_rel.relative_error <= u,
-                  f"{worst_rel.relative_error:.3e} (worst: {worst_rel.tensor})", f"<= {u:.3e} (one rounding)"))
-        worst_probe = max(report.modules, key=lambda m: m.probe_error)
-        add(Check("random probe W'x vs Wx + s·B(Ax)", "numerics", worst_probe.probe_error <= 4 * u,
-                  f"{worst_probe.probe_error:.3e} (worst: {worst_probe.tensor})", f"<= {4 * u:.3e}"))
-    else:
-        add(Check("merged = float64 reference rounded once", "numerics", None, "-", "-", "no low-rank delta in this adapter"))
-
+    found = _Found(*merged_tensors(merged_dir))
+    report = VerificationReport(checks=_structure_checks(plan, found))
+    findings = _stream_tensors(plan, found, block_elements=block_elements, progress=progress)
+    report.modules = findings.modules
+    report.checks += [*findings.checks(), _files_check(plan, merged_dir), *_numerics_checks(plan, findings.modules)]
     if functional != "never":
-        report.checks.extend(functional_checks(plan, merged_dir, device=device, force=functional == "always",
-                                               memory_budget=memory_budget))
+        report.checks += functional_checks(plan, merged_dir, device=device, force=functional == "always",
+                                           memory_budget=memory_budget)
     return report
 
 
@@ -391,75 +363,7 @@ def _files_check(plan: MergePlan, merged_dir: Path) -> Check:
                  "all present, all load", "; ".join([*(f"missing {m}" for m in missing), *problems]))
 
 
-# --- functional: logits of merged vs PeftModel(base, adapter) ----------------------------------
 
 
-def functional_budget(plan: MergePlan, device: str = "cpu", memory_budget: Optional[int] = None) -> tuple[bool, str]:
-    """Whether base+adapter and merged fit in memory together (both in float32)."""
-    params = sum(math.prod(t.shape) for t in plan.tensors if t.dtype in ("F32", "F16", "BF16"))
-    needed = params * 4 * 2 + plan.adapter.nbytes * 2 + (512 << 20)
-    if memory_budget is None:
-        if device.startswith("cuda") and torch.cuda.is_available():
-            memory_budget = int(torch.cuda.mem_get_info()[0] * 0.8)
-        else:
-            import psutil
-
-            memory_budget = int(psutil.virtual_memory().available * 0.6)
-    if needed > memory_budget:
-        return False, (f"needs about {needed / 1e9:.1f} GB to hold base+adapter and merged in float32, "
-                       f"{memory_budget / 1e9:.1f} GB available; the streamed checks above cover every tensor")
-    return True, ""
-
-
-def functional_checks(plan: MergePlan, merged_dir: Path, *, device: str = "cpu", force: bool = False,
-                      memory_budget: Optional[int] = None, models: Any = None) -> list[Check]:
-    from .generate import load_models
-
-    names = ["logits max abs diff vs PeftModel", "top-1 token agreement", "greedy continuation identical",
-             "adapter changes the output"]
-    fits, reason = functional_budget(plan, device, memory_budget)
-    if not fits and not force and models is None:
-        return [Check(n, "function", None, "-", "-", f"skipped: {reason}") for n in names]
-    own = models is None
-    if own:
-        models = load_models(plan, merged_dir, device=device)
-    try:
-        return _logit_checks(models)
-    finally:
-        if own:
-            models.release()
-
-
-@torch.no_grad()
-def _logit_checks(models: Any) -> list[Check]:
-    gen = torch.Generator().manual_seed(1234)
-    vocab = models.base_vocab
-    ids = torch.randint(0, vocab, (2, 24), generator=gen).to(models.device)
-    mask = torch.ones_like(ids)
-    ref = models.peft(input_ids=ids, attention_mask=mask).logits.float()
-    got = models.merged(input_ids=ids, attention_mask=mask).logits.float()
-    with models.peft.disable_adapter():
-        base = models.peft(input_ids=ids, attention_mask=mask).logits.float()
-    diff = float((ref - got).abs().max())
-    scale = float(ref.abs().max()) or 1.0
-    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
-    effect = float((base - ref).abs().max())
-    # Rounding a 16-bit merged weight is a real (tiny) difference from the unmerged sum.
-    low_precision = models.merged_dtype in (torch.float16, torch.bfloat16)
-    limit = 2e-2 * scale if low_precision else 1e-3 * max(1.0, scale / 10)
-    top1_needed = 0.95 if low_precision else 1.0
-    new_tokens = 16
-    greedy_kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=models.pad_token_id)
-    a = models.peft.generate(input_ids=ids[:1], attention_mask=mask[:1], **greedy_kwargs)[0, ids.shape[1]:]
-    b = models.merged.generate(input_ids=ids[:1], attention_mask=mask[:1], **greedy_kwargs)[0, ids.shape[1]:]
-    same = int((a[: len(b)] == b[: len(a)]).sum())
-    greedy_ok = same == len(a) == len(b) or (low_precision and same >= 0.75 * len(a))
-    return [
-        Check("logits max abs diff vs PeftModel", "function", diff <= limit, f"{diff:.3e}", f"<= {limit:.3e}",
-              f"2 random prompts x 24 tokens; logits up to {scale:.2f}"),
-        Check("top-1 token agreement", "function", top1 >= top1_needed, f"{top1:.2%}", f">= {top1_needed:.0%}"),
-        Check("greedy continuation identical", "function", greedy_ok, f"{same}/{len(a)} tokens",
-              "all" if not low_precision else ">= 75% (16-bit weights)"),
-        Check("adapter changes the output", "function", effect > 0, f"{effect:.3e}", "> 0",
-              "max |logits(base) - logits(base+adapter)|"),
-    ]
+__all__ = ["Check", "ModuleNumerics", "VerificationReport", "functional_budget", "functional_checks", "merged_tensors",
+           "verify_merge"]
