@@ -271,7 +271,6 @@ def execute_plan(
     import time
 
     output_dir = check_output_target(output_dir, protected=protected_inputs(plan), overwrite=overwrite)
-    check_disk(output_dir.parent, plan.output_nbytes)
     total, done = plan.output_nbytes, [0]
 
     def on_bytes(n: int) -> None:
@@ -281,8 +280,10 @@ def execute_plan(
     device = torch.device(plan.options.device)
     ctx = _Context(plan, device, block_elements, on_bytes, Workspace(device))
     started = time.perf_counter()
+    # Staging first: an unwritable location is then reported as such, not as a lack of space.
     staging = begin_staging(output_dir)
     try:
+        check_disk(output_dir.parent, plan.output_nbytes)
         progress(ProgressUpdate("merge", 0, total, "B", "starting"))
         names = _write_folder(ctx, staging.folder)
         publish(staging, output_dir)

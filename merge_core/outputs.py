@@ -8,6 +8,7 @@ a live merge from a dead one and remove only the dead one's leftovers.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterable
@@ -38,6 +39,13 @@ def check_output_target(output: str | Path, *, protected: Iterable[tuple[str, Pa
     both sides, so a link pointing into an input is caught too.
     """
     output = Path(os.path.abspath(Path(output).expanduser()))
+    try:
+        return _checked(output, protected=protected, overwrite=overwrite)
+    except OSError as exc:  # a name too long, a file where a folder should be, ...
+        raise OutputWriteError(explain_os_error(exc, "use the output location", output)) from exc
+
+
+def _checked(output: Path, *, protected: Iterable[tuple[str, Path]], overwrite: bool) -> Path:
     real = _real(output)
     for what, path in protected:
         relation = _relation(real, _real(Path(path)))
@@ -67,6 +75,9 @@ def sweep_leftovers(output: Path) -> list[Path]:
 def begin_staging(output: Path) -> Claim:
     """A fresh, claimed staging folder beside ``output``."""
     try:
+        existing = next(p for p in output.parents if p.exists())
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
         output.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(output)
         return claim(output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
