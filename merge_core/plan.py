@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .adapter import AdapterConfig, AdapterWeights, load_adapter_config, load_adapter_weights
 from .checkpoint import BaseCheckpoint, BaseTensor, load_base_checkpoint
+from .layouts import model_names
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .plan_lora import LoraTarget, plan_lora_module, weights_transposed
@@ -37,8 +38,22 @@ class _Inputs:
     embed: str | None
     virtual: dict[str, BaseTensor]  # a tied lm_head that is no tensor of its own, seen as the embedding
 
+    _model_names: dict[str, str] | None = None
+
     def resolve(self, name: str) -> str | None:
-        return resolve_tensor(name, self.base.tensors.keys() | self.virtual.keys())
+        """The base tensor an adapter-side name refers to, in the checkpoint's own layout."""
+        known = self.base.tensors.keys() | self.virtual.keys()
+        if name in known:
+            return name
+        if self._model_names is None:  # built only when a name is not found as it is
+            self._model_names = model_names(self.base.path, self.base.tensors)
+        if name in self._model_names:
+            return self._model_names[name]
+        found = resolve_tensor(name, known)
+        if found is None and self._model_names:
+            alias = resolve_tensor(name, self._model_names.keys())
+            found = self._model_names[alias] if alias is not None else None
+        return found
 
     def not_found(self, module: str, tensor: str):
         return self.blame.not_found(module, tensor, list(self.base.tensors))

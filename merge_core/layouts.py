@@ -1,0 +1,70 @@
+"""Checkpoint layout vs model layout: the names transformers gives checkpoint tensors on load.
+
+A checkpoint on disk keeps the names it was saved with (``model.layers.*`` for Qwen2.5-VL,
+``backbone.layers.*`` for Nemotron-H), while the model class of the running transformers
+names its modules differently (``model.language_model.layers.*``, ``model.layers.*``), and
+PEFT adapters are named after the modules. transformers renames checkpoint keys on load with
+its conversion mapping; we ask it for the same renaming, on a model built on the meta device
+(no memory, no weights), so an adapter's names resolve to the base's tensors for every
+layout transformers itself can load. The merged checkpoint keeps the base's names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _model_class(config) -> type | None:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, str(name), None)
+        if isinstance(cls, type):
+            return cls
+    return None
+
+
+def _meta_model(config_dir: Path):
+    """The model class named by config.json, instantiated without memory; None when not possible."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_dir)
+    cls = _model_class(config)
+    if cls is None:
+        return None
+    with torch.device("meta"):
+        return cls(config)
+
+
+def model_names(config_dir: Path, checkpoint_names: Iterable[str]) -> dict[str, str]:
+    """{name in the model class: checkpoint name} for every tensor transformers renames on load.
+
+    Tensors that transformers would fuse or split (weight converters, e.g. per-expert MoE
+    weights into one parameter) are left out: no per-module adapter can address them.
+    Returns {} when the class cannot be built here (custom code, unknown architecture).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        model = _meta_model(config_dir)
+        if model is None:
+            return {}
+        transforms = get_model_conversion_mapping(model)
+        state = model.state_dict()
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the names as they are"
+        log.debug("no layout mapping for %s: %s", config_dir, exc)
+        return {}
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamed: dict[str, str] = {}
+    for name in checkpoint_names:
+        new, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, state)
+        if converted is None and new != name:
+            renamed[new] = name
+    return renamed
