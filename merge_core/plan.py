@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .adapter import AdapterConfig, AdapterWeights, load_adapter_config, load_adapter_weights
 from .checkpoint import BaseCheckpoint, BaseTensor, load_base_checkpoint
+from .formats import refuse_foreign
 from .layouts import model_names
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
@@ -192,10 +193,9 @@ def plan_merge(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeig
 def _warnings(inp: _Inputs) -> list[str]:
     if not inp.blame.names_differ:
         return []
-    return [
-        f"The adapter names {inp.blame.declared!r} as its base, not {inp.blame.chosen!r}. "
-        "All shapes match, so the merge went ahead; make sure this is the model you meant."
-    ]
+    warning = (f"The adapter names {inp.blame.declared!r} as its base, not {inp.blame.chosen!r}. "
+               "All shapes match, so the merge went ahead; make sure this is the model you meant.")
+    return [warning]
 
 
 def build_plan(
@@ -208,6 +208,7 @@ def build_plan(
     """Validate base and adapter against each other and decide everything about the merge."""
     options = options or MergeOptions()
     adapter_path = Path(adapter)
+    refuse_foreign(adapter_path)
     config = load_adapter_config(adapter_path)
     weights = load_adapter_weights(adapter_path)
     checkpoint = base if isinstance(base, BaseCheckpoint) else load_base_checkpoint(base, name=options.base_name)
