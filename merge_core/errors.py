@@ -134,3 +134,10 @@ def explain_os_error(exc: OSError, action: str, path: object) -> str:
     if len(where) > 160:
         where = where[:80] + "…" + where[-60:]
     return f"Could not {action} {where}: {advice}."
+
+
+# --- verification models -------------------------------------------------------------------------
+
+
+class ModelLoadError(MergeError):
+    """transformers or PEFT could not load the base+adapter or the merged model for the function checks."""
