@@ -29,6 +29,7 @@ from .tensor_math import (
     ColumnNorms,
     LoadedDelta,
     Workspace,
+    all_finite,
     apply_deltas_,
     dora_row_factor,
     row_blocks,
@@ -123,10 +124,8 @@ def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: to
             staged = writer.write(rounded, out_dtype)
         else:
             staged = writer.write(work, out_dtype)
-    if staged.is_floating_point() and staged.numel():
-        low, high = torch.aminmax(staged)
-        if not (torch.isfinite(low) and torch.isfinite(high)):
-            raise NonFiniteOutputError(_non_finite_message(ctx, t, work, rows))
+    if not all_finite(staged, ctx.workspace):
+        raise NonFiniteOutputError(_non_finite_message(ctx, t, work, rows))
     ctx.on_bytes(staged.numel() * element_size(t.dtype))
 
 

@@ -406,3 +406,17 @@ def test_lock_is_released_by_death_not_by_time(tmp: Path) -> None:
         proc.kill()
         proc.wait()
     assert sweep_leftovers(tmp / "merged") == [folder] and not folder.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_bitwise_finiteness_check_agrees_with_torch(dtype: torch.dtype) -> None:
+    from merge_core.tensor_math import Workspace, all_finite
+
+    info = torch.finfo(dtype)
+    specials = [0.0, -0.0, info.max, -info.max, info.tiny, info.smallest_normal / 4, float("inf"), float("-inf"),
+                float("nan")]
+    workspace = Workspace()
+    for special in specials:
+        values = torch.randn(257, dtype=torch.float64).to(dtype)
+        values[100] = special
+        assert all_finite(values, workspace) == bool(torch.isfinite(values).all()), special
