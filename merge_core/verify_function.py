@@ -1,18 +1,26 @@
-"""Function checks: logits and greedy tokens of the merged model vs PeftModel(base, adapter)."""
+"""Function checks: outputs of the merged model vs PeftModel(base, adapter), following the adapter's task.
+
+Causal LMs and VLMs compare logits and greedy tokens, seq2seq models (text or speech) decoder logits
+and greedy decoding, classifiers the head's logits and predicted labels, feature extractors hidden
+states and embedding cosine similarity (see tasks.py). A check that cannot run says why in its row.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from .errors import ModelLoadError
+from .models import LoadedModels, choose_model_class, load_models, short_error
 from .plan import MergePlan
+from .tasks import LOGIT_ROWS, ProbeInputError, row_names, task_checks
 from .verify_report import Check
 
 
-def functional_budget(plan: MergePlan, device: str = "cpu", memory_budget: Optional[int] = None) -> tuple[bool, str]:
+def functional_budget(plan: MergePlan, device: str = "cpu", memory_budget: int | None = None) -> tuple[bool, str]:
     """Whether base+adapter and merged fit in memory together (both in float32)."""
     params = sum(math.prod(t.shape) for t in plan.tensors if t.dtype in ("F32", "F16", "BF16"))
     needed = params * 4 * 2 + plan.adapter.nbytes * 2 + (512 << 20)
@@ -24,60 +32,71 @@ def functional_budget(plan: MergePlan, device: str = "cpu", memory_budget: Optio
 
             memory_budget = int(psutil.virtual_memory().available * 0.6)
     if needed > memory_budget:
-        return False, (f"needs about {needed / 1e9:.1f} GB to hold base+adapter and merged in float32, "
-                       f"{memory_budget / 1e9:.1f} GB available; the streamed checks above cover every tensor")
+        return False, (
+            f"needs about {needed / 1e9:.1f} GB to hold base+adapter and merged in float32, "
+            f"{memory_budget / 1e9:.1f} GB available; the streamed checks above cover every tensor"
+        )
     return True, ""
 
 
-def functional_checks(plan: MergePlan, merged_dir: Path, *, device: str = "cpu", force: bool = False,
-                      memory_budget: Optional[int] = None, models: Any = None) -> list[Check]:
-    from .generate import load_models
-
-    names = ["logits max abs diff vs PeftModel", "top-1 token agreement", "greedy continuation identical",
-             "adapter changes the output"]
+def functional_checks(
+    plan: MergePlan,
+    merged_dir: Path,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    memory_budget: int | None = None,
+    models: Any = None,
+) -> list[Check]:
+    """The function rows for the adapter's task; skipped rows with one short reason when they cannot run."""
     fits, reason = functional_budget(plan, device, memory_budget)
     if not fits and not force and models is None:
-        return [Check(n, "function", None, "-", "-", f"skipped: {reason}") for n in names]
+        return _skipped(_planned_rows(plan), reason)
     own = models is None
     if own:
-        models = load_models(plan, merged_dir, device=device)
+        try:
+            models = load_models(plan, merged_dir, device=device)
+        except ModelLoadError as exc:
+            return _skipped(_planned_rows(plan), str(exc))
+    loaded = _as_loaded(models)
     try:
-        return _logit_checks(models)
+        return task_checks(loaded)
+    except ProbeInputError as exc:
+        return _skipped(row_names(loaded.task), f"{exc}; the streamed checks above still cover every tensor")
+    except Exception as exc:  # noqa: BLE001 - transformers' text is long; the row gets one short reason
+        return _skipped(row_names(loaded.task), f"the {loaded.task} forward pass failed ({short_error(exc)})")
     finally:
         if own:
             models.release()
 
 
-@torch.no_grad()
-def _logit_checks(models: Any) -> list[Check]:
-    gen = torch.Generator().manual_seed(1234)
-    vocab = models.base_vocab
-    ids = torch.randint(0, vocab, (2, 24), generator=gen).to(models.device)
-    mask = torch.ones_like(ids)
-    ref = models.peft(input_ids=ids, attention_mask=mask).logits.float()
-    got = models.merged(input_ids=ids, attention_mask=mask).logits.float()
-    with models.peft.disable_adapter():
-        base = models.peft(input_ids=ids, attention_mask=mask).logits.float()
-    diff = float((ref - got).abs().max())
-    scale = float(ref.abs().max()) or 1.0
-    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
-    effect = float((base - ref).abs().max())
-    # Rounding a 16-bit merged weight is a real (tiny) difference from the unmerged sum.
-    low_precision = models.merged_dtype in (torch.float16, torch.bfloat16)
-    limit = 2e-2 * scale if low_precision else 1e-3 * max(1.0, scale / 10)
-    top1_needed = 0.95 if low_precision else 1.0
-    new_tokens = 16
-    greedy_kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=models.pad_token_id)
-    a = models.peft.generate(input_ids=ids[:1], attention_mask=mask[:1], **greedy_kwargs)[0, ids.shape[1]:]
-    b = models.merged.generate(input_ids=ids[:1], attention_mask=mask[:1], **greedy_kwargs)[0, ids.shape[1]:]
-    same = int((a[: len(b)] == b[: len(a)]).sum())
-    greedy_ok = same == len(a) == len(b) or (low_precision and same >= 0.75 * len(a))
-    return [
-        Check("logits max abs diff vs PeftModel", "function", diff <= limit, f"{diff:.3e}", f"<= {limit:.3e}",
-              f"2 random prompts x 24 tokens; logits up to {scale:.2f}"),
-        Check("top-1 token agreement", "function", top1 >= top1_needed, f"{top1:.2%}", f">= {top1_needed:.0%}"),
-        Check("greedy continuation identical", "function", greedy_ok, f"{same}/{len(a)} tokens",
-              "all" if not low_precision else ">= 75% (16-bit weights)"),
-        Check("adapter changes the output", "function", effect > 0, f"{effect:.3e}", "> 0",
-              "max |logits(base) - logits(base+adapter)|"),
-    ]
+def _planned_rows(plan: MergePlan) -> list[str]:
+    """The rows the task would have, decided from metadata alone (nothing loaded)."""
+    try:
+        return row_names(choose_model_class(plan).task)
+    except ModelLoadError:
+        return LOGIT_ROWS
+
+
+def _skipped(names: list[str], reason: str) -> list[Check]:
+    if not reason.startswith("skipped"):
+        # "The merged checkpoint ..." reads as "skipped: the merged checkpoint ..."; "PEFT ..." stays.
+        reason = f"skipped: {reason[:1].lower() + reason[1:] if reason[1:2].islower() else reason}"
+    return [Check(n, "function", None, "-", "-", reason) for n in names]
+
+
+def _as_loaded(models: Any) -> LoadedModels:
+    """Models loaded by an older loader (no task): a causal LM, as that loader always loaded."""
+    if isinstance(models, LoadedModels):
+        return models
+    return LoadedModels(
+        models.peft,
+        models.merged,
+        models.tokenizer,
+        models.device,
+        models.merged_dtype,
+        models.base_vocab,
+        models.pad_token_id,
+        task=getattr(models, "task", "CAUSAL_LM"),
+        model_class=type(models.merged).__name__,
+    )

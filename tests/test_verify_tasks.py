@@ -1,0 +1,258 @@
+"""The function rows follow the adapter's task: they pass on an exact merge and fail on a planted fault.
+
+Each case is a tiny random model of its architecture (hidden 32, 2 layers), a LoRA saved by PEFT with
+the task type real adapters of that kind carry, a merge by merge_core and its verification table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_core import MergeOptions, merge_adapter
+from merge_core.errors import ModelLoadError
+from merge_core.models import choose_model_class
+from merge_core.plan import build_plan
+from merge_core.tasks import FEATURE_ROWS, HEAD_ROWS, LOGIT_ROWS
+from merge_core.verify import verify_merge
+from tests.factories import make_adapter, make_base
+
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+
+
+def t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    )
+
+
+def bert_config(**extra: Any):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=96, max_position_embeddings=64, **SMALL, **extra)
+
+
+def bert_seq_cls():
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification(bert_config(num_labels=3))
+
+
+def bert_features():
+    from transformers import BertModel
+
+    return BertModel(bert_config())
+
+
+def roberta_token_cls():
+    from transformers import RobertaConfig, RobertaForTokenClassification
+
+    return RobertaForTokenClassification(
+        RobertaConfig(vocab_size=96, max_position_embeddings=64, num_labels=5, **SMALL)
+    )
+
+
+def whisper_config():
+    from transformers import WhisperConfig
+
+    return WhisperConfig(
+        vocab_size=96,
+        num_mel_bins=16,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_source_positions=32,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+
+
+def whisper():
+    from transformers import WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration(whisper_config())
+
+
+def vit_image_cls():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_labels=4, **SMALL))
+
+
+@dataclass
+class Case:
+    build: Callable[[], Any] | None  # None: the Llama factories of tests/factories.py
+    task_type: str | None
+    targets: list[str]
+    rows: list[str]
+    model_class: str
+    modules_to_save: list[str] = field(default_factory=list)
+    fault: str = "scale"  # "scale": every merged tensor the adapter changed x 1.05; "head": the base's head back
+
+
+CASES = {
+    "t5-seq2seq": Case(t5, "SEQ_2_SEQ_LM", ["q", "v"], LOGIT_ROWS, "T5ForConditionalGeneration"),
+    "bert-seq-cls": Case(
+        bert_seq_cls,
+        "SEQ_CLS",
+        ["query", "value"],
+        HEAD_ROWS,
+        "BertForSequenceClassification",
+        ["classifier"],
+        fault="head",
+    ),
+    "roberta-token-cls": Case(
+        roberta_token_cls,
+        "TOKEN_CLS",
+        ["query", "value"],
+        HEAD_ROWS,
+        "RobertaForTokenClassification",
+        ["classifier"],
+        fault="head",
+    ),
+    "bert-features": Case(bert_features, "FEATURE_EXTRACTION", ["query", "value", "dense"], FEATURE_ROWS, "BertModel"),
+    "whisper-speech": Case(whisper, None, ["q_proj", "v_proj"], LOGIT_ROWS, "WhisperForConditionalGeneration"),
+    # transformers 5 names ViT's attention projections q_proj/v_proj (older checkpoints: query/value).
+    "vit-image-cls": Case(
+        vit_image_cls, None, ["q_proj", "v_proj"], HEAD_ROWS, "ViTForImageClassification", ["classifier"], fault="head"
+    ),
+    "llama-causal": Case(None, "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], LOGIT_ROWS, "LlamaForCausalLM"),
+}
+
+
+def save_adapter(model: Any, base: Path, path: Path, case: Case) -> None:
+    """A LoRA with non-zero B (and a perturbed saved head), saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=case.targets,
+        modules_to_save=case.modules_to_save or None,
+        task_type=case.task_type,
+        init_lora_weights=False,
+        base_model_name_or_path=str(base),
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+            elif "modules_to_save" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(path)
+
+
+def merged_case(tmp: Path, case: Case) -> tuple[Any, Path]:
+    base, adapter, out = tmp / "base", tmp / "adapter", tmp / "merged"
+    if case.build is None:
+        make_base(base, "llama")
+        make_adapter(base, adapter, target_modules=case.targets, task_type=case.task_type)
+    else:
+        torch.manual_seed(0)
+        model = case.build()
+        model.save_pretrained(base)
+        save_adapter(model, base, adapter, case)
+    merge_adapter(base, adapter, out, MergeOptions())
+    return build_plan(base, adapter, MergeOptions()), out
+
+
+def plant(plan: Any, merged: Path, fault: str) -> None:
+    path = merged / "model.safetensors"
+    state = load_file(path)
+    if fault == "scale":  # a wrong LoRA scale, everywhere the adapter acts
+        changed = [t.name for t in plan.tensors if t.changed]
+        state.update({name: state[name] * 1.05 for name in changed})
+    else:  # the adapter's trained head lost: the base's head written back
+        base = load_file(plan.base.path / "model.safetensors")
+        state.update({name: base[name] for name in state if name.startswith("classifier.")})
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def function_rows(report: Any) -> dict[str, Any]:
+    return {c.name: c for c in report.checks if c.group == "function"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_function_rows_pass_on_the_merge_and_fail_on_a_fault(tmp: Path, name: str) -> None:
+    case = CASES[name]
+    plan, merged = merged_case(tmp, case)
+    rows = function_rows(verify_merge(plan, merged, functional="always"))
+    assert list(rows) == case.rows
+    assert all(row.passed for row in rows.values()), [(r.name, r.status, r.value, r.detail) for r in rows.values()]
+    assert case.model_class in rows[case.rows[0]].detail  # the task's own head was loaded
+    assert float(rows["adapter changes the output"].value) > 1e-2
+
+    plant(plan, merged, case.fault)
+    rows = function_rows(verify_merge(plan, merged, functional="always"))
+    assert rows[case.rows[0]].passed is False, rows[case.rows[0]]
+
+
+def test_unloadable_merged_model_gives_skipped_rows_with_one_short_reason(tmp: Path) -> None:
+    plan, merged = merged_case(tmp, CASES["bert-seq-cls"])
+    config = json.loads((merged / "config.json").read_text())
+    config["id2label"] = {str(i): f"L{i}" for i in range(7)}  # the saved head has 3 rows
+    (merged / "config.json").write_text(json.dumps(config))
+    rows = function_rows(verify_merge(plan, merged, functional="always"))
+    assert list(rows) == HEAD_ROWS
+    for row in rows.values():
+        assert row.passed is None and row.detail.startswith("skipped: the merged checkpoint's classifier.")
+        assert "expects [7" in row.detail and "num_labels" in row.detail
+        assert len(row.detail) < 300 and "\n" not in row.detail
+
+
+def test_rows_over_the_memory_budget_are_the_tasks_own_and_skipped(tmp: Path) -> None:
+    plan, merged = merged_case(tmp, CASES["bert-features"])
+    rows = function_rows(verify_merge(plan, merged, functional="auto", memory_budget=1000))
+    assert list(rows) == FEATURE_ROWS and all(r.passed is None and "GB" in r.detail for r in rows.values())
+
+
+def choice_for(tmp: Path, config: Any, task_type: str | None):
+    config.save_pretrained(tmp)
+    plan = SimpleNamespace(base=SimpleNamespace(path=tmp), adapter_config=SimpleNamespace(task_type=task_type))
+    return choose_model_class(plan)  # type: ignore[arg-type]
+
+
+def test_model_class_follows_task_type_and_architecture(tmp: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, Qwen2VLConfig
+
+    whisper_cfg = whisper_config()
+    whisper_cfg.architectures = ["WhisperForConditionalGeneration"]
+    choice = choice_for(tmp / "w", whisper_cfg, "SEQ_2_SEQ_LM")  # AutoModelForSeq2SeqLM has no Whisper
+    assert (choice.task, choice.model_class.__name__) == ("SPEECH_SEQ_2_SEQ", "WhisperForConditionalGeneration")
+
+    headless = bert_config(architectures=["BertModel"])
+    choice = choice_for(tmp / "b", headless, "SEQ_CLS")  # the task adds the head PEFT trained
+    assert (choice.task, choice.model_class) == ("SEQ_CLS", AutoModelForSequenceClassification)
+
+    classifier = bert_config(architectures=["BertForSequenceClassification"])
+    choice = choice_for(tmp / "c", classifier, "CAUSAL_LM")  # a copied generative label does not replace the head
+    assert (choice.task, choice.model_class.__name__) == ("SEQ_CLS", "BertForSequenceClassification")
+
+    vlm = Qwen2VLConfig(architectures=["Qwen2VLForConditionalGeneration"])
+    choice = choice_for(tmp / "v", vlm, "CAUSAL_LM")
+    assert (choice.task, choice.model_class.__name__) == ("IMAGE_TEXT_TO_TEXT", "Qwen2VLForConditionalGeneration")
+
+    unknown = bert_config(architectures=["NoSuchModelForAnything"])
+    with pytest.raises(ModelLoadError, match="no model class NoSuchModelForAnything"):
+        choice_for(tmp / "u", unknown, None)
