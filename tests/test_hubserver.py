@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-# huggingface_hub reads these at import; tests/conftest.py normally sets them first.
-for _name, _value in {"HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                      "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_PROXY": "127.0.0.1,localhost"}.items():
-    os.environ.setdefault(_name, _value)
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download  # noqa: E402
-from huggingface_hub.errors import (  # noqa: E402
+import pytest
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
@@ -24,13 +18,20 @@ from huggingface_hub.errors import (  # noqa: E402
     RevisionNotFoundError,
 )
 
-from tests.hubserver import HubServer  # noqa: E402
+from tests.conftest import ALICE, BOB
+from tests.conftest import ALICE_READ as ALICE_RO
+from tests.hubserver import HubServer
 
-ALICE = "hf_alice_write_0123456789abcdef"
-ALICE_RO = "hf_alice_read_0123456789abcdef"
-BOB = "hf_bob_write_0123456789abcdef"
-CONFIG = json.dumps({"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 64}).encode()
+CONFIG = json.dumps(
+    {
+        "model_type": "llama",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "vocab_size": 64,
+    }
+).encode()
 README = b"---\nlicense: apache-2.0\npipeline_tag: text-generation\ntags:\n- tiny\n---\n# Tiny\n"
 
 
@@ -41,13 +42,9 @@ def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def hub(tmp_path: Path):
-    server = HubServer(tmp_path / "hub").start()
-    server.add_user("alice", ALICE, write=True, orgs=["acme"])
-    server.add_user("alice", ALICE_RO, write=False)
-    server.add_user("bob", BOB, write=True)
-    yield server
-    server.stop()
+def hub(hub_server: HubServer) -> HubServer:
+    hub_server.add_user("alice", ALICE, orgs=["acme"])  # alice also owns the acme org here
+    return hub_server
 
 
 @pytest.fixture
@@ -228,8 +225,9 @@ def test_stale_parent_commit_is_refused(hub: HubServer) -> None:
 def test_pull_request(hub: HubServer, tmp_path: Path) -> None:
     seed(hub, "alice/m")
     before = hub.repo_files("alice/m")
-    info = api(hub).upload_file(path_or_fileobj=b"new weights", path_in_repo="new.bin", repo_id="alice/m",
-                                create_pr=True)
+    info = api(hub).upload_file(
+        path_or_fileobj=b"new weights", path_in_repo="new.bin", repo_id="alice/m", create_pr=True
+    )
     assert info.pr_url == f"{hub.url}/alice/m/discussions/1" and info.pr_num == 1
     assert hub.repo_files("alice/m") == before
     assert hub.repo_files("alice/m", revision="refs/pr/1")["new.bin"] == b"new weights"
@@ -279,17 +277,25 @@ def test_validate_yaml(hub: HubServer) -> None:
     client.create_repo("alice/card")
     client.upload_file(path_or_fileobj=README, path_in_repo="README.md", repo_id="alice/card")
     with pytest.raises(ValueError, match="Invalid metadata"):
-        client.upload_file(path_or_fileobj=b"---\nlicense: [unclosed\n---\n", path_in_repo="README.md",
-                           repo_id="alice/card")
+        client.upload_file(
+            path_or_fileobj=b"---\nlicense: [unclosed\n---\n", path_in_repo="README.md", repo_id="alice/card"
+        )
 
 
 def test_transformers_autoconfig_through_hf_endpoint(hub: HubServer, tmp_path: Path) -> None:
     seed(hub, "acme/tiny-llama")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"),
-               HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost")
-    code = ("from transformers import AutoConfig; c = AutoConfig.from_pretrained('acme/tiny-llama'); "
-            "print(c.model_type, c.hidden_size)")
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    code = (
+        "from transformers import AutoConfig; c = AutoConfig.from_pretrained('acme/tiny-llama'); "
+        "print(c.model_type, c.hidden_size)"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["llama", "16"]
