@@ -7,7 +7,9 @@ test server's address is chosen here, first, and the server is bound to it later
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -93,3 +95,44 @@ def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> P
     return make_adapter(
         tiny_base, tmp_path_factory.mktemp("tiny-adapter") / "adapter", target_modules=["q_proj", "v_proj"]
     )
+
+
+def with_config(src: Path, dst: Path, **changes: object) -> Path:
+    """A copy of adapter folder ``src`` at ``dst`` with ``changes`` applied to its adapter_config.json."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def adapter_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Several adapters of one tiny Llama, for combinations (read-only: copy before changing one).
+
+    a1/a2/a3: rank 4, partly different targets, different alphas (a2 uses rsLoRA, a1 replaces lm_head);
+    d: rank 6 with an embedding LoRA; a1_init/a3_gauss: a1/a3 with other PEFT init settings.
+    """
+    t = tmp_path_factory.mktemp("adapter-set")
+    base = make_base(t / "base", "llama")
+    e = {"base": base, "root": t}
+    e["a1"] = make_adapter(
+        base,
+        t / "a1",
+        seed=1,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+    )
+    e["a2"] = make_adapter(
+        base, t / "a2", seed=2, r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]
+    )
+    e["a3"] = make_adapter(base, t / "a3", seed=3, r=4, lora_alpha=4, target_modules=["q_proj", "o_proj", "v_proj"])
+    e["d"] = make_adapter(
+        base, t / "d", seed=4, r=6, lora_alpha=12, target_modules=["q_proj", "gate_proj", "embed_tokens"]
+    )
+    # The same weights, but PEFT initialises the new adapter differently (RNG draws before dare's masks).
+    e["a1_init"] = with_config(e["a1"], t / "a1_init", init_lora_weights=True)
+    e["a3_gauss"] = with_config(e["a3"], t / "a3_gauss", init_lora_weights="gaussian")
+    return e
