@@ -33,6 +33,7 @@ GENERATIVE_TASKS = ("CAUSAL_LM", IMAGE_TEXT_TO_TEXT)
 SEQ2SEQ_TASKS = ("SEQ_2_SEQ_LM", SPEECH_SEQ_2_SEQ)
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", IMAGE_CLS, AUDIO_CLS, MASKED_LM)
 FEATURE_TASKS = ("FEATURE_EXTRACTION",)
+LABEL_TASKS = ("SEQ_CLS", "TOKEN_CLS", IMAGE_CLS, AUDIO_CLS)
 
 # An architecture's task: the first transformers mapping that lists its exact class name. The
 # order settles names listed twice (Gemma3ForConditionalGeneration is a causal LM and a VLM).
@@ -51,6 +52,10 @@ _ARCHITECTURE_TASKS = (
 )
 # Same seed for both loads: weights neither checkpoint holds get the same random values in both.
 _INIT_SEED = 0
+
+
+class MergedModelLoadError(ModelLoadError):
+    """base + adapter loads but the merged folder does not: a defect of the merged model, not of the check."""
 
 
 @dataclass(frozen=True)
@@ -144,32 +149,26 @@ def choose_model_class(plan: MergePlan) -> ModelChoice:
 def load_models(
     plan: MergePlan, merged_dir: str | Path, *, device: str = "auto", dtype: torch.dtype = torch.float32
 ) -> LoadedModels:
-    """Load PeftModel(base, adapter) and the merged model side by side, in ``dtype``, with the task's class."""
-    from peft import PeftModel
+    """Load PeftModel(base, adapter) and the merged model side by side, in ``dtype``, with the task's class.
 
+    Raises ModelLoadError (one sentence) when the reference cannot be built, and MergedModelLoadError
+    when the reference loads but the merged folder does not.
+    """
     choice = choose_model_class(plan)
     dev = pick_device(device)
     notes: list[str] = []
-    base = _from_pretrained(choice, plan.base.path, dtype, notes, "base")
-    base_vocab = token_vocab(base)
-    merged_vocab = next((t.shape[0] for t in plan.tensors if t.adapter_key and t.name == _embed_name(plan)), None)
-    if base_vocab and merged_vocab and merged_vocab != base_vocab:
-        # The adapter was trained after resize_token_embeddings; PEFT needs the same shapes.
-        base.resize_token_embeddings(merged_vocab, mean_resizing=False)
+    peft_model, base_vocab = _load_reference(plan, choice, dtype=dtype, notes=notes)
     try:
-        peft_model = PeftModel.from_pretrained(base, plan.adapter.path).to(dev).eval()
-    except Exception as exc:
-        raise ModelLoadError(
-            f"PEFT could not load the adapter onto the base {choice.model_class.__name__} ({short_error(exc)})."
-        ) from exc
-    merged = _from_pretrained(choice, Path(merged_dir), dtype, notes, "merged").to(dev).eval()
+        merged = _from_pretrained(choice, Path(merged_dir), dtype=dtype, which="merged", notes=notes)
+    except ModelLoadError as exc:
+        raise MergedModelLoadError(str(exc)) from exc
     tokenizer = _tokenizer(Path(merged_dir))
     pad = None
     if tokenizer is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LoadedModels(
-        peft_model,
-        merged,
+        peft_model.to(dev).eval(),
+        merged.to(dev).eval(),
         tokenizer,
         dev,
         DTYPE_FROM_ST[plan.output_dtype],
@@ -181,6 +180,34 @@ def load_models(
     )
 
 
+def _load_reference(plan: MergePlan, choice: ModelChoice, *, dtype: torch.dtype, notes: list[str]) -> tuple[Any, int]:
+    """PeftModel(base, adapter), built the way training built it (resized vocabulary, resized head)."""
+    from peft import PeftModel
+
+    labels = _label_count(plan, choice)
+    base = _from_pretrained(
+        choice,
+        plan.base.path,
+        dtype=dtype,
+        which="base",
+        notes=notes,
+        # The adapter's own copy of a resized head replaces the base's, as in training.
+        replaced={t.name for t in plan.tensors if t.adapter_key} if labels else set(),
+        config={"num_labels": labels} if labels else {},
+    )
+    base_vocab = token_vocab(base)
+    merged_vocab = next((t.shape[0] for t in plan.tensors if t.adapter_key and t.name == _embed_name(plan)), None)
+    if base_vocab and merged_vocab and merged_vocab != base_vocab:
+        # The adapter was trained after resize_token_embeddings; PEFT needs the same shapes.
+        base.resize_token_embeddings(merged_vocab, mean_resizing=False)
+    try:
+        return PeftModel.from_pretrained(base, plan.adapter.path), base_vocab
+    except Exception as exc:
+        raise ModelLoadError(
+            f"PEFT could not load the adapter onto the base {choice.model_class.__name__} ({short_error(exc)})."
+        ) from exc
+
+
 def token_vocab(model: Any) -> int:
     """Rows of the model's token embedding; 0 when its input is not tokens (images, audio)."""
     try:
@@ -190,9 +217,12 @@ def token_vocab(model: Any) -> int:
     return int(embedding.weight.shape[0]) if isinstance(embedding, torch.nn.Embedding) else 0
 
 
-def short_error(exc: BaseException, limit: int = 120) -> str:
+def short_error(exc: BaseException, limit: int = 160) -> str:
     """The exception's type and first line, cut short: transformers' messages can list 200 classes."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:" says nothing alone
+        text = f"{text} {lines[1]}"
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -206,18 +236,47 @@ def _load_config(path: Path) -> Any:
         raise ModelLoadError(f"transformers cannot read the base's config.json ({short_error(exc)}).") from exc
 
 
-def _from_pretrained(choice: ModelChoice, path: Path, dtype: torch.dtype, notes: list[str], which: str) -> Any:
+def _label_count(plan: MergePlan, choice: ModelChoice) -> int | None:
+    """Rows of a classification head the adapter saved at another size than the base's (num_labels changed).
+
+    Training did ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=N)``; the reference
+    model must be built the same way for the adapter's head to fit.
+    """
+    if choice.task not in LABEL_TASKS:
+        return None
+    embed = _embed_name(plan)
+    rows = set()
+    for t in plan.tensors:
+        base = plan.base.tensors.get(t.name)
+        if t.adapter_key and t.name != embed and (base is None or base.info.shape[0] != t.shape[0]):
+            rows.add(t.shape[0])
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _from_pretrained(
+    choice: ModelChoice,
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    which: str,
+    notes: list[str],
+    replaced: set[str] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Any:
+    """One from_pretrained; mismatched shapes (except tensors the adapter replaces) become one sentence."""
     name = choice.model_class.__name__
     torch.manual_seed(_INIT_SEED)
     try:
         with _quiet_transformers():
             # Mismatched shapes come back as data (and become our sentence) instead of a load report.
             model, info = choice.model_class.from_pretrained(
-                path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+                path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **(config or {})
             )
     except Exception as exc:
         raise ModelLoadError(f"transformers could not load the {which} model as {name} ({short_error(exc)}).") from exc
-    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    mismatched = sorted(
+        (m for m in info.get("mismatched_keys") or [] if m[0] not in (replaced or ())), key=lambda m: m[0]
+    )
     if mismatched:
         key, stored, expected = mismatched[0]
         raise ModelLoadError(
@@ -266,6 +325,7 @@ def _embed_name(plan: MergePlan) -> str | None:
 
 __all__ = [
     "LoadedModels",
+    "MergedModelLoadError",
     "ModelChoice",
     "architecture_task",
     "choose_model_class",

@@ -72,7 +72,7 @@ def probe_inputs(models: LoadedModels) -> dict[str, torch.Tensor]:
     main = getattr(model, "main_input_name", "input_ids")
     inputs: dict[str, torch.Tensor] = {}
     if main == "input_ids":
-        inputs.update(_token_inputs(config, models.base_vocab, PROMPT_TOKENS, gen))
+        inputs.update(_token_inputs(config, models.base_vocab or _config_vocab(config), PROMPT_TOKENS, gen))
     elif main == "pixel_values":
         inputs["pixel_values"] = _pixels(config, gen)
     elif main == "input_features":

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .models import LoadedModels, choose_model_class, load_models, short_error
+from .models import LoadedModels, MergedModelLoadError, choose_model_class, load_models, short_error
 from .plan import MergePlan
 from .tasks import LOGIT_ROWS, ProbeInputError, row_names, task_checks
 from .verify_report import Check
@@ -56,6 +56,8 @@ def functional_checks(
     if own:
         try:
             models = load_models(plan, merged_dir, device=device)
+        except MergedModelLoadError as exc:
+            return _merged_does_not_load(_planned_rows(plan), str(exc))
         except ModelLoadError as exc:
             return _skipped(_planned_rows(plan), str(exc))
     loaded = _as_loaded(models)
@@ -83,6 +85,12 @@ def _skipped(names: list[str], reason: str) -> list[Check]:
         # "The merged checkpoint ..." reads as "skipped: the merged checkpoint ..."; "PEFT ..." stays.
         reason = f"skipped: {reason[:1].lower() + reason[1:] if reason[1:2].islower() else reason}"
     return [Check(n, "function", None, "-", "-", reason) for n in names]
+
+
+def _merged_does_not_load(names: list[str], reason: str) -> list[Check]:
+    """base + adapter loaded, the merged folder did not: that is a finding about the merge, so it fails."""
+    first = Check(names[0], "function", False, "does not load", "loads", reason)
+    return [first, *_skipped(names[1:], "the merged model does not load (see above)")]
 
 
 def _as_loaded(models: Any) -> LoadedModels:

@@ -143,6 +143,7 @@ def save_adapter(model: Any, base: Path, path: Path, case: Case) -> None:
     """A LoRA with non-zero B (and a perturbed saved head), saved by PEFT."""
     from peft import LoraConfig, get_peft_model
 
+    model.name_or_path = str(base)  # PEFT records it as the adapter's base_model_name_or_path
     torch.manual_seed(1)
     config = LoraConfig(
         r=4,
@@ -208,17 +209,49 @@ def test_function_rows_pass_on_the_merge_and_fail_on_a_fault(tmp: Path, name: st
     assert rows[case.rows[0]].passed is False, rows[case.rows[0]]
 
 
-def test_unloadable_merged_model_gives_skipped_rows_with_one_short_reason(tmp: Path) -> None:
+def test_merged_model_that_does_not_load_fails_with_one_short_reason(tmp: Path) -> None:
     plan, merged = merged_case(tmp, CASES["bert-seq-cls"])
     config = json.loads((merged / "config.json").read_text())
     config["id2label"] = {str(i): f"L{i}" for i in range(7)}  # the saved head has 3 rows
     (merged / "config.json").write_text(json.dumps(config))
+    rows = list(function_rows(verify_merge(plan, merged, functional="always")).values())
+    assert [r.name for r in rows] == HEAD_ROWS and [r.passed for r in rows] == [False, None, None]
+    assert rows[0].detail.startswith("The merged checkpoint's classifier.") and "expects [7" in rows[0].detail
+    assert len(rows[0].detail) < 300 and "\n" not in rows[0].detail
+
+
+def test_reference_that_cannot_be_built_gives_skipped_rows_with_one_short_reason(tmp: Path) -> None:
+    plan, merged = merged_case(tmp, CASES["t5-seq2seq"])
+    config = json.loads((plan.base.path / "config.json").read_text())
+    (plan.base.path / "config.json").write_text(json.dumps(config | {"d_ff": 64}))  # the weights say 48
     rows = function_rows(verify_merge(plan, merged, functional="always"))
-    assert list(rows) == HEAD_ROWS
+    assert list(rows) == LOGIT_ROWS
     for row in rows.values():
-        assert row.passed is None and row.detail.startswith("skipped: the merged checkpoint's classifier.")
-        assert "expects [7" in row.detail and "num_labels" in row.detail
+        assert row.passed is None and row.detail.startswith("skipped: the base checkpoint's ")
+        assert "DenseReluDense" in row.detail and "has shape [48, 32]" in row.detail, row.detail
         assert len(row.detail) < 300 and "\n" not in row.detail
+
+
+def test_classifier_with_more_labels_than_the_base_head_is_checked_as_trained(tmp: Path) -> None:
+    """Training loaded the base with num_labels=3 over a 2-label head; the reference is built the same way."""
+    from transformers import BertForSequenceClassification
+
+    base, adapter, out = tmp / "base", tmp / "adapter", tmp / "merged"
+    torch.manual_seed(0)
+    BertForSequenceClassification(bert_config(num_labels=2)).save_pretrained(base)
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=3, ignore_mismatched_sizes=True)
+    save_adapter(model, base, adapter, CASES["bert-seq-cls"])
+    merge_adapter(base, adapter, out, MergeOptions())
+    plan = build_plan(base, adapter, MergeOptions())
+    config = json.loads((out / "config.json").read_text())
+    if config.get("num_labels", len(config.get("id2label") or {0: 0, 1: 1})) != 3:
+        # merge_core keeps the base's 2 labels in config.json: the merged folder does not load as is.
+        first = function_rows(verify_merge(plan, out, functional="always"))[HEAD_ROWS[0]]
+        assert first.passed is False and "classifier." in first.detail and "expects [2" in first.detail
+    config["id2label"] = {str(i): f"L{i}" for i in range(3)}  # the config the merge should write
+    (out / "config.json").write_text(json.dumps(config))
+    rows = function_rows(verify_merge(plan, out, functional="always"))
+    assert all(r.passed for r in rows.values()), [(r.name, r.value, r.detail) for r in rows.values()]
 
 
 def test_rows_over_the_memory_budget_are_the_tasks_own_and_skipped(tmp: Path) -> None:
