@@ -141,3 +141,14 @@ def explain_os_error(exc: OSError, action: str, path: object) -> str:
 
 class ModelLoadError(MergeError):
     """transformers or PEFT could not load the base+adapter or the merged model for the function checks."""
+
+
+# --- quantized bases ----------------------------------------------------------------------------
+
+
+class UnsupportedQuantizationError(BaseCheckpointError):
+    """The base is quantized in a format this tool cannot dequantize exactly (GPTQ, AWQ, ...)."""
+
+
+class QuantizationStateError(BaseCheckpointError):
+    """A quantized base's side tensors (scales, absmax, quant state) are missing or inconsistent."""
