@@ -78,6 +78,7 @@ class LoadedModels:
     pad_token_id: int
     task: str = "CAUSAL_LM"
     model_class: str = ""
+    chosen_because: str = ""  # ModelChoice.reason, shown in the table
     notes: list[str] = field(default_factory=list)  # e.g. weights initialised randomly in both
 
     def release(self) -> None:
@@ -127,7 +128,7 @@ def choose_model_class(plan: MergePlan) -> ModelChoice:
     arch_task = architecture_task(str(arch_name)) if arch_class is not None else None
     task_type = str(plan.adapter_config.task_type or "").upper() or None
     auto_class = peft_task_auto_class(task_type) if task_type else None
-    supported = auto_class is not None and type(config) in auto_class._model_mapping
+    supported = auto_class is not None and type(config) in getattr(auto_class, "_model_mapping", {})
     # A head task (classification, features) decides the head; a generative task label is often copied
     # from a tutorial, so it only decides when config.json names no head of its own.
     if supported and (task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or arch_task in (None, "FEATURE_EXTRACTION")):
@@ -176,6 +177,7 @@ def load_models(
         pad if pad is not None else 0,
         task=choice.task,
         model_class=type(merged).__name__,
+        chosen_because=choice.reason,
         notes=sorted(set(notes)),
     )
 

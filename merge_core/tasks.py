@@ -152,7 +152,9 @@ def _three_ways(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> tuple[
 
 
 def _detail(models: LoadedModels, text: str) -> str:
-    return "; ".join([text, *models.notes])
+    """The first row's detail: what was compared, which class and why, and what both models share."""
+    why = f" from {models.chosen_because}" if models.chosen_because else ""
+    return "; ".join([f"{models.task} as {models.model_class}{why}, {text}", *models.notes])
 
 
 def logit_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
@@ -170,7 +172,7 @@ def logit_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[
             diff <= tol.limit(scale),
             f"{diff:.3e}",
             f"<= {tol.limit(scale):.3e}",
-            _detail(models, f"{models.task} ({models.model_class}), random input {shape}; logits up to {scale:.2f}"),
+            _detail(models, f"random input {shape}, logits up to {scale:.2f}"),
         ),
         Check(LOGIT_ROWS[1], "function", top1 >= tol.agreement, f"{top1:.2%}", f">= {tol.agreement:.0%}"),
         _greedy_row(models, inputs, tol),
@@ -241,8 +243,7 @@ def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[C
             f"<= {tol.limit(scale):.3e}",
             _detail(
                 models,
-                f"{models.task} ({models.model_class}), {BATCH} random inputs; "
-                f"logits {list(ref.shape)} up to {scale:.2f}",
+                f"{BATCH} random inputs, logits {list(ref.shape)} up to {scale:.2f}",
             ),
         ),
         Check(
@@ -284,7 +285,7 @@ def feature_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> lis
             diff <= tol.limit(scale),
             f"{diff:.3e}",
             f"<= {tol.limit(scale):.3e}",
-            _detail(models, f"{models.task} ({models.model_class}), {BATCH} random inputs; values up to {scale:.2f}"),
+            _detail(models, f"{BATCH} random inputs, values up to {scale:.2f}"),
         ),
         Check(
             FEATURE_ROWS[1],

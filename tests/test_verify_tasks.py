@@ -98,6 +98,52 @@ def vit_image_cls():
     return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_labels=4, **SMALL))
 
 
+def bert_qa():
+    from transformers import BertForQuestionAnswering
+
+    return BertForQuestionAnswering(bert_config())
+
+
+def clip_features():
+    from transformers import CLIPConfig, CLIPModel
+
+    text = {"vocab_size": 96, "max_position_embeddings": 64, **SMALL}
+    vision = {"image_size": 16, "patch_size": 4, **SMALL}
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+
+
+def qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = {
+        "vocab_size": 96,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        **SMALL,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+    }
+    vision = {
+        "depth": 1,
+        "embed_dim": 16,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 1,
+        "temporal_patch_size": 1,
+    }
+    return Qwen2VLForConditionalGeneration(
+        Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=90,
+            video_token_id=91,
+            vision_start_token_id=92,
+            vision_end_token_id=93,
+        )
+    )
+
+
 @dataclass
 class Case:
     build: Callable[[], Any] | None  # None: the Llama factories of tests/factories.py
@@ -107,6 +153,7 @@ class Case:
     model_class: str
     modules_to_save: list[str] = field(default_factory=list)
     fault: str = "scale"  # "scale": every merged tensor the adapter changed x 1.05; "head": the base's head back
+    head: str = "classifier."
 
 
 CASES = {
@@ -135,6 +182,19 @@ CASES = {
     "vit-image-cls": Case(
         vit_image_cls, None, ["q_proj", "v_proj"], HEAD_ROWS, "ViTForImageClassification", ["classifier"], fault="head"
     ),
+    "bert-question-answering": Case(
+        bert_qa,
+        "QUESTION_ANS",
+        ["query", "value"],
+        HEAD_ROWS,
+        "BertForQuestionAnswering",
+        ["qa_outputs"],
+        fault="head",
+        head="qa_outputs.",
+    ),
+    "clip-features": Case(clip_features, "FEATURE_EXTRACTION", ["q_proj", "v_proj"], FEATURE_ROWS, "CLIPModel"),
+    # The usual VLM adapter says CAUSAL_LM; AutoModelForCausalLM has no Qwen2-VL, config.json decides.
+    "qwen2-vl": Case(qwen2_vl, "CAUSAL_LM", ["q_proj", "v_proj"], LOGIT_ROWS, "Qwen2VLForConditionalGeneration"),
     "llama-causal": Case(None, "CAUSAL_LM", ["q_proj", "v_proj", "down_proj"], LOGIT_ROWS, "LlamaForCausalLM"),
 }
 
@@ -178,15 +238,15 @@ def merged_case(tmp: Path, case: Case) -> tuple[Any, Path]:
     return build_plan(base, adapter, MergeOptions()), out
 
 
-def plant(plan: Any, merged: Path, fault: str) -> None:
+def plant(plan: Any, merged: Path, case: Case) -> None:
     path = merged / "model.safetensors"
     state = load_file(path)
-    if fault == "scale":  # a wrong LoRA scale, everywhere the adapter acts
+    if case.fault == "scale":  # a wrong LoRA scale, everywhere the adapter acts
         changed = [t.name for t in plan.tensors if t.changed]
         state.update({name: state[name] * 1.05 for name in changed})
     else:  # the adapter's trained head lost: the base's head written back
         base = load_file(plan.base.path / "model.safetensors")
-        state.update({name: base[name] for name in state if name.startswith("classifier.")})
+        state.update({name: base[name] for name in state if name.startswith(case.head)})
     save_file(state, path, metadata={"format": "pt"})
 
 
@@ -204,7 +264,7 @@ def test_function_rows_pass_on_the_merge_and_fail_on_a_fault(tmp: Path, name: st
     assert case.model_class in rows[case.rows[0]].detail  # the task's own head was loaded
     assert float(rows["adapter changes the output"].value) > 1e-2
 
-    plant(plan, merged, case.fault)
+    plant(plan, merged, case)
     rows = function_rows(verify_merge(plan, merged, functional="always"))
     assert rows[case.rows[0]].passed is False, rows[case.rows[0]]
 
