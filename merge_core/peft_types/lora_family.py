@@ -1,0 +1,179 @@
+"""AdaLoRA and the LoRA variants the LoRA planner lacks: block-diagonal LoRA, KaSA, LoRA on nn.Parameter.
+
+All are additive low-rank deltas: scale * left @ right in the stored orientation, with the factors
+assembled at load time from the adapter's tensors (AdaLoRA's singular values, KaSA's diagonal, bdlora's
+blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .common import (
+    AdapterContext,
+    ModuleInput,
+    check_rank,
+    linear_features,
+    mismatch,
+    number,
+    pattern_value,
+    refuse,
+    require,
+)
+from .specs import AddSpec, ExpertLowRankSpec, Factor, LowRankSpec, Spec, SvdTruncationSpec
+
+ADALORA_TOKENS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "ranknum")
+LORA_TOKENS = ("lora_A", "lora_B", "lora_diag", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+
+
+def _oriented(left: Factor, right: Factor, transposed: bool) -> tuple[Factor, Factor]:
+    """(left, right) of B @ A in the stored orientation: stored (in, out) takes (B @ A)^T = A^T @ B^T."""
+    if not transposed:
+        return left, right
+    flip = lambda f: Factor(f.key, f.vector_key, f.vector_axis, f.rows, f.cols, f.block_diag, not f.transpose)  # noqa: E731
+    return flip(right), flip(left)
+
+
+def _check_ab(module: ModuleInput, a_shape, b_shape, *, in_f: int, out_f: int, what: str) -> int:
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != in_f or b_shape[0] != out_f or a_shape[0] != b_shape[1]:
+        raise mismatch(
+            module.name, f"{what} factors A {list(a_shape)} and B {list(b_shape)} do not fit a {in_f} -> {out_f} layer"
+        )
+    return a_shape[0]
+
+
+# --- AdaLoRA -------------------------------------------------------------------------------------------------
+
+
+def adalora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """B @ (A * E) * scaling / (ranknum + 1e-5); ranknum is init_r even after AdaLoRA pruned the rank."""
+    if "lora_embedding_A" in module.keys:
+        raise refuse("ADALORA", module.name, "targets an embedding, which PEFT does not wrap with AdaLoRA")
+    out_f, in_f = linear_features("ADALORA", module)
+    a, b, e = require(module.name, module.keys, "lora_A", "lora_B", "lora_E")
+    rank = _check_ab(module, context.shapes[a], context.shapes[b], in_f=in_f, out_f=out_f, what="AdaLoRA")
+    if tuple(context.shapes[e]) not in ((rank, 1), (rank,)):
+        raise mismatch(module.name, f"lora_E has shape {list(context.shapes[e])}, expected [{rank}, 1]")
+    if rank == 0:
+        return []  # every singular value was pruned: no change
+    init_r = number(context.config, "init_r", 12, kind=int)
+    alpha = number(context.config, "lora_alpha", 8.0)
+    scaling = alpha if alpha > 0 else float(rank)
+    left, right = _oriented(Factor(b), Factor(a, vector_key=e, vector_axis=0), module.stored_transposed)
+    scale = scaling / (init_r + 1e-5)
+    return [LowRankSpec(module.name, "weight", left, right, scale, f"adalora r={rank} init_r={init_r} alpha={alpha:g}")]
+
+
+# --- LoRA variants -------------------------------------------------------------------------------------------
+
+
+def _lora_scale(config: Mapping[str, Any], key: str) -> tuple[int, float, float]:
+    r = int(pattern_value(config.get("rank_pattern"), key, number(config, "r", 8, kind=int)))
+    alpha = float(pattern_value(config.get("alpha_pattern"), key, number(config, "lora_alpha", 8.0)))
+    return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+
+
+def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """LoRA with use_bdlora, kasa_config or lora_bias on a Linear-like layer, or LoRA on nn.Parameter."""
+    if module.params:
+        return parameter_ops(module, context)
+    for role, what in (("lora_magnitude_vector", "uses DoRA"), ("lora_embedding_A", "targets an embedding")):
+        if role in module.keys:
+            raise refuse("LORA", module.name, f"{what}, which the LoRA planner (plan_lora) merges, not this registry")
+    config = context.config
+    out_f, in_f = linear_features("LORA", module)
+    a, b = require(module.name, module.keys, "lora_A", "lora_B")
+    a_shape, b_shape = tuple(context.shapes[a]), tuple(context.shapes[b])
+    r, alpha, scale = _lora_scale(config, module.name)
+    nblocks = _bdlora_blocks(module, config, a_shape, b_shape, in_f=in_f, out_f=out_f)
+    a_blocks = nblocks if a_shape[1] * nblocks == in_f and nblocks > 1 else 0
+    b_blocks = nblocks if b_shape[1] * nblocks == a_shape[0] and nblocks > 1 else 0
+    full_a = (a_shape[0], a_shape[1] * (a_blocks or 1))
+    full_b = (b_shape[0], b_shape[1] * (b_blocks or 1))
+    check_rank(module.name, _check_ab(module, full_a, full_b, in_f=in_f, out_f=out_f, what="LoRA"), r)
+    left, right = Factor(b, block_diag=b_blocks), Factor(a, block_diag=a_blocks)
+    label = f"lora r={r} alpha={alpha:g}" + (" bdlora" if nblocks > 1 else "")
+    specs: list[Spec] = []
+    if config.get("kasa_config"):
+        (diag,) = require(module.name, module.keys, "lora_diag")
+        if module.stored_transposed:
+            raise refuse("LORA", module.name, "uses KaSA on a weight stored (in, out), which PEFT refuses")
+        left = Factor(b, vector_key=diag, vector_axis=1)
+        specs.append(SvdTruncationSpec(module.name, "weight", r))
+        label += " kasa"
+    left, right = _oriented(left, right, module.stored_transposed)
+    specs.append(LowRankSpec(module.name, "weight", left, right, scale, label))
+    if "lora_B.bias" in module.keys:
+        if not module.has_bias:
+            raise mismatch(module.name, "the adapter trains a bias (lora_bias) but the base layer has none")
+        specs.append(AddSpec(module.name, "bias", module.keys["lora_B.bias"], scale))
+    return specs
+
+
+def _bdlora_blocks(module: ModuleInput, config: Mapping[str, Any], a_shape, b_shape, *, in_f: int, out_f: int) -> int:
+    bd = config.get("use_bdlora")
+    if not bd:
+        return 1
+    if module.stored_transposed:
+        raise refuse("LORA", module.name, "uses block-diagonal LoRA on a weight stored (in, out), which PEFT refuses")
+    nblocks = int(bd.get("nblocks", 1)) if isinstance(bd, Mapping) else 1
+    if nblocks < 1 or in_f % nblocks or out_f % nblocks:
+        raise mismatch(module.name, f"bdlora's {nblocks} blocks do not divide the layer's {in_f} -> {out_f} features")
+    return nblocks
+
+
+# --- LoRA on nn.Parameter (target_parameters) -----------------------------------------------------------------
+
+
+def _targeted_params(module: ModuleInput, config: Mapping[str, Any]) -> list[str]:
+    targets = config.get("target_parameters") or []
+    return [
+        p
+        for p in module.params
+        if any(f"{module.name}.{p}" == t or f"{module.name}.{p}".endswith("." + t) for t in targets)
+    ]
+
+
+def parameter_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """PEFT nests one ParamWrapper per targeted parameter, in the module's parameter order, the first innermost:
+    the wrapper with the most ``.base_layer`` infixes belongs to the first targeted parameter."""
+    depths = sorted({int(role.partition("@")[2] or 0) for role in module.keys if role.startswith("lora_A")})
+    params = _targeted_params(module, context.config)
+    if len(params) != len(depths):
+        raise mismatch(
+            module.name,
+            f"the adapter wraps {len(depths)} parameter(s) but target_parameters matches "
+            f"{len(params)} of the base's ({', '.join(module.params) or 'none'})",
+        )
+    specs: list[Spec] = []
+    for param, depth in zip(params, reversed(depths), strict=True):
+        suffix = f"@{depth}" if depth else ""
+        a, b = require(module.name, module.keys, "lora_A" + suffix, "lora_B" + suffix)
+        specs.append(_parameter_spec(module, context, param, a, b))
+    return specs
+
+
+def _parameter_spec(module: ModuleInput, context: AdapterContext, param: str, a: str, b: str) -> Spec:
+    shape, a_shape, b_shape = tuple(module.params[param]), tuple(context.shapes[a]), tuple(context.shapes[b])
+    r, alpha, scale = _lora_scale(context.config, f"{module.name}.{param}")
+    where = f"{module.name}.{param}"
+    if len(shape) == 2:
+        check_rank(where, _check_ab(module, a_shape, b_shape, in_f=shape[1], out_f=shape[0], what="LoRA"), r)
+        return LowRankSpec(module.name, param, Factor(b), Factor(a), scale, f"lora r={r} alpha={alpha:g}")
+    if len(shape) != 3:
+        raise refuse("LORA", where, f"targets a {len(shape)}-D parameter; PEFT wraps 2-D and 3-D parameters only")
+    experts, d1, d2 = shape
+    out_f, in_f = b_shape[0], a_shape[-1]
+    if a_shape[0] != experts * r or b_shape[1] != experts * r:
+        raise mismatch(
+            where, f"LoRA factors A {list(a_shape)} and B {list(b_shape)} do not hold rank {r} for {experts} experts"
+        )
+    if (d1, d2) == (out_f, in_f) and (d1 != d2 or not module.stored_transposed):
+        transposed = False
+    elif (d1, d2) == (in_f, out_f):
+        transposed = True
+    else:
+        raise mismatch(where, f"LoRA maps {in_f} -> {out_f} features but the parameter has shape {list(shape)}")
+    return ExpertLowRankSpec(module.name, param, a, b, experts, r, scale, alpha, transposed)
