@@ -66,7 +66,7 @@ def task_checks(models: LoadedModels) -> list[Check]:
 
 
 def probe_inputs(models: LoadedModels) -> dict[str, torch.Tensor]:
-    """Random inputs of the shapes the model's config asks for: tokens, images, log-mel features."""
+    """Random inputs of the shapes the model's config asks for: tokens, images, log-mel features, audio."""
     model, gen = models.merged, torch.Generator().manual_seed(_SEED)
     config = model.config
     main = getattr(model, "main_input_name", "input_ids")
@@ -77,6 +77,8 @@ def probe_inputs(models: LoadedModels) -> dict[str, torch.Tensor]:
         inputs["pixel_values"] = _pixels(config, gen)
     elif main == "input_features":
         inputs["input_features"] = _log_mel(config, gen)
+    elif main == "input_values":  # raw audio (wav2vec2, HuBERT): one second at 16 kHz
+        inputs["input_values"] = torch.randn(BATCH, 16000, generator=gen)
     else:
         raise ProbeInputError(f"no probe input for a model whose input is {main}")
     if models.task in FEATURE_TASKS and main == "input_ids" and getattr(config, "vision_config", None) is not None:

@@ -98,6 +98,23 @@ def vit_image_cls():
     return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_labels=4, **SMALL))
 
 
+def wav2vec2_audio_cls():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    config = Wav2Vec2Config(
+        vocab_size=32,
+        conv_dim=(16, 16),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        classifier_proj_size=16,
+        num_labels=3,
+        **SMALL,
+    )
+    return Wav2Vec2ForSequenceClassification(config)
+
+
 def bert_qa():
     from transformers import BertForQuestionAnswering
 
@@ -181,6 +198,15 @@ CASES = {
     # transformers 5 names ViT's attention projections q_proj/v_proj (older checkpoints: query/value).
     "vit-image-cls": Case(
         vit_image_cls, None, ["q_proj", "v_proj"], HEAD_ROWS, "ViTForImageClassification", ["classifier"], fault="head"
+    ),
+    "wav2vec2-audio-cls": Case(
+        wav2vec2_audio_cls,
+        None,
+        ["q_proj", "v_proj"],
+        HEAD_ROWS,
+        "Wav2Vec2ForSequenceClassification",
+        ["classifier", "projector"],
+        fault="head",
     ),
     "bert-question-answering": Case(
         bert_qa,
