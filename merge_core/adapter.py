@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -45,10 +46,13 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
-    target_modules: Any = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    task_type: Optional[str] = None
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    task_type: str | None = None
     ensure_weight_tying: bool = False
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -73,10 +77,87 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    # bool is an int in Python, but "r": true is no rank; PEFT itself needs a real int (it compares r <= 0).
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    # json.loads accepts NaN and Infinity; either would make every merged weight NaN/Inf.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_or_str_list(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _is_layer_indexes(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_pattern_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+
+# key -> (check, what the key must be); a key absent from the file (or null where allowed) takes PEFT's default.
+_REQUIRED_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (_is_positive_int, "a positive integer such as 8"),
+    "lora_alpha": (_is_finite_number, "a finite number such as 16"),
+}
+_OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "use_rslora": (_is_bool, "true or false"),
+    "use_dora": (_is_bool, "true or false"),
+    "fan_in_fan_out": (_is_bool, "true or false"),
+    "lora_bias": (_is_bool, "true or false"),
+    "ensure_weight_tying": (_is_bool, "true or false"),
+    "rank_pattern": (_is_pattern_of(_is_positive_int), "an object mapping module names to positive integers"),
+    "alpha_pattern": (_is_pattern_of(_is_finite_number), "an object mapping module names to finite numbers"),
+    "target_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
+    "exclude_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
+    "modules_to_save": (_is_str_or_str_list, "a list of module names or one module name"),
+    "layers_to_transform": (_is_layer_indexes, "a layer index or a list of layer indexes (integers)"),
+    "layers_pattern": (_is_str_or_str_list, 'a module name or a list of module names, such as "layers"'),
+    "lora_dropout": (_is_finite_number, "a number such as 0.05"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), 'one of "none", "all" or "lora_only"'),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
+    "task_type": (lambda v: isinstance(v, str), 'a task name such as "CAUSAL_LM"'),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a model ID or a path"),
+    "revision": (lambda v: isinstance(v, str), "a branch, tag or commit of the base model"),
+}
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 80 else text[:60] + "…" + text[-15:]
+
+
+def check_config_types(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> None:
+    """Refuse values of the wrong type up front, one sentence naming the key, the value and what it must be."""
+    checks = [(k, *_REQUIRED_TYPES[k], False) for k in _REQUIRED_TYPES if k in data]
+    checks += [(k, *_OPTIONAL_TYPES[k], True) for k in _OPTIONAL_TYPES if k in data]
+    for key, check, expected, nullable in checks:
+        value = data[key]
+        if (value is None and nullable) or check(value):
+            continue
+        raise AdapterConfigError(
+            f"{source}: {key} is {_shown(value)} but must be {expected}; correct it in the file "
+            "(or save the adapter again with PEFT)."
+        )
+
+
 def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> AdapterConfig:
-    peft_type = str(data.get("peft_type", "")).upper()
+    peft_type = data.get("peft_type")
     if not peft_type:
         raise AdapterConfigError(f"{source} has no peft_type; it does not look like a PEFT adapter config.")
+    if not isinstance(peft_type, str):
+        raise AdapterConfigError(f'{source}: peft_type is {_shown(peft_type)} but must be a string such as "LORA".')
+    peft_type = peft_type.upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise UnsupportedAdapterError(
             f"This adapter is a {peft_type} adapter. This tool merges {SUPPORTED_DESCRIPTION}; "
@@ -89,28 +170,25 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
                 f"This adapter uses {what}, which cannot be merged exactly by this tool yet. "
                 f"Supported: {SUPPORTED_DESCRIPTION}."
             )
-    try:
-        r = int(data.get("r", 8))
-        alpha = float(data.get("lora_alpha", 8))
-    except (TypeError, ValueError) as exc:
-        raise AdapterConfigError(f"{source}: r and lora_alpha must be numbers ({exc}).") from exc
-    if r <= 0:
-        raise AdapterConfigError(f"{source}: r must be positive, got {r}.")
+    check_config_types(data, source)
     modules_to_save = data.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
     return AdapterConfig(
         peft_type=peft_type,
-        r=r,
-        lora_alpha=alpha,
+        r=data.get("r", 8),
+        lora_alpha=float(data.get("lora_alpha", 8)),
         use_rslora=bool(data.get("use_rslora", False)),
         use_dora=bool(data.get("use_dora", False)),
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         lora_bias=bool(data.get("lora_bias", False)),
         rank_pattern=dict(data.get("rank_pattern") or {}),
-        alpha_pattern=dict(data.get("alpha_pattern") or {}),
+        alpha_pattern={k: float(v) for k, v in (data.get("alpha_pattern") or {}).items()},
         modules_to_save=list(modules_to_save),
         target_modules=data.get("target_modules"),
+        exclude_modules=data.get("exclude_modules"),
+        layers_to_transform=data.get("layers_to_transform"),
+        layers_pattern=data.get("layers_pattern"),
         base_model_name_or_path=data.get("base_model_name_or_path"),
         revision=data.get("revision"),
         task_type=data.get("task_type"),
@@ -155,13 +233,13 @@ class AdapterTensorSpec:
 
 @dataclass
 class LoraModule:
-    """The LoRA tensors of one base module, keyed by their normalized role."""
+    """The LoRA tensors of one base module, keyed by their normalized role (adapter keys as values)."""
 
     module: str
-    a: Optional[str] = None
-    b: Optional[str] = None
-    magnitude: Optional[str] = None
-    b_bias: Optional[str] = None
+    a: str
+    b: str
+    magnitude: str | None = None
+    b_bias: str | None = None
     is_embedding: bool = False
 
 
@@ -176,7 +254,7 @@ class AdapterWeights:
     # Full tensors that replace a base tensor: modules_to_save and saved (resized) embedding layers.
     replacements: dict[str, str]  # base-side tensor name ("lm_head.weight") -> adapter key
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _header: Optional[SafetensorsHeader] = field(default=None, repr=False)
+    _header: SafetensorsHeader | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -212,7 +290,7 @@ def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code.
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a plain tensor file"
+    except Exception as exc:
         raise AdapterWeightsError(
             f"{file.name} could not be loaded safely (weights_only=True): {exc}. This tool never "
             "executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
@@ -222,19 +300,19 @@ def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def normalize_key(key: str) -> tuple[str, Optional[str], Optional[str]]:
+def normalize_key(key: str) -> tuple[str, str | None, str | None]:
     """Split an adapter key into (module path, LoRA part or None, parameter or None).
 
     Accepts the forms PEFT has written over the years: with or without the
     ``base_model.model.`` prefix, with or without an adapter-name infix (``.default``).
     """
     if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX):]
+        key = key[len(_PEFT_PREFIX) :]
     parts = key.split(".")
     for i, token in enumerate(parts):
         if token in _LORA_PARTS and i > 0:
-            rest = parts[i + 1:]
-            param: Optional[str] = None
+            rest = parts[i + 1 :]
+            param: str | None = None
             if rest and rest[-1] in ("weight", "bias"):
                 param = rest[-1]
                 rest = rest[:-1]
@@ -246,7 +324,7 @@ def normalize_key(key: str) -> tuple[str, Optional[str], Optional[str]]:
         i = parts.index("modules_to_save")
         # ".modules_to_save.default.weight" (adapter-name infix) or ".modules_to_save.weight"
         drop = 2 if len(parts) - i > 2 else 1
-        key = ".".join(parts[:i] + parts[i + drop:])
+        key = ".".join(parts[:i] + parts[i + drop :])
     return key, None, None
 
 
@@ -261,6 +339,32 @@ def _read_specs(file: Path) -> dict[str, AdapterTensorSpec]:
     return {k: AdapterTensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
+def _role(part: str, param: str | None) -> str | None:
+    """The LoraModule field an adapter tensor fills; None for a lora_A bias, which PEFT never has."""
+    if part == "lora_magnitude_vector":
+        return "magnitude"
+    if part in ("lora_B", "lora_embedding_B"):
+        return "b_bias" if param == "bias" else "b"
+    return None if param == "bias" else "a"
+
+
+def _lora_module(module: str, roles: dict[str, str]) -> LoraModule:
+    if "a" not in roles or "b" not in roles:
+        missing = "lora_A" if "a" not in roles else "lora_B"
+        raise AdapterWeightsError(
+            f"The adapter has an incomplete LoRA pair for {module}: {missing} is missing. "
+            "The adapter file is damaged; save it again with PEFT."
+        )
+    return LoraModule(
+        module,
+        a=roles["a"],
+        b=roles["b"],
+        magnitude=roles.get("magnitude"),
+        b_bias=roles.get("b_bias"),
+        is_embedding="embedding" in roles,
+    )
+
+
 def load_adapter_weights(path: str | Path) -> AdapterWeights:
     path = Path(path)
     file = path / ADAPTER_SAFETENSORS
@@ -273,7 +377,7 @@ def load_adapter_weights(path: str | Path) -> AdapterWeights:
     specs = _read_specs(file)
     if not specs:
         raise AdapterWeightsError(f"{file.name} holds no tensors.")
-    modules: dict[str, LoraModule] = {}
+    parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     for key in specs:
         module, part, param = normalize_key(key)
@@ -286,22 +390,11 @@ def load_adapter_weights(path: str | Path) -> AdapterWeights:
             if ".modules_to_save." in f".{key}." or target not in replacements:
                 replacements[target] = key
             continue
-        entry = modules.setdefault(module, LoraModule(module))
-        if part in ("lora_A", "lora_embedding_A") and param != "bias":
-            entry.a = key
-        elif part in ("lora_B", "lora_embedding_B"):
-            if param == "bias":
-                entry.b_bias = key
-            else:
-                entry.b = key
-        elif part == "lora_magnitude_vector":
-            entry.magnitude = key
-        entry.is_embedding = entry.is_embedding or part.startswith("lora_embedding")
-    for entry in modules.values():
-        if entry.a is None or entry.b is None:
-            missing = "lora_A" if entry.a is None else "lora_B"
-            raise AdapterWeightsError(
-                f"The adapter has an incomplete LoRA pair for {entry.module}: {missing} is missing. "
-                "The adapter file is damaged; save it again with PEFT."
-            )
+        roles = parts.setdefault(module, {})
+        role = _role(part, param)
+        if role is not None:
+            roles[role] = key
+        if part.startswith("lora_embedding"):
+            roles["embedding"] = key
+    modules = {module: _lora_module(module, roles) for module, roles in parts.items()}
     return AdapterWeights(path=path, file=file, specs=specs, lora_modules=modules, replacements=replacements)

@@ -152,3 +152,10 @@ class UnsupportedQuantizationError(BaseCheckpointError):
 
 class QuantizationStateError(BaseCheckpointError):
     """A quantized base's side tensors (scales, absmax, quant state) are missing or inconsistent."""
+
+
+# --- which modules an adapter targets -----------------------------------------------------------
+
+
+class AdapterTargetError(AdapterConfigError):
+    """PEFT would refuse the adapter's targeting (no module matched, no default targets, unsupported layer)."""
