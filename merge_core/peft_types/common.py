@@ -158,6 +158,7 @@ def linear_features(peft_type: str, module: ModuleInput) -> tuple[int, int]:
 def peft_config(peft_type: str, raw: Mapping[str, Any]) -> Any:
     """The adapter's config as PEFT's own config class reads it (its defaults for keys an older file lacks)."""
     import dataclasses
+    import warnings
 
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -165,6 +166,8 @@ def peft_config(peft_type: str, raw: Mapping[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs = {k: v for k, v in raw.items() if k in names}
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings():  # PEFT's config warnings address people training, not merging
+            warnings.simplefilter("ignore")
+            return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise AdapterConfigError(f"adapter_config.json is not a valid {peft_type} config for PEFT: {exc}") from exc

@@ -91,7 +91,8 @@ class PeftTypeRecord:
         if self.ops is None:
             raise unsupported(self)
         if context is None:
-            context = self.context(config_raw, adapter_shapes, {module_name: module})
+            # One module alone cannot know VeRA's largest layer: regenerated projections then ask for plan_adapter.
+            context = AdapterContext(config_raw, adapter_shapes, self.shared_keys(adapter_shapes))
         return self.ops(module, context)
 
 

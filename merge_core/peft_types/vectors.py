@@ -107,7 +107,10 @@ def _vera_projections(context: AdapterContext, r: int, module: str) -> tuple[Fac
             "the adapter file is incomplete, save it again with PEFT."
         )
     if context.largest is None:
-        raise AdapterConfigError(f"{module}: VeRA's projections must be regenerated but the largest layer is unknown.")
+        raise AdapterConfigError(
+            f"{module}: VeRA's shared projections are not saved, and regenerating them needs the largest targeted "
+            "layer; plan the whole adapter with plan_adapter (or pass its context) instead of one module."
+        )
     if r != config.r:
         raise AdapterConfigError(f"{module}: adapter_config.json says r={config.r} but vera_lambda_d has {r} entries.")
     out_max, in_max = context.largest

@@ -1,0 +1,265 @@
+"""Every PEFT type the registry merges equals PEFT's own merge_and_unload, row block by row block, in float64.
+
+Each case builds a tiny model, gives a PEFT adapter random (non-identity) weights, saves it, and merges it
+twice: PEFT's merge_and_unload on the float64 model, and the registry's specs applied to the float64 base
+over row blocks of several sizes. Every other PeftType must be refused by name with a reason.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge_core.errors import ShapeMismatchError, UnsupportedAdapterError
+from merge_core.peft_types import REGISTRY, peft_type_support, plan_adapter, record_for
+from merge_core.peft_types.ops import ColumnRotation
+from merge_core.peft_types.specs import BoftSpec
+from tests.peft_types_cases import (
+    build_case,
+    gpt2_config,
+    llama_config,
+    max_relative_error,
+    moe_config,
+    resolver,
+    streamed,
+)
+
+EXACT = 1e-10
+
+
+def _configs():
+    from peft import (
+        AdaLoraConfig,
+        BOFTConfig,
+        IA3Config,
+        LoHaConfig,
+        LoKrConfig,
+        LoraConfig,
+        OFTConfig,
+        TrainableTokensConfig,
+        VeraConfig,
+    )
+    from peft.tuners.lora.config import BdLoraConfig
+
+    adalora = dict(init_r=6, lora_alpha=16, total_step=10)
+    return {
+        "adalora": (llama_config(), AdaLoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], **adalora)),
+        "adalora-conv1d": (
+            gpt2_config(),
+            AdaLoraConfig(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, **adalora),
+        ),
+        "ia3": (
+            llama_config(),
+            IA3Config(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        ),
+        "ia3-conv1d": (
+            gpt2_config(),
+            IA3Config(target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True, feedforward_modules=["mlp.c_proj"]),
+        ),
+        "loha": (
+            llama_config(),
+            LoHaConfig(
+                target_modules=["q_proj", "down_proj"],
+                r=4,
+                alpha=8,
+                rank_pattern={"down_proj": 2},
+                alpha_pattern={"q_proj": 3},
+            ),
+        ),
+        "lokr-decomposed": (
+            llama_config(),
+            LoKrConfig(target_modules=["q_proj", "up_proj", "down_proj"], r=2, alpha=5, decompose_both=True),
+        ),
+        "lokr-full": (
+            llama_config(),
+            LoKrConfig(target_modules=["q_proj", "down_proj"], r=16, alpha=5, decompose_factor=4),
+        ),
+        "oft": (
+            llama_config(),
+            OFTConfig(target_modules=["q_proj", "down_proj", "embed_tokens"], r=0, oft_block_size=4),
+        ),
+        "oft-coft-shared-cayley": (
+            llama_config(),
+            OFTConfig(
+                target_modules=["q_proj", "down_proj"],
+                r=0,
+                oft_block_size=8,
+                coft=True,
+                block_share=True,
+                use_cayley_neumann=False,
+            ),
+        ),
+        "boft": (llama_config(), BOFTConfig(target_modules=["q_proj", "down_proj"], boft_block_size=4)),
+        "vera-saved": (
+            llama_config(),
+            VeraConfig(target_modules=["q_proj", "up_proj", "down_proj"], r=6, save_projection=True),
+        ),
+        "vera-regenerated-conv1d": (
+            gpt2_config(),
+            VeraConfig(
+                target_modules=["c_attn", "c_fc", "mlp.c_proj"], r=6, save_projection=False, fan_in_fan_out=True
+            ),
+        ),
+        "trainable-tokens-tied": (
+            llama_config(tie_word_embeddings=True),
+            TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 39]),
+        ),
+        "lora-bdlora": (
+            llama_config(),
+            LoraConfig(
+                r=4,
+                target_modules=["q_proj", "v_proj"],
+                use_bdlora=BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["v_proj"], nblocks=2),
+            ),
+        ),
+        "lora-target-parameters-moe": (
+            moe_config(),
+            LoraConfig(
+                r=2,
+                lora_alpha=4,
+                target_modules=[],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            ),
+        ),
+        "lora-bias-tokens-conv1d": (
+            gpt2_config(),
+            LoraConfig(
+                r=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True, trainable_token_indices=[2, 3]
+            ),
+        ),
+    }
+
+
+CASES = list(_configs())
+# Tied output embeddings stored as their own tensor take the embedding's row replacements.
+TIED = {
+    "trainable-tokens-tied": {"lm_head.weight": "model.embed_tokens.weight"},
+    "lora-bias-tokens-conv1d": {"lm_head.weight": "transformer.wte.weight"},
+}
+
+
+def _changed(case) -> set[str]:
+    return {k for k, v in case.merged.items() if not torch.equal(v, case.base[k])}
+
+
+class TestEqualsPeftMerge:
+    @pytest.mark.parametrize("name", CASES)
+    def test_streamed_rows_equal_merge_and_unload(self, name: str, tmp_path: Path) -> None:
+        model_config, peft_config = _configs()[name]
+        case = build_case(tmp_path, model_config, peft_config)
+        results = streamed(case, tied=TIED.get(name))
+        changed = _changed(case)
+        assert changed, "the adapter must change the model, or the comparison proves nothing"
+        assert set(results[1]) == changed
+        assert max_relative_error(case, results) <= EXACT
+
+    def test_adalora_pruned_ranks_keep_init_r_scaling(self, tmp_path: Path) -> None:
+        from peft import AdaLoraConfig
+
+        def prune(model) -> None:  # what AdaLoRA's rank allocator leaves in the config after training
+            model.peft_config["default"].rank_pattern = {
+                "model.layers.0.self_attn.q_proj.lora_E.default": [True, False, True, False, True, True],
+                "model.layers.0.self_attn.v_proj.lora_E.default": [False] * 6,
+            }
+
+        config = AdaLoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_r=6, lora_alpha=16, total_step=9)
+        case = build_case(tmp_path, llama_config(), config, edit=prune)
+        assert case.shapes["base_model.model.model.layers.0.self_attn.q_proj.lora_A"] == (4, 32)
+        results = streamed(case)
+        assert (
+            set(results[1])
+            == _changed(case)
+            == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+        )
+        assert max_relative_error(case, results) <= EXACT
+
+    def test_kasa_equals_peft_up_to_its_float32_svd(self, tmp_path: Path) -> None:
+        # PEFT truncates the base by an SVD computed in float32; the registry computes it in float64.
+        from peft import LoraConfig
+        from peft.tuners.lora.config import KasaConfig
+
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], kasa_config=KasaConfig())
+        case = build_case(tmp_path, llama_config(), config)
+        results = streamed(case)
+        assert set(results[1]) == _changed(case)
+        assert max_relative_error(case, results) <= 1e-6
+
+
+class TestRowOps:
+    def test_boft_with_several_butterfly_factors_equals_peft_dense_product(self) -> None:
+        # PEFT builds more than one butterfly factor only with its CUDA extension; this rebuilds its dense
+        # matrix M = prod P_i D_i P_i^T from PEFT's own permutations and compares W @ M^T.
+        from peft.tuners.boft.layer import BOFTLayer
+
+        n, blocks, size, out_f = 3, 8, 4, 5
+        in_f = blocks * size
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(n, blocks, size, size, generator=gen, dtype=torch.float64) * 0.3
+        base = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+        rot = BOFTLayer.cayley_batch(None, weight.reshape(-1, size, size)).reshape(n, blocks, size, size)
+        dense = torch.eye(in_f, dtype=torch.float64)
+        for i in range(n):
+            perm = BOFTLayer.block_butterfly_perm(None, in_f, blocks // 2**i, size // 2, n - 1)
+            p = BOFTLayer.perm2mat(None, perm).double()
+            dense = p @ torch.block_diag(*rot[i]) @ p.T @ dense
+        op = BoftSpec("m", "weight", "R", size, blocks, n).load({"R": weight}.__getitem__)
+        assert isinstance(op, ColumnRotation)
+        mine = base.clone()
+        for a in range(0, out_f, 2):
+            op.apply_(mine[a : a + 2], a)
+        assert torch.allclose(mine, base @ dense.T, rtol=0, atol=EXACT)
+
+    def test_specs_are_plain_picklable_data_with_a_description(self, tmp_path: Path) -> None:
+        from peft import LoHaConfig
+
+        config = LoHaConfig(target_modules=["q_proj"], r=4, alpha=8)
+        case = build_case(tmp_path, llama_config(), config)
+        specs = plan_adapter(case.config_raw, case.shapes, resolver(case))["model.layers.0.self_attn.q_proj"]
+        assert pickle.loads(pickle.dumps(specs)) == specs
+        assert [s.describe() for s in specs] == ["loha r=4 alpha=8"]
+
+
+class TestRefusals:
+    def test_every_peft_type_is_merged_or_refused_by_name(self) -> None:
+        from peft.utils import PeftType
+
+        assert {m.value for m in PeftType} <= set(REGISTRY), "a PeftType without its own record"
+        rows = peft_type_support()
+        assert [r[0] for r in rows] == [m.value for m in PeftType]
+        merged = {t for t, status, _ in rows if status == "merged"}
+        assert merged == {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "TRAINABLE_TOKENS"}
+        for peft_type, status, reason in rows:
+            assert reason, peft_type
+            if status == "refused":
+                with pytest.raises(UnsupportedAdapterError, match=peft_type):
+                    record_for(peft_type)
+        prompt = dict((t, r) for t, _, r in rows)
+        for peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT"):
+            assert "nothing to merge" in prompt[peft_type]
+
+    def test_shape_mismatch_names_the_module(self) -> None:
+        keys = {r: f"m.{r}" for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        shapes = {"m.hada_w1_a": (8, 2), "m.hada_w1_b": (2, 4), "m.hada_w2_a": (8, 2), "m.hada_w2_b": (2, 4)}
+        config = {"peft_type": "LOHA", "r": 2, "alpha": 2}
+        loha = record_for("LOHA")
+        assert loha.module_ops("m", keys, config, (8, 4), stored_transposed=False, adapter_shapes=shapes)
+        with pytest.raises(ShapeMismatchError, match=r"^layer\.q: LoHa factor"):
+            loha.module_ops("layer.q", keys, config, (8, 6), stored_transposed=False, adapter_shapes=shapes)
+
+    def test_convolutions_and_conv1d_layouts_are_refused_by_type(self) -> None:
+        keys, shapes = {"ia3_l": "c.ia3_l"}, {"c.ia3_l": (1, 8, 1, 1)}
+        with pytest.raises(UnsupportedAdapterError, match=r"^conv: this IA3 adapter targets a 4-D weight"):
+            record_for("IA3").module_ops("conv", keys, {}, (8, 3, 3, 3), stored_transposed=False, adapter_shapes=shapes)
+        keys = {"oft_R": "q.oft_R.weight"}
+        with pytest.raises(UnsupportedAdapterError, match="Conv1D"):
+            record_for("OFT").module_ops(
+                "q",
+                keys,
+                {"peft_type": "OFT", "oft_block_size": 4, "r": 0},
+                (8, 8),
+                stored_transposed=True,
+                adapter_shapes={"q.oft_R.weight": (2, 6)},
+            )
