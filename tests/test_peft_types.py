@@ -8,6 +8,7 @@ over row blocks of several sizes. Every other PeftType must be refused by name w
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def _configs():
         AdaLoraConfig,
         BOFTConfig,
         IA3Config,
+        LNTuningConfig,
         LoHaConfig,
         LoKrConfig,
         LoraConfig,
@@ -44,6 +46,7 @@ def _configs():
     )
     from peft.tuners.lora.config import BdLoraConfig
 
+    warnings.simplefilter("ignore")  # PEFT's config warnings (VeRA without saved projections) address training
     adalora = dict(init_r=6, lora_alpha=16, total_step=10)
     return {
         "adalora": (llama_config(), AdaLoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], **adalora)),
@@ -107,6 +110,7 @@ def _configs():
             llama_config(tie_word_embeddings=True),
             TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 39]),
         ),
+        "ln-tuning": (gpt2_config(), LNTuningConfig(target_modules=["ln_1", "ln_f"])),
         "lora-bdlora": (
             llama_config(),
             LoraConfig(
@@ -133,7 +137,8 @@ def _configs():
     }
 
 
-CASES = list(_configs())
+with warnings.catch_warnings():
+    CASES = list(_configs())
 # Tied output embeddings stored as their own tensor take the embedding's row replacements.
 TIED = {
     "trainable-tokens-tied": {"lm_head.weight": "model.embed_tokens.weight"},
@@ -148,7 +153,8 @@ def _changed(case) -> set[str]:
 class TestEqualsPeftMerge:
     @pytest.mark.parametrize("name", CASES)
     def test_streamed_rows_equal_merge_and_unload(self, name: str, tmp_path: Path) -> None:
-        model_config, peft_config = _configs()[name]
+        with warnings.catch_warnings():
+            model_config, peft_config = _configs()[name]
         case = build_case(tmp_path, model_config, peft_config)
         results = streamed(case, tied=TIED.get(name))
         changed = _changed(case)
@@ -230,7 +236,18 @@ class TestRefusals:
         rows = peft_type_support()
         assert [r[0] for r in rows] == [m.value for m in PeftType]
         merged = {t for t, status, _ in rows if status == "merged"}
-        assert merged == {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "TRAINABLE_TOKENS"}
+        assert merged == {
+            "LORA",
+            "ADALORA",
+            "IA3",
+            "LOHA",
+            "LOKR",
+            "OFT",
+            "BOFT",
+            "VERA",
+            "TRAINABLE_TOKENS",
+            "LN_TUNING",
+        }
         for peft_type, status, reason in rows:
             assert reason, peft_type
             if status == "refused":

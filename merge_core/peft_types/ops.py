@@ -153,6 +153,16 @@ class RowReplace:
 
 
 @dataclass
+class CopyRows:
+    """block = values[a:b]: the whole tensor is replaced (LN tuning swaps in its trained layer)."""
+
+    values: Tensor
+
+    def apply_(self, block: Tensor, row_start: int) -> Tensor:
+        return block.copy_(self.values[row_start : row_start + _rows(block)])
+
+
+@dataclass
 class ExpertLowRank:
     """LoRA on a stacked (experts, d1, d2) parameter: block[e] += scale * B_e @ A_e (or its transpose).
 

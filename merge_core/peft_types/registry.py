@@ -16,7 +16,18 @@ from .lora_family import ADALORA_TOKENS, LORA_TOKENS, adalora_ops, lora_ops
 from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
 from .rotations import BOFT_TOKENS, OFT_TOKENS, boft_ops, oft_ops
 from .specs import Spec
-from .vectors import IA3_TOKENS, TOKENS_TOKENS, VERA_SHARED, VERA_TOKENS, ia3_ops, tokens_ops, vera_largest, vera_ops
+from .vectors import (
+    IA3_TOKENS,
+    LN_TUNING_TOKENS,
+    TOKENS_TOKENS,
+    VERA_SHARED,
+    VERA_TOKENS,
+    ia3_ops,
+    ln_tuning_ops,
+    tokens_ops,
+    vera_largest,
+    vera_ops,
+)
 
 Status = Literal["merged", "refused"]
 ModuleOps = Callable[[ModuleInput, AdapterContext], list[Spec]]
@@ -192,6 +203,12 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         TOKENS_TOKENS,
         tokens_ops,
     ),
+    _merged(
+        "LN_TUNING",
+        "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
+        LN_TUNING_TOKENS,
+        ln_tuning_ops,
+    ),
     *(
         _refused(t, _PROMPT)
         for t in ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CPT", "CARTRIDGE")
@@ -221,7 +238,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "ADAMSS",
             "BEFT",
             "LILY",
-            "LN_TUNING",
             "FROD",
             "PVERA",
             "FOURIERFT",

@@ -16,6 +16,7 @@ from torch import Tensor
 from .ops import (
     ColumnRotation,
     ColumnScale,
+    CopyRows,
     ExpertLowRank,
     HadamardRows,
     KroneckerRows,
@@ -252,6 +253,21 @@ class ReplaceRowsSpec(_Loader):
 
 
 @dataclass(frozen=True)
+class ReplaceSpec(_Loader):
+    """LN tuning: the tensor is replaced by the trained copy saved in the adapter."""
+
+    module: str
+    tensor: str
+    key: str
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        return CopyRows(self._read(read_tensor, self.key, device, dtype))
+
+    def describe(self) -> str:
+        return "ln tuning (replaced)"
+
+
+@dataclass(frozen=True)
 class ExpertLowRankSpec(_Loader):
     """LoRA on a stacked (experts, d1, d2) parameter (target_parameters)."""
 
@@ -317,6 +333,7 @@ Spec = (
     | OftSpec
     | BoftSpec
     | ReplaceRowsSpec
+    | ReplaceSpec
     | ExpertLowRankSpec
     | SvdTruncationSpec
 )

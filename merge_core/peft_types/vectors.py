@@ -16,12 +16,13 @@ from .common import (
     require,
     require_matrix,
 )
-from .specs import Factor, LowRankSpec, ReplaceRowsSpec, ScaleSpec, Spec
+from .specs import Factor, LowRankSpec, ReplaceRowsSpec, ReplaceSpec, ScaleSpec, Spec
 
 IA3_TOKENS = ("ia3_l",)
 VERA_TOKENS = ("vera_lambda_b", "vera_lambda_d")
 VERA_SHARED = ("vera_A", "vera_B")
 TOKENS_TOKENS = ("trainable_tokens_delta",)
+LN_TUNING_TOKENS = ("ln_tuning_layers",)
 
 
 # --- IA3 -------------------------------------------------------------------------------------------------
@@ -164,3 +165,22 @@ def tokens_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     if module.stored_transposed:
         raise refuse("TRAINABLE_TOKENS", module.name, "targets a weight stored (in, out)")
     return [ReplaceRowsSpec(module.name, "weight", key, tuple(indices))]
+
+
+# --- LN tuning -----------------------------------------------------------------------------------------------
+
+
+def ln_tuning_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """PEFT's merge swaps in the trained copy of the layer: its weight (and bias) replace the base's."""
+    specs: list[Spec] = []
+    for role, key in module.keys.items():
+        tensor = "bias" if role.endswith(".bias") else "weight"
+        if role not in ("ln_tuning_layers", "ln_tuning_layers.bias") or (tensor == "bias" and not module.has_bias):
+            raise refuse("LN_TUNING", module.name, f"saves {key}, a tensor this tool cannot place in the base")
+        expected = module.base_shape if tensor == "weight" else module.base_shape[:1]
+        if tuple(context.shapes[key]) != tuple(expected):
+            raise mismatch(
+                module.name, f"the tuned {tensor} has shape {list(context.shapes[key])}, the base's is {list(expected)}"
+            )
+        specs.append(ReplaceSpec(module.name, tensor, key))
+    return specs
