@@ -8,10 +8,10 @@ tensor's module is its name minus the last part; its ancestors are modules too),
 ``named_modules()`` for checkpoints saved by transformers.
 
 Namespace: PEFT matches names of the MODEL CLASS, which are also the adapter's module names
-(its keys after ``base_model.model.``). Build ``BaseModules`` from tensor names in that namespace:
-the checkpoint's own names, or, where transformers renames the checkpoint on load, the renamed
-ones (``layouts.model_names``). ``select_lora_modules`` takes, for each adapter module, the base
-module it resolves to in that same namespace.
+(its keys after ``base_model.model.``). Where transformers renames a checkpoint on load
+(``layouts.model_names``, e.g. Qwen2.5-VL's ``model.layers`` -> ``model.language_model.layers``),
+``BaseModules.from_tensors(..., renamed=...)`` names the modules as the class does, and
+``select_lora_modules`` translates the checkpoint module each adapter module resolves to.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter import AdapterConfig, LoraModule
@@ -46,19 +46,33 @@ class BaseModules:
     parents: frozenset[str]  # modules that have submodules
     output_embedding: str | None  # the output head "all-linear" leaves out, e.g. "lm_head"
 
-    @classmethod
-    def from_tensors(cls, shapes: Mapping[str, Sequence[int]]) -> BaseModules:
-        """Modules of a checkpoint given {tensor name: shape}.
+    renamed: Mapping[str, str] = field(default_factory=dict)  # checkpoint module -> its name in the model class
 
-        Include a tied ``lm_head.weight`` that the checkpoint does not store (the planner's virtual
-        tensor): the model still has an ``lm_head`` module that PEFT can match.
+    @classmethod
+    def from_tensors(
+        cls, shapes: Mapping[str, Sequence[int]], *, renamed: Mapping[str, str] | None = None
+    ) -> BaseModules:
+        """Modules of a checkpoint given {tensor name: shape}, named as in the model class.
+
+        Args:
+            shapes: every tensor of the checkpoint, plus a tied ``lm_head.weight`` that it does not
+                store (the planner's virtual tensor): the model still has an ``lm_head`` PEFT can match.
+            renamed: {name in the model class: checkpoint name} for the tensors transformers renames
+                on load (``layouts.model_names``); PEFT matches the class's names, so these are used.
         """
+        to_model = {checkpoint: name for name, checkpoint in (renamed or {}).items()}
         owned: dict[str, set[str]] = {}
         weight_ndim: dict[str, int] = {}
-        for name, shape in shapes.items():
-            module, _, leaf = name.rpartition(".")
-            if not module or _is_tensor_state(module, shapes):
+        modules_renamed: dict[str, str] = {}
+        for checkpoint_name, shape in shapes.items():
+            if _is_tensor_state(checkpoint_name.rpartition(".")[0], shapes):
                 continue  # quantization side tensors ("q_proj.weight.absmax") belong to no module of their own
+            name = to_model.get(checkpoint_name, checkpoint_name)
+            module, _, leaf = name.rpartition(".")
+            if not module:
+                continue
+            if name != checkpoint_name:
+                modules_renamed[checkpoint_name.rpartition(".")[0]] = module
             owned.setdefault(module, set()).add(leaf)
             if leaf == "weight":
                 weight_ndim[module] = len(shape)
@@ -66,15 +80,18 @@ class BaseModules:
         for module in owned:
             parts = module.split(".")
             names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-        parents = frozenset(n.rpartition(".")[0] for n in names if "." in n)
-        head = next((n for n in _OUTPUT_EMBEDDINGS if weight_ndim.get(n) == 2), None)
         return cls(
             names=tuple(sorted(names, key=lambda n: (n.count("."), n))),
             weight_ndim=weight_ndim,
             owned={m: frozenset(leaves) for m, leaves in owned.items()},
-            parents=parents,
-            output_embedding=head,
+            parents=frozenset(n.rpartition(".")[0] for n in names if "." in n),
+            output_embedding=next((n for n in _OUTPUT_EMBEDDINGS if weight_ndim.get(n) == 2), None),
+            renamed=modules_renamed,
         )
+
+    def model_name(self, checkpoint_module: str) -> str:
+        """The model-class name of a checkpoint module (the planner resolves adapter names to checkpoint names)."""
+        return self.renamed.get(checkpoint_module, checkpoint_module)
 
     def is_lora_layer(self, name: str) -> bool:
         """Whether LoRA can wrap the module: Linear, Conv1D, Embedding, ConvNd (a weight of 2+ dims), or MHA."""
@@ -140,8 +157,8 @@ def select_lora_modules(
     Args:
         lora_modules: ``AdapterWeights.lora_modules`` (adapter-side module names).
         modules: the base's modules, in the model class's namespace.
-        resolved: adapter module name -> the base module it refers to, in the namespace of
-            ``modules``; a name missing here (or None) is matched as it is.
+        resolved: adapter module name -> the checkpoint module it resolves to (the planner's
+            resolution, without ".weight"); a name missing here (or None) is matched as it is.
     Returns a TargetSelection; a module the config targets but the base lacks is kept in
     ``applied`` so the planner can report the mismatch. Raises AdapterTargetError as
     ``targeted_modules`` does.
@@ -153,7 +170,8 @@ def select_lora_modules(
     applied: dict[str, LoraModule] = {}
     ignored: list[str] = []
     for name, module in lora_modules.items():
-        base = (resolved or {}).get(name) or name
+        checkpoint_module = (resolved or {}).get(name)
+        base = modules.model_name(checkpoint_module) if checkpoint_module else name
         wanted = base in targeted if base in known else _matches(peft_config, name)
         if wanted:
             applied[name] = module

@@ -42,11 +42,12 @@ def _config(arch: str, *, layers: int = 2, tie: bool = False):
     )
 
 
-def _model(arch: str, **kwargs: Any):
-    from transformers import AutoModelForCausalLM
+def _model(arch: str, *, seq_cls: bool = False, **kwargs: Any):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(_config(arch, **kwargs))
+    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    return auto.from_config(_config(arch, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,9 @@ CASES = [
         {"target_modules": ["lm_head", "q_proj"], "modules_to_save": ["lm_head"]},
     ),
     Case("unknown-model-type-with-targets", "olmo2", {"target_modules": ["q_proj"]}),
+    # PeftModelForSequenceClassification saves its head (score) whole and never adapts it
+    Case("seq-cls-all-linear-leaves-the-head", "llama", {"target_modules": "all-linear"}, {"seq_cls": True}),
+    Case("seq-cls-head-in-targets", "llama", {"target_modules": ["score", "o_proj"]}, {"seq_cls": True}),
     # --- where PEFT refuses the adapter ---
     Case("regex-matching-nothing", "llama", {"target_modules": r".*\.attention\.wq"}, refused="match no module"),
     Case("list-matching-nothing", "llama", {"target_modules": ["query", "value"]}, refused="match no module"),
@@ -194,6 +198,7 @@ CASES = [
         {"target_modules": _QKV, "layers_pattern": "layers"},
         refused="layers_pattern",
     ),
+    Case("seq-cls-only-the-head", "llama", {"target_modules": ["score"]}, {"seq_cls": True}, refused="modules_to_save"),
     Case("target-is-a-norm", "llama", {"target_modules": ["norm"]}, refused="normalization"),
     Case("target-is-a-block", "llama", {"target_modules": ["mlp"]}, refused="block of layers"),
 ]
@@ -201,7 +206,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_targeted_modules_equal_what_peft_wraps(case: Case, bases: dict[tuple, Path], tmp_path: Path) -> None:
-    raw = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "task_type": "CAUSAL_LM", **case.config}
+    task = "SEQ_CLS" if case.model.get("seq_cls") else "CAUSAL_LM"
+    raw = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "task_type": task, **case.config}
     modules, model_type = _base_modules(bases[(case.arch, tuple(sorted(case.model.items())))])
     if case.refused is not None:
         with pytest.raises((ValueError, TypeError)):
@@ -280,3 +286,56 @@ def test_quantization_side_tensors_are_no_modules() -> None:
     }
     modules = BaseModules.from_tensors(shapes)
     assert modules.names == ("model", "model.layers", "model.norm", "model.layers.0", "model.layers.0.q_proj")
+
+
+def test_renamed_layout_is_matched_in_the_model_class_names(tmp_path: Path) -> None:
+    """A Qwen2.5-VL checkpoint says model.layers.*, its class (and PEFT) model.language_model.layers.*."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from merge_core.layouts import model_names
+
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 96,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+    }
+    vision = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "out_hidden_size": 32,
+        "fullatt_block_indexes": [0],
+    }
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).save_pretrained(
+        tmp_path / "base"
+    )
+    target = r".*language_model.*\.(q_proj|down_proj)"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=target, init_lora_weights=False))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    base = load_base_checkpoint(tmp_path / "base")
+    shapes = {name: tensor.info.shape for name, tensor in base.tensors.items()}
+    renamed = model_names(base.path, shapes)
+    assert not any(name.startswith("model.language_model.") for name in shapes)  # the layouts really differ
+    modules = BaseModules.from_tensors(shapes, renamed=renamed)
+    config = load_adapter_config(tmp_path / "adapter")
+    assert targeted_modules(config, modules, model_type=base.model_type) == wrapped
+
+    lora_modules = load_adapter_weights(tmp_path / "adapter").lora_modules
+    resolved = {name: renamed[f"{name}.weight"].removesuffix(".weight") for name in lora_modules}  # as the planner
+    selection = select_lora_modules(
+        config, lora_modules, modules=modules, model_type=base.model_type, resolved=resolved
+    )
+    assert set(selection.applied) == wrapped and selection.ignored == ()
+    with pytest.raises(AdapterTargetError, match="match no module"):  # what the checkpoint's own names would say
+        targeted_modules(config, BaseModules.from_tensors(shapes), model_type=base.model_type)
