@@ -22,6 +22,7 @@ from .plan_lora import LoraTarget, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
 from .safetensors_io import ST_FROM_DTYPE, PlannedTensor
+from .targets import BaseModules, select_lora_modules
 from .tensor_names import OUTPUT_EMBEDDING_NAME, input_embedding, resolve_tensor
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -97,10 +98,21 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     return replaced
 
 
-def _lora_targets(inp: _Inputs) -> list[LoraTarget]:
+def _lora_targets(inp: _Inputs, notes: list[str]) -> list[LoraTarget]:
+    """The adapter's LoRA modules PEFT applies (its own matching rules), each with its base tensor."""
+    resolved = {name: inp.resolve(f"{name}.weight") for name in inp.adapter.lora_modules}
+    shapes = {name: t.info.shape for name, t in {**inp.base.tensors, **inp.virtual}.items()}
+    selection = select_lora_modules(
+        inp.config, inp.adapter.lora_modules, model_type=inp.base.model_type,
+        modules=BaseModules.from_tensors(shapes, renamed=inp._model_names or None),
+        resolved={name: tensor.rsplit(".", 1)[0] if tensor else None for name, tensor in resolved.items()},
+    )
+    note = selection.note()
+    if note:
+        notes.append(note)
     targets = []
-    for name, module in inp.adapter.lora_modules.items():
-        tensor = inp.resolve(f"{name}.weight")
+    for name, module in selection.applied.items():
+        tensor = resolved[name]
         if tensor is None:
             raise inp.not_found(name, f"{name}.weight")
         targets.append(LoraTarget(module, tensor))
@@ -173,7 +185,7 @@ def plan_merge(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeig
     out_dtype = output_dtype(base, options)
     starts = {n: PlannedTensor(n, t.info.dtype, t.info.shape) for n, t in {**base.tensors, **inp.virtual}.items()}
     replaced = _replacements(inp, starts, notes)
-    targets = _lora_targets(inp)
+    targets = _lora_targets(inp, notes)
     untie = _untie(inp, set(replaced) | {t.tensor for t in targets}, notes)
     plans = _tensor_plans(inp, starts, replaced, untie=untie, out_dtype=out_dtype)
     modules = _module_plans(inp, plans, replaced, targets, starts)

@@ -420,3 +420,53 @@ def test_bitwise_finiteness_check_agrees_with_torch(dtype: torch.dtype) -> None:
         values = torch.randn(257, dtype=torch.float64).to(dtype)
         values[100] = special
         assert all_finite(values, workspace) == bool(torch.isfinite(values).all()), special
+
+
+# --- 7. adapters whose config says something else than their file -------------------------------------------
+
+
+def _edit_config(adapter: Path, **changes) -> None:
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is _DROP:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+_DROP = object()
+
+
+def _merged_equals_peft(inputs: Inputs, output: Path) -> float:
+    from tests.factories import load_model, logits, peft_reference, prompt_ids
+
+    ids = prompt_ids()
+    return float((logits(peft_reference(inputs.base, inputs.adapter), ids) - logits(load_model(output), ids)).abs().max())
+
+
+@pytest.mark.parametrize("changes", [
+    {"target_modules": ["q_proj"]},  # the file also holds v_proj weights: PEFT ignores them
+    {"target_modules": _DROP},  # PEFT's default targets for llama: q_proj and v_proj
+    {"target_modules": r".*layers\.1\..*(q_proj|v_proj)"},  # a regex: only layer 1
+    {"layers_to_transform": [0], "layers_pattern": "layers"},
+    {"exclude_modules": ["model.layers.0.self_attn.q_proj"]},
+], ids=["list-subset", "missing", "regex", "layers_to_transform", "exclude_modules"])
+def test_merge_follows_peft_targeting(inputs: Inputs, tmp: Path, changes: dict) -> None:
+    _edit_config(inputs.adapter, **changes)
+    report = merge_adapter(inputs.base, inputs.adapter, tmp / "merged")
+    assert _merged_equals_peft(inputs, tmp / "merged") <= 1e-4
+
+
+@pytest.mark.parametrize(("changes", "error", "match"), [
+    ({"target_modules": r".*no_such_module"}, "AdapterTargetError", "match no module of the base model"),
+    ({"r": "8"}, "AdapterConfigError", "r"),
+    ({"lora_alpha": "sixteen"}, "AdapterConfigError", "lora_alpha"),
+    ({"use_rslora": "yes"}, "AdapterConfigError", "use_rslora"),
+], ids=["regex-matches-nothing", "r-string", "alpha-string", "bool-string"])
+def test_config_peft_refuses_is_refused(inputs: Inputs, tmp: Path, changes: dict, error: str, match: str) -> None:
+    import merge_core.errors
+
+    _edit_config(inputs.adapter, **changes)
+    expect_refusal(inputs, tmp / "merged", getattr(merge_core.errors, error), match)
