@@ -39,6 +39,23 @@ def gpt2_config():
     return GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=16)
 
 
+def gpt_oss_config():
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        layer_types=["full_attention"],
+    )
+
+
 def moe_config():
     from transformers import Qwen3MoeConfig
 
@@ -66,6 +83,7 @@ class Case:
     base: dict[str, torch.Tensor]
     merged: dict[str, torch.Tensor]
     conv1d: bool
+    experts_transposed: bool = False  # gpt-oss keeps its fused experts (experts, in, out): is_transposed
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -121,6 +139,7 @@ def build_case(
         {k: v.double() for k, v in base_state.items()},
         {k: v.detach().clone() for k, v in merged.items()},
         conv1d=model_config.model_type == "gpt2",
+        experts_transposed=model_config.model_type == "gpt_oss",
     )
 
 
@@ -137,7 +156,7 @@ def resolver(case: Case) -> Callable[[str, dict[str, str]], ModuleInput]:
             module,
             keys,
             tuple(weight.shape) if weight is not None else (),
-            stored_transposed=case.conv1d and not embedding,
+            stored_transposed=(case.conv1d and not embedding) or (weight is None and case.experts_transposed),
             has_bias=module + ".bias" in case.base,
             params={} if weight is not None else params,
         )

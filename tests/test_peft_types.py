@@ -21,6 +21,7 @@ from merge_core.peft_types.specs import BoftSpec
 from tests.peft_types_cases import (
     build_case,
     gpt2_config,
+    gpt_oss_config,
     llama_config,
     max_relative_error,
     moe_config,
@@ -127,6 +128,10 @@ def _configs():
                 target_modules=[],
                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
             ),
+        ),
+        "lora-target-parameters-gpt-oss": (
+            gpt_oss_config(),
+            LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["gate_up_proj", "down_proj"]),
         ),
         "lora-bias-tokens-conv1d": (
             gpt2_config(),

@@ -7,6 +7,7 @@ compute dtype, and says in a few words what it is (``describe``) for the report.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,10 +61,8 @@ class Factor:
 
     def build(self, read_tensor: ReadTensor, *, device, dtype) -> Tensor:
         t = _vera_projection(self.generated) if self.generated else read_tensor(self.key)
+        t = t[: t.shape[0] if self.rows is None else self.rows, : t.shape[1] if self.cols is None else self.cols]
         t = t.to(device=device, dtype=dtype)
-        t = t[
-            : self.rows if self.rows is not None else t.shape[0], : self.cols if self.cols is not None else t.shape[1]
-        ]
         if self.vector_key is not None:
             v = read_tensor(self.vector_key).to(device=device, dtype=dtype).reshape(-1)
             t = t * (v.unsqueeze(1) if self.vector_axis == 0 else v.unsqueeze(0))
@@ -73,15 +72,19 @@ class Factor:
 
 
 def _vera_projection(generated: tuple[int, int, int, int, int]) -> Tensor:
-    # PEFT draws vera_A then vera_B from one generator seeded with projection_prng_key; B's values depend on
-    # A having been drawn first, so both are regenerated and the requested one returned.
+    seed, r, max_in, max_out, which = generated
+    return _vera_pair(seed, r, max_in, max_out)[which]
+
+
+@functools.lru_cache(maxsize=2)
+def _vera_pair(seed: int, r: int, max_in: int, max_out: int) -> tuple[Tensor, Tensor]:
+    # PEFT draws vera_A then vera_B from one generator seeded with projection_prng_key, so B's values depend on
+    # A having been drawn first; cached because every module slices the same pair (never modified in place).
     from peft.tuners.vera.model import _kaiming_init
 
-    seed, r, max_in, max_out, which = generated
     generator = torch.Generator(device="cpu").manual_seed(seed)
     vera_a = _kaiming_init((r, max_in), generator=generator)
-    vera_b = _kaiming_init((max_out, r), generator=generator)
-    return vera_b if which else vera_a
+    return vera_a, _kaiming_init((max_out, r), generator=generator)
 
 
 @dataclass(frozen=True)
