@@ -9,6 +9,7 @@ cannot be loaded raises ModelLoadError with one short sentence, never transforme
 from __future__ import annotations
 
 import gc
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from .errors import ModelLoadError
 from .plan import MergePlan
+from .reference_adapter import adapter_for_model
 from .safetensors_io import DTYPE_FROM_ST
 
 # Task names past PEFT's six, for architectures whose head PEFT has no task type for.
@@ -203,7 +205,10 @@ def _load_reference(plan: MergePlan, choice: ModelChoice, *, dtype: torch.dtype,
         # The adapter was trained after resize_token_embeddings; PEFT needs the same shapes.
         base.resize_token_embeddings(merged_vocab, mean_resizing=False)
     try:
-        return PeftModel.from_pretrained(base, plan.adapter.path), base_vocab
+        with tempfile.TemporaryDirectory(prefix="lms-reference-") as workdir:
+            adapter_dir, note = adapter_for_model(plan, base, Path(workdir))
+            notes.extend([note] if note else [])
+            return PeftModel.from_pretrained(base, adapter_dir), base_vocab
     except Exception as exc:
         raise ModelLoadError(
             f"PEFT could not load the adapter onto the base {choice.model_class.__name__} ({short_error(exc)})."

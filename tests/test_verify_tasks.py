@@ -7,6 +7,7 @@ the task type real adapters of that kind carry, a merge by merge_core and its ve
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,7 @@ class Case:
     modules_to_save: list[str] = field(default_factory=list)
     fault: str = "scale"  # "scale": every merged tensor the adapter changed x 1.05; "head": the base's head back
     head: str = "classifier."
+    lora: dict[str, Any] = field(default_factory=dict)  # more LoraConfig arguments
 
 
 CASES = {
@@ -238,7 +240,7 @@ def save_adapter(model: Any, base: Path, path: Path, case: Case) -> None:
         modules_to_save=case.modules_to_save or None,
         task_type=case.task_type,
         init_lora_weights=False,
-        base_model_name_or_path=str(base),
+        **case.lora,
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -293,6 +295,54 @@ def test_function_rows_pass_on_the_merge_and_fail_on_a_fault(tmp: Path, name: st
     plant(plan, merged, case)
     rows = function_rows(verify_merge(plan, merged, functional="always"))
     assert rows[case.rows[0]].passed is False, rows[case.rows[0]]
+
+
+def as_transformers4_vit(adapter: Path) -> None:
+    """Rewrite a ViT adapter the way transformers 4 named its modules (and the checkpoint still does)."""
+    state = load_file(adapter / "adapter_model.safetensors")
+    old = {"vit.layers.": "vit.encoder.layer.", ".q_proj.": ".attention.query.", ".v_proj.": ".attention.value."}
+
+    def rename(key: str) -> str:
+        for new, was in old.items():
+            key = key.replace(new, was)
+        return key
+
+    save_file(
+        {rename(k): v for k, v in state.items()}, adapter / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(target_modules=["query", "value"], rank_pattern={"value": 2}, alpha_pattern={"query": 16})
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_adapter_with_older_module_names_is_checked_under_the_models_names(tmp: Path) -> None:
+    """PEFT finds no `query` in transformers 5's ViT; the reference renames the adapter the way transformers does."""
+    from peft import PeftModel
+    from transformers import ViTForImageClassification
+
+    lora = {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"q_proj": 16}}
+    case = Case(vit_image_cls, None, ["q_proj", "v_proj"], HEAD_ROWS, "ViTForImageClassification", lora=lora)
+    base, original, adapter, out = tmp / "base", tmp / "original", tmp / "adapter", tmp / "merged"
+    torch.manual_seed(0)
+    model = case.build()
+    model.save_pretrained(base)
+    save_adapter(model, base, original, case)
+    shutil.copytree(original, adapter)
+    as_transformers4_vit(adapter)
+    merge_adapter(base, adapter, out, MergeOptions())
+    plan = build_plan(base, adapter, MergeOptions())
+    rows = function_rows(verify_merge(plan, out, functional="always"))
+    assert all(row.passed for row in rows.values()), [(r.name, r.status, r.value, r.detail) for r in rows.values()]
+    assert "vit.encoder.layer.0.attention.attention.query -> vit.layers.0.attention.q_proj" in rows[HEAD_ROWS[0]].detail
+    # The renamed reference is PEFT's own model: the merge equals base + the adapter as PEFT saved it.
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        truth = PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(base), original)(pixels).logits
+        merged = ViTForImageClassification.from_pretrained(out)(pixels).logits
+    assert torch.allclose(truth, merged, atol=1e-5)
+
+    plant(plan, out, case)
+    assert function_rows(verify_merge(plan, out, functional="always"))[HEAD_ROWS[0]].passed is False
 
 
 def test_merged_model_that_does_not_load_fails_with_one_short_reason(tmp: Path) -> None:
