@@ -17,21 +17,22 @@ The point is to produce realistic *shapes and file layout* for merge benchmarks
   8 bytes), then the data, tensor after tensor; the layout (shard split rule,
   file names, index JSON) follows transformers' ``save_pretrained``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import torch
 
@@ -224,7 +225,16 @@ def write_safetensors(path: Path, specs: list[TensorSpec], st_dtype: str, pool: 
 # Checkpoint layout
 # ---------------------------------------------------------------------------
 
-_SIZE_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10}
+_SIZE_UNITS = {
+    "TB": 10**12,
+    "GB": 10**9,
+    "MB": 10**6,
+    "KB": 10**3,
+    "TIB": 2**40,
+    "GIB": 2**30,
+    "MIB": 2**20,
+    "KIB": 2**10,
+}
 
 
 def parse_size(text: str) -> int:
@@ -320,7 +330,7 @@ def write_model(out: Path, shape: LlamaShape, dtype: str, shard_bytes: int, seed
     names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     rep = WriteReport(str(out))
     weight_map: dict[str, str] = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         nbytes = write_safetensors(out / name, shard, st_dtype, pool)
         rep.files.append(name)
         rep.bytes += nbytes
@@ -377,21 +387,28 @@ def write_adapter(out: Path, base_dir: Path, shape: LlamaShape, dtype: str, rank
     return rep
 
 
-def build(out: Path, params: str, dtype: str, shard_size: str, rank: int, adapter_out: Path | None, seed: int) -> tuple[WriteReport, WriteReport]:
+def build(
+    out: Path, params: str, dtype: str, shard_size: str, rank: int, adapter_out: Path | None, seed: int
+) -> tuple[WriteReport, WriteReport]:
     shape = shape_for(params)
     adapter_dir = adapter_out or Path(f"{out}-lora-r{rank}")
     print(
         f"shape: hidden={shape.hidden} inter={shape.intermediate} layers={shape.layers} heads={shape.heads} "
-        f"kv_heads={shape.kv_heads} head_dim={shape.hd} vocab={shape.vocab} -> {shape.param_count() / 1e9:.3f}B params, {dtype}",
+        f"kv_heads={shape.kv_heads} head_dim={shape.hd} vocab={shape.vocab} -> "
+        f"{shape.param_count() / 1e9:.3f}B params, {dtype}",
         flush=True,
     )
     m = write_model(out, shape, dtype, parse_size(shard_size), seed)
     print(
         f"model:   {out}  {m.params / 1e9:.3f}B params, {m.bytes / 1e9:.3f} GB in {len(m.files)} file(s), "
-        f"largest {m.largest_file_bytes / 1e9:.3f} GB, {m.seconds:.1f}s ({m.bytes / 1e9 / max(m.seconds, 1e-9):.2f} GB/s)"
+        f"largest {m.largest_file_bytes / 1e9:.3f} GB, {m.seconds:.1f}s "
+        f"({m.bytes / 1e9 / max(m.seconds, 1e-9):.2f} GB/s)"
     )
     a = write_adapter(adapter_dir, out, shape, dtype, rank, seed)
-    print(f"adapter: {adapter_dir}  r={rank} alpha={2 * rank}, {a.params / 1e6:.2f}M params, {a.bytes / 1e6:.1f} MB, {a.seconds:.1f}s")
+    print(
+        f"adapter: {adapter_dir}  r={rank} alpha={2 * rank}, {a.params / 1e6:.2f}M params, "
+        f"{a.bytes / 1e6:.1f} MB, {a.seconds:.1f}s"
+    )
     return m, a
 
 
@@ -417,7 +434,12 @@ def self_check() -> None:
         assert model.num_parameters() == m.params, (model.num_parameters(), m.params)
         index = json.loads((base / "model.safetensors.index.json").read_text())
         sd = model.state_dict()
-        for name in ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight", "model.norm.weight"]:
+        for name in [
+            "model.embed_tokens.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            "lm_head.weight",
+            "model.norm.weight",
+        ]:
             with safe_open(base / index["weight_map"][name], "pt") as f:
                 assert torch.equal(f.get_tensor(name), sd[name]), name
         w_q = sd["model.layers.0.self_attn.q_proj.weight"].float().clone()
@@ -443,20 +465,29 @@ def self_check() -> None:
         expect = w_q + 2.0 * (b_file.float() @ a_file.float())  # scale = alpha / r = 2
         err = float((w_m - expect).abs().max())
         assert err < 1e-2 and not torch.equal(w_m, w_q), err
-    print("self-check OK: transformers loaded the sharded checkpoint cleanly, PEFT loaded every LoRA tensor, merge matches W + 2*B@A")
+    print(
+        "self-check OK: transformers loaded the sharded checkpoint cleanly, PEFT loaded every LoRA tensor, "
+        "merge matches W + 2*B@A"
+    )
 
 
 def main(argv: Iterable[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", nargs="?", type=Path)
-    ap.add_argument("--params", default="0.5B", help=f"preset ({', '.join(PRESETS)}) or a number like 0.02B, 100M, 1.5e8")
+    ap.add_argument(
+        "--params", default="0.5B", help=f"preset ({', '.join(PRESETS)}) or a number like 0.02B, 100M, 1.5e8"
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--shard-size", default="2GB", help="max shard size, transformers units (GB = 1e9 bytes)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapter-out", type=Path, default=None, help="default: OUT_DIR-lora-r{rank}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite OUT_DIR / adapter dir if they exist")
-    ap.add_argument("--self-check", action="store_true", help="build a tiny checkpoint in a temp dir and load it with transformers + peft")
+    ap.add_argument(
+        "--self-check",
+        action="store_true",
+        help="build a tiny checkpoint in a temp dir and load it with transformers + peft",
+    )
     args = ap.parse_args(list(argv) if argv is not None else None)
 
     if args.self_check:

@@ -22,6 +22,7 @@ children).  Independently, psutil polls the tree every 20 ms and records the
 peak of the *summed* RSS of all descendants (catches multi-process engines,
 may miss sub-20 ms spikes).  Both are reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -178,7 +179,9 @@ def machine_info(scratch: Path) -> dict[str, object]:
         else "psutil 20 ms tree-sum poll only (/usr/bin/time missing)",
     }
     if shutil.which("nvidia-smi"):
-        info["gpu"] = _cmd_out(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]) or "nvidia-smi failed"
+        info["gpu"] = (
+            _cmd_out(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]) or "nvidia-smi failed"
+        )
     return info
 
 
@@ -278,7 +281,7 @@ class TreeRssPoller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "TreeRssPoller":
+    def __enter__(self) -> TreeRssPoller:
         self._thread.start()
         return self
 
@@ -329,7 +332,11 @@ def _parse_gnu_time(path: Path) -> tuple[int | None, int | None, str]:
     sig = re.search(r"Command terminated by signal (\d+)", text)
     rss_bytes = int(rss.group(1)) * 1024 if rss else None
     if sig:  # GNU time still prints "Exit status: 0" here; use subprocess's -signal convention
-        return rss_bytes, -int(sig.group(1)), f"killed by signal {sig.group(1)}" + (" (OOM killer?)" if sig.group(1) == "9" else "")
+        return (
+            rss_bytes,
+            -int(sig.group(1)),
+            f"killed by signal {sig.group(1)}" + (" (OOM killer?)" if sig.group(1) == "9" else ""),
+        )
     return rss_bytes, (int(status.group(1)) if status else None), ""
 
 
@@ -339,9 +346,7 @@ def _dir_bytes(d: Path) -> int | None:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
-def run_command(
-    cmd: list[str], log_dir: Path, out_dir: Path, timeout: float | None, env: dict[str, str]
-) -> RunResult:
+def run_command(cmd: list[str], log_dir: Path, out_dir: Path, timeout: float | None, env: dict[str, str]) -> RunResult:
     log_dir.mkdir(parents=True, exist_ok=True)
     use_time = Path(GNU_TIME).exists()
     time_file = log_dir / "time.txt"
@@ -396,9 +401,19 @@ def mergekit_available() -> bool:
     return importlib.util.find_spec("mergekit") is not None and shutil.which("mergekit-yaml") is not None
 
 
-def method_command(method: str, base: Path, adapter: Path, out: Path, args: argparse.Namespace, log_dir: Path) -> list[str]:
+def method_command(
+    method: str, base: Path, adapter: Path, out: Path, args: argparse.Namespace, log_dir: Path
+) -> list[str]:
     if method == "seed":
-        return [sys.executable, str(BENCH / "seed_merge.py"), str(base), str(adapter), str(out), "--device", args.seed_device]
+        return [
+            sys.executable,
+            str(BENCH / "seed_merge.py"),
+            str(base),
+            str(adapter),
+            str(out),
+            "--device",
+            args.seed_device,
+        ]
     if method == "engine":
         return [
             sys.executable, "-m", "merge_core", str(base), str(adapter), str(out),
@@ -425,7 +440,6 @@ def _tensor_index(model_dir: Path) -> dict[str, Path]:
 
 
 def compare_outputs(ref_dir: Path, cand_dir: Path) -> CompareResult:
-    import torch  # only here: keeps the harness light when not comparing
     from safetensors import safe_open
 
     ref, cand = _tensor_index(ref_dir), _tensor_index(cand_dir)
@@ -478,7 +492,7 @@ def summarize(results: list[RunResult]) -> list[Summary]:
         failure = ""
         if fail is not None:
             # the last stderr line is usually the exception message
-            last = [l.strip() for l in fail.stderr_tail.splitlines() if l.strip()][-1:]
+            last = [line.strip() for line in fail.stderr_tail.splitlines() if line.strip()][-1:]
             failure = f"{fail.status}" + (f" rc={fail.returncode}" if fail.returncode is not None else "")
             failure += "".join(f": {x}" for x in [fail.note, *last] if x)
         status = rs[0].status if len(rs) == 1 or not ok else (f"{len(ok)}/{len(rs)} ok" if len(ok) < len(rs) else "ok")
@@ -511,8 +525,20 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
-def markdown_report(rows: list[Summary], results: list[RunResult], machine: dict[str, object], ckpt: CheckpointInfo, args: argparse.Namespace, compare: CompareResult | None) -> str:
-    label = {"seed": "seed (transformers+PEFT)", "engine": "merge_core", "copy": "copy floor (cp -r)", "mergekit": "mergekit"}
+def markdown_report(
+    rows: list[Summary],
+    results: list[RunResult],
+    machine: dict[str, object],
+    ckpt: CheckpointInfo,
+    args: argparse.Namespace,
+    compare: CompareResult | None,
+) -> str:
+    label = {
+        "seed": "seed (transformers+PEFT)",
+        "engine": "merge_core",
+        "copy": "copy floor (cp -r)",
+        "mergekit": "mergekit",
+    }
     out = ["## Machine", ""]
     out += [f"- {k}: {v}" for k, v in machine.items()]
     out += [
@@ -528,7 +554,8 @@ def markdown_report(rows: list[Summary], results: list[RunResult], machine: dict
         "",
         "## Results",
         "",
-        "| method | cache | status | wall s (median) | wall incl. sync s | peak RSS GiB | tree RSS GiB (poll) | x copy floor | x seed |",
+        "| method | cache | status | wall s (median) | wall incl. sync s | peak RSS GiB | tree RSS GiB (poll) "
+        "| x copy floor | x seed |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -536,12 +563,20 @@ def markdown_report(rows: list[Summary], results: list[RunResult], machine: dict
         status = status.replace("|", "\\|")[:300]
         out.append(
             f"| {label.get(r.method, r.method)} | {r.cache} | {status} | {_f(r.wall_s)} | {_f(r.wall_incl_sync_s)} | "
-            f"{_f(r.peak_rss_gib, '{:.3f}')} | {_f(r.tree_rss_gib, '{:.3f}')} | {_f(r.x_copy, '{:.2f}x')} | {_f(r.x_seed, '{:.2f}x')} |"
+            f"{_f(r.peak_rss_gib, '{:.3f}')} | {_f(r.tree_rss_gib, '{:.3f}')} | "
+            f"{_f(r.x_copy, '{:.2f}x')} | {_f(r.x_seed, '{:.2f}x')} |"
         )
     for cache in dict.fromkeys(r.cache for r in results):
-        fr = [r.base_resident_fraction_before for r in results if r.cache == cache and r.base_resident_fraction_before is not None]
+        fr = [
+            r.base_resident_fraction_before
+            for r in results
+            if r.cache == cache and r.base_resident_fraction_before is not None
+        ]
         if fr:
-            out.append(f"\nBase resident in page cache at run start ({cache}, fincore): {min(fr) * 100:.0f}%–{max(fr) * 100:.0f}%")
+            out.append(
+                f"\nBase resident in page cache at run start ({cache}, fincore): "
+                f"{min(fr) * 100:.0f}%–{max(fr) * 100:.0f}%"
+            )
     partial = [r for r in rows if r.failure and r.ok_runs]
     for r in partial:
         out.append(f"\n{label.get(r.method, r.method)} / {r.cache}: some rounds failed — {r.failure}")
@@ -550,7 +585,8 @@ def markdown_report(rows: list[Summary], results: list[RunResult], machine: dict
             "",
             "## Output check (merge_core vs seed)",
             "",
-            f"- tensors compared: {compare.tensors_compared}; missing in merge_core output: {len(compare.missing_in_candidate)}; "
+            f"- tensors compared: {compare.tensors_compared}; "
+            f"missing in merge_core output: {len(compare.missing_in_candidate)}; "
             f"extra: {len(compare.extra_in_candidate)}; shape/dtype mismatches: {len(compare.shape_or_dtype_mismatch)}",
             "- outputs are bit-identical"
             if compare.max_abs_diff == 0
@@ -571,17 +607,34 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--base", type=Path, required=True)
     ap.add_argument("--adapter", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--skip", action="append", default=[], choices=METHODS, help="may be repeated: --skip seed --skip copy")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="passed to merge_core (and to the seed unless --seed-device)")
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=METHODS, help="may be repeated: --skip seed --skip copy"
+    )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="passed to merge_core (and to the seed unless --seed-device)",
+    )
     ap.add_argument("--seed-device", default=None, help="device for the seed path (default: --device)")
     ap.add_argument("--cache", default="warm", choices=["warm", "cold", "both"])
     ap.add_argument("--out", type=Path, default=None, help="write all per-run results + summary as JSON")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the markdown report to this file")
-    ap.add_argument("--scratch", type=Path, default=None, help="where outputs go (default: BASE/../bench-out; same disk as BASE)")
+    ap.add_argument(
+        "--scratch", type=Path, default=None, help="where outputs go (default: BASE/../bench-out; same disk as BASE)"
+    )
     ap.add_argument("--engine-dtype", default="bfloat16")
-    ap.add_argument("--engine-args", default="", help="extra args for merge_core; use the = form: --engine-args='--compute-dtype float32'")
-    ap.add_argument("--timeout", type=float, default=None, help="per-run wall limit in seconds; the tree is killed after it")
-    ap.add_argument("--compare", action="store_true", help="round 1: keep seed and engine outputs and compare them tensor by tensor")
+    ap.add_argument(
+        "--engine-args",
+        default="",
+        help="extra args for merge_core; use the = form: --engine-args='--compute-dtype float32'",
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=None, help="per-run wall limit in seconds; the tree is killed after it"
+    )
+    ap.add_argument(
+        "--compare", action="store_true", help="round 1: keep seed and engine outputs and compare them tensor by tensor"
+    )
     args = ap.parse_args()
     args.seed_device = args.seed_device or args.device
     args.base, args.adapter = args.base.resolve(), args.adapter.resolve()
@@ -601,7 +654,10 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     input_files = all_files(args.base, args.adapter)
     if "warm" in caches and ckpt.total_bytes > psutil.virtual_memory().available:
-        print(f"note: base ({ckpt.total_bytes / GiB:.1f} GiB) exceeds available RAM; 'warm' cannot be fully warm", flush=True)
+        print(
+            f"note: base ({ckpt.total_bytes / GiB:.1f} GiB) exceeds available RAM; 'warm' cannot be fully warm",
+            flush=True,
+        )
 
     results: list[RunResult] = []
     kept: dict[str, Path] = {}
@@ -611,7 +667,9 @@ def main() -> None:
             for method in methods:
                 if method == "mergekit" and not mergekit_available():
                     if rnd == 1 and cache == caches[0]:
-                        results.append(RunResult(method, cache, rnd, ["mergekit-yaml"], ok=False, status="not installed"))
+                        results.append(
+                            RunResult(method, cache, rnd, ["mergekit-yaml"], ok=False, status="not installed")
+                        )
                         print("mergekit: not installed, skipped", flush=True)
                     continue
                 out = args.scratch / f"{method}-{cache}-r{rnd}"

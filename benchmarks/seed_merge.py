@@ -10,6 +10,7 @@ This is what most people run, so it is what merge_core is compared against:
     save_pretrained(OUT, max_shard_size="5GB")   # safetensors
 Phase timings are printed as `[seed] <phase> <seconds>s` lines for run.py.
 """
+
 from __future__ import annotations
 
 import argparse
