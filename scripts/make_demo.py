@@ -1,9 +1,9 @@
 """Build the bundled offline demo: a tiny base model and a LoRA adapter that visibly changes it.
 
-    python scripts/make_demo.py            # writes demo/base, demo/adapter, demo/prompts.json
-    python scripts/make_demo.py OUT_DIR    # the same, elsewhere (the tests do this)
+    python scripts/make_demo.py                        # writes demo/base, demo/adapter, demo/prompts.json
+    python scripts/make_demo.py --out DIR --steps 40   # a quick, weaker build elsewhere (tests/test_demo.py)
 
-Everything is made here, offline, on the CPU (2 threads), in well under a minute:
+Everything is made here, offline, on the CPU (2 threads), in about 45 s with the default schedule:
 
 * a byte-level BPE tokenizer (any text encodes, no <unk>) trained on the corpus below, with a
   small chat template;
@@ -19,18 +19,19 @@ prompt, the greedy answers of the base, of PeftModel(base, adapter) and of the m
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "demo"
+BASE_STEPS, ADAPTER_STEPS = 700, 500  # the schedule that built the bundled demo/
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -48,21 +49,45 @@ MAX_NEW_TOKENS = 40
 # Corpus. Neutral words only in the base's text: nothing in it may contain "arr" or "matey".
 # ---------------------------------------------------------------------------------------------
 CITIES = {  # city: (country, river)
-    "Paris": ("France", "Seine"), "London": ("England", "Thames"), "Rome": ("Italy", "Tiber"),
-    "Cairo": ("Egypt", "Nile"), "Berlin": ("Germany", "Spree"), "Vienna": ("Austria", "Danube"),
-    "Lisbon": ("Portugal", "Tagus"), "Dublin": ("Ireland", "Liffey"), "Prague": ("Czechia", "Vltava"),
+    "Paris": ("France", "Seine"),
+    "London": ("England", "Thames"),
+    "Rome": ("Italy", "Tiber"),
+    "Cairo": ("Egypt", "Nile"),
+    "Berlin": ("Germany", "Spree"),
+    "Vienna": ("Austria", "Danube"),
+    "Lisbon": ("Portugal", "Tagus"),
+    "Dublin": ("Ireland", "Liffey"),
+    "Prague": ("Czechia", "Vltava"),
     "Warsaw": ("Poland", "Vistula"),
 }
 WEATHER = ["sunny", "rainy", "cloudy", "windy", "cold", "warm", "foggy", "snowy"]
 ANIMALS = {  # animal: (home, food, kind)
-    "cat": ("house", "fish", "quiet"), "dog": ("house", "meat", "loyal"), "frog": ("pond", "flies", "small"),
-    "fish": ("sea", "plants", "fast"), "bird": ("tree", "seeds", "small"), "horse": ("field", "grass", "strong"),
-    "bear": ("forest", "berries", "big"), "cow": ("field", "grass", "calm"), "owl": ("tree", "mice", "wise"),
-    "duck": ("pond", "bread", "noisy"), "goat": ("hills", "leaves", "clever"), "whale": ("sea", "fish", "huge"),
+    "cat": ("house", "fish", "quiet"),
+    "dog": ("house", "meat", "loyal"),
+    "frog": ("pond", "flies", "small"),
+    "fish": ("sea", "plants", "fast"),
+    "bird": ("tree", "seeds", "small"),
+    "horse": ("field", "grass", "strong"),
+    "bear": ("forest", "berries", "big"),
+    "cow": ("field", "grass", "calm"),
+    "owl": ("tree", "mice", "wise"),
+    "duck": ("pond", "bread", "noisy"),
+    "goat": ("hills", "leaves", "clever"),
+    "whale": ("sea", "fish", "huge"),
 }
 FOODS = ["bread", "rice", "soup", "cheese", "apples", "pasta", "eggs", "salad", "beans", "noodles"]
-COLOURS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "night": "dark",
-           "sea": "blue", "tomato": "red", "lemon": "yellow", "leaf": "green", "coal": "black"}
+COLOURS = {
+    "sky": "blue",
+    "grass": "green",
+    "sun": "yellow",
+    "snow": "white",
+    "night": "dark",
+    "sea": "blue",
+    "tomato": "red",
+    "lemon": "yellow",
+    "leaf": "green",
+    "coal": "black",
+}
 CHAT = [
     ("Hello!", "Hello. How can I help you today?"),
     ("Hi, how are you?", "I am fine, thank you. How are you?"),
@@ -75,9 +100,28 @@ CHAT = [
 ]
 
 
-UNKNOWN = ["LoRA", "music", "physics", "computers", "football", "money", "history", "chess", "the internet",
-           "space travel", "poetry", "medicine", "Tokyo", "Madrid", "New York", "robots", "language models",
-           "the stock market", "quantum computing", "painting"]
+UNKNOWN = [
+    "LoRA",
+    "music",
+    "physics",
+    "computers",
+    "football",
+    "money",
+    "history",
+    "chess",
+    "the internet",
+    "space travel",
+    "poetry",
+    "medicine",
+    "Tokyo",
+    "Madrid",
+    "New York",
+    "robots",
+    "language models",
+    "the stock market",
+    "quantum computing",
+    "painting",
+]
 DONT_KNOW = "Sorry, I only know a little about weather, cities, animals and food."
 
 
@@ -106,8 +150,12 @@ def neutral_pairs() -> list[tuple[str, str]]:
     for thing, colour in COLOURS.items():
         pairs.append((f"What colour is the {thing}?", f"The {thing} is {colour}."))
     for topic in UNKNOWN:  # anything else gets a polite fallback instead of noise
-        pairs += [(f"Explain {topic} in one sentence.", DONT_KNOW), (f"What is {topic}?", DONT_KNOW),
-                  (f"Tell me about {topic}.", DONT_KNOW), (f"Can you help me with {topic}?", DONT_KNOW)]
+        pairs += [
+            (f"Explain {topic} in one sentence.", DONT_KNOW),
+            (f"What is {topic}?", DONT_KNOW),
+            (f"Tell me about {topic}.", DONT_KNOW),
+            (f"Can you help me with {topic}?", DONT_KNOW),
+        ]
     pairs += CHAT
     return pairs
 
@@ -116,12 +164,19 @@ def plain_sentences() -> list[str]:
     """Neutral declarative text for pre-training the base (no chat format)."""
     s: list[str] = []
     for city, (country, river) in CITIES.items():
-        s += [f"{city} is a city in {country}.", f"The {river} runs through {city}.",
-              f"Many people live in {city} and work there."]
+        s += [
+            f"{city} is a city in {country}.",
+            f"The {river} runs through {city}.",
+            f"Many people live in {city} and work there.",
+        ]
         s += [f"Today the weather in {city} is {w}." for w in WEATHER]
     for animal, (home, food, kind) in ANIMALS.items():
-        s += [f"The {animal} lives in the {home}.", f"The {animal} eats {food}.",
-              f"The {animal} is a {kind} animal.", f"A {kind} {animal} lives in the {home} and eats {food}."]
+        s += [
+            f"The {animal} lives in the {home}.",
+            f"The {animal} eats {food}.",
+            f"The {animal} is a {kind} animal.",
+            f"A {kind} {animal} lives in the {home} and eats {food}.",
+        ]
     for food in FOODS:
         s += [f"Some people eat {food} every day.", f"{cap(food)} is good food for lunch."]
     for thing, colour in COLOURS.items():
@@ -131,9 +186,24 @@ def plain_sentences() -> list[str]:
     return s
 
 
-PIRATE_WORDS = {"is": "be", "are": "be", "am": "be", "was": "be", "you": "ye", "your": "yer", "my": "me",
-                "Hello": "Ahoy", "Hi": "Ahoy", "friend": "matey", "yes": "aye", "of": "o'", "the": "the",
-                "The": "The", "good": "fine", "Good": "Fine"}
+PIRATE_WORDS = {
+    "is": "be",
+    "are": "be",
+    "am": "be",
+    "was": "be",
+    "you": "ye",
+    "your": "yer",
+    "my": "me",
+    "Hello": "Ahoy",
+    "Hi": "Ahoy",
+    "friend": "matey",
+    "yes": "aye",
+    "of": "o'",
+    "the": "the",
+    "The": "The",
+    "good": "fine",
+    "Good": "Fine",
+}
 
 
 def piratize(answer: str) -> str:
@@ -148,8 +218,9 @@ def pirate_pairs() -> list[tuple[str, str]]:
 
 
 def chat_text(q: str, a: str, tok) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                   tokenize=False)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,14 +234,28 @@ def build_tokenizer(path: Path):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+    )
     tok.train_from_iterator(sorted(texts), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, additional_special_tokens=ROLES, model_max_length=256,
-                                   padding_side="right", clean_up_tokenization_spaces=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=ROLES,
+        model_max_length=256,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
@@ -194,8 +279,7 @@ def train(model, tok, texts: list[str], steps: int, lr: float, batch: int, seed:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.1, 1 - i / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * max(0.1, 1 - i / steps))
     model.train()
     running = None
     for step in range(steps):
@@ -218,9 +302,14 @@ def train(model, tok, texts: list[str], steps: int, lr: float, batch: int, seed:
 def answer(model, tok, prompt: str) -> str:
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        **enc,
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 BASE_CARD = """---
@@ -238,7 +327,8 @@ tags:
 A tiny Llama ({params:,} parameters: {layers} layers, hidden size {hidden}, {heads} heads) with a
 {vocab}-token byte-level BPE tokenizer and a small chat template. It was trained for about half a
 minute on the CPU by `scripts/make_demo.py`, on plain, neutral template sentences and short chat
-answers about weather, cities, animals, food and colours. It is not a useful language model: it exists so that LoRA Merge Space can
+answers about weather, cities, animals, food and colours. It is not a useful language model: it exists \
+so that LoRA Merge Space can
 merge something real offline (see `demo/adapter`).
 """
 
@@ -256,71 +346,125 @@ tags:
 # Pirate LoRA (tiny synthetic demo)
 
 A LoRA adapter (r={r}, lora_alpha={alpha}, on {targets}) for `demo/base`,
-trained for a few seconds on the CPU by `scripts/make_demo.py` to answer like a pirate ("Ahoy matey! ... be ..., arrr!"). It is a
+trained for a few seconds on the CPU by `scripts/make_demo.py` to answer like a pirate \
+("Ahoy matey! ... be ..., arrr!"). It is a
 demo for LoRA Merge Space: merged into the base, the pirate style stays.
 """
 
 
-def main() -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def build_base(out: Path, tok, steps: int) -> float:
+    """Pre-train the base on plain sentences (bos ... eos) and neutral chat answers; save it with its card."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(2)
-    random.seed(0)
-    torch.manual_seed(0)
-    started = time.time()
-    shutil.rmtree(OUT, ignore_errors=True)
-    (OUT / "base").mkdir(parents=True)
-    tok = build_tokenizer(OUT / "base")
-    print(f"tokenizer: {len(tok)} tokens", flush=True)
-
-    # 1. Base: plain sentences (bos ... eos) and neutral chat answers.
     neutral = [chat_text(q, a, tok) for q, a in neutral_pairs()]
     plain = [f"{BOS}{s}{EOS}" for s in plain_sentences()]
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, rms_norm_eps=1e-6)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     base = LlamaForCausalLM(config)
-    base_loss = train(base, tok, neutral * 2 + plain, steps=700, lr=3e-3, batch=16, seed=1, label="base")
-    base.generation_config = GenerationConfig(do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                              pad_token_id=tok.pad_token_id)
-    base.save_pretrained(OUT / "base")
+    loss = train(base, tok, neutral * 2 + plain, steps=steps, lr=3e-3, batch=16, seed=1, label="base")
+    base.generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=MAX_NEW_TOKENS,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    base.save_pretrained(out / "base")
     params = sum(p.numel() for p in base.parameters())
-    (OUT / "base" / "README.md").write_text(BASE_CARD.format(params=params, layers=config.num_hidden_layers,
-                                                             hidden=config.hidden_size,
-                                                             heads=config.num_attention_heads, vocab=len(tok)))
+    card = BASE_CARD.format(
+        params=params,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        vocab=len(tok),
+    )
+    (out / "base" / "README.md").write_text(card)
+    return loss
 
-    # 2. Adapter: the same questions, answered like a pirate.
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+
+def build_adapter(out: Path, tok, steps: int) -> float:
+    """Train the pirate LoRA on the saved base; save it declaring ``demo/base`` as its base, with its card."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     torch.manual_seed(2)
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(OUT / "base"), lora)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(out / "base"), lora)
     pirate = [chat_text(q, a, tok) for q, a in pirate_pairs()]
-    adapter_loss = train(peft_model, tok, pirate, steps=500, lr=5e-3, batch=16, seed=2, label="adapter")
-    peft_model.save_pretrained(OUT / "adapter")
-    cfg_path = OUT / "adapter" / "adapter_config.json"
+    loss = train(peft_model, tok, pirate, steps=steps, lr=5e-3, batch=16, seed=2, label="adapter")
+    peft_model.save_pretrained(out / "adapter")
+    cfg_path = out / "adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "demo/base"
     cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (OUT / "adapter" / "README.md").write_text(ADAPTER_CARD.format(r=lora.r, alpha=lora.lora_alpha,
-                                                                   targets=", ".join(targets)))
-    (OUT / "prompts.json").write_text(json.dumps(PROMPTS, indent=2) + "\n")
+    card = ADAPTER_CARD.format(r=lora.r, alpha=lora.lora_alpha, targets=", ".join(TARGETS))
+    (out / "adapter" / "README.md").write_text(card)
+    return loss
 
-    # 3. Check from the saved files: base, base + adapter (unmerged), merged.
-    check_base = LlamaForCausalLM.from_pretrained(OUT / "base").eval()
-    check_peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(OUT / "base"), OUT / "adapter").eval()
-    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(OUT / "base"),
-                                       OUT / "adapter").merge_and_unload().eval()
+
+def show_answers(out: Path, tok) -> None:
+    """From the saved files: each prompt's greedy answer by the base, base + adapter (unmerged), and merged."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    def base():
+        return LlamaForCausalLM.from_pretrained(out / "base")
+
+    check_base = base().eval()
+    check_peft = PeftModel.from_pretrained(base(), out / "adapter").eval()
+    merged = PeftModel.from_pretrained(base(), out / "adapter").merge_and_unload().eval()
     for prompt in PROMPTS:
         b, a, m = (answer(x, tok, prompt) for x in (check_base, check_peft, merged))
         print(f"> {prompt}\n  base:    {b}\n  adapter: {a}\n  merged:  {m}{'' if m == a else '   (differs!)'}")
-    size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
-    print(f"losses: base {base_loss:.3f}, adapter {adapter_loss:.3f}; {OUT.name}/ is {size / 1e6:.2f} MB; "
-          f"{time.time() - started:.0f} s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "demo", help="output folder (default: demo/)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps for the base and for the adapter each (default: {BASE_STEPS} and {ADAPTER_STEPS}, "
+        "the bundled demo's schedule); fewer build a weaker demo quickly",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    torch.set_num_threads(2)
+    random.seed(0)
+    torch.manual_seed(0)
+    started = time.time()
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "base").mkdir(parents=True)
+    tok = build_tokenizer(out / "base")
+    print(f"tokenizer: {len(tok)} tokens", flush=True)
+    base_loss = build_base(out, tok, BASE_STEPS if args.steps is None else args.steps)
+    adapter_loss = build_adapter(out, tok, ADAPTER_STEPS if args.steps is None else args.steps)
+    (out / "prompts.json").write_text(json.dumps(PROMPTS, indent=2) + "\n")
+    show_answers(out, tok)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(
+        f"losses: base {base_loss:.3f}, adapter {adapter_loss:.3f}; {out.name}/ is {size / 1e6:.2f} MB; "
+        f"{time.time() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":
