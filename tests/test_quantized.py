@@ -148,6 +148,14 @@ class TestDetection:
         assert qbase.auxiliary == {n for n in base.tensors if n.endswith("weight_scale_inv")}
         assert ("16x16 block scales" if FP8[key] else "one scale per tensor") in qbase.describe()
 
+    @pytest.mark.parametrize("suffix", ["weight_scale_inv", "qscale_weight", "scale"])
+    def test_fp8_scale_names_transformers_renames(self, suffix):
+        q, s = fp8_quantize(torch.randn(32, 32), (16, 16))
+        header = header_of({"l.weight": q, f"l.{suffix}": s, "norm.scale": torch.ones(32)})
+        config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+        qbase = detect_quantization(config, header)
+        assert list(qbase.tensors) == ["l.weight"] and qbase.auxiliary == {f"l.{suffix}"}
+
     def test_float_base_with_quantization_config(self, bases):
         base = load_base_checkpoint(bases["float"])
         config = dict(base.config, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})

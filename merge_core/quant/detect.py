@@ -24,6 +24,7 @@ HeaderEntry = Any  # (dtype, shape[, offsets]) tuple, or an object with .dtype/.
 
 _FLOAT = frozenset({"F64", "F32", "F16", "BF16"})
 _FP8 = {"F8_E4M3": "e4m3", "F8_E5M2": "e5m2"}
+_FP8_SCALE_NAMES = (".weight_scale_inv", ".qscale_weight", ".scale")
 _BNB4_SUFFIX = ".quant_state.bitsandbytes__"
 _BNB4_ROLES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -199,8 +200,10 @@ def _bnb_8bit(entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, Q
 def _fp8(entries: Mapping[str, tuple[str, tuple[int, ...]]], qconfig: Mapping[str, Any]) -> dict[str, QuantizedTensor]:
     out: dict[str, QuantizedTensor] = {}
     for weight, (dtype, shape) in entries.items():
-        scale = weight.removesuffix(".weight") + ".weight_scale_inv"
-        if dtype not in _FP8 or not weight.endswith(".weight") or scale not in entries:
+        module = weight.removesuffix(".weight")
+        # transformers renames `.qscale_weight` (Mistral Large) and `.scale` (DeepSeek V4) to weight_scale_inv.
+        scale = next((module + s for s in _FP8_SCALE_NAMES if module + s in entries), None)
+        if dtype not in _FP8 or not weight.endswith(".weight") or scale is None:
             continue
         scale_dtype, scale_shape = entries[scale]
         if len(shape) != 2 or scale_dtype not in _FLOAT:
