@@ -281,10 +281,9 @@ def _condense(peft_config: Any, modules: BaseModules) -> None:
 def _no_match_message(config: AdapterConfig, peft_config: Any, *, excluded: bool, model_type: str) -> str:
     """PEFT's NoMatchingPeftModuleError reasons (inject_adapter), in plain words, with what to do."""
     raw = config.raw.get("target_modules")
-    shown = f"{raw!r}"
+    shown = _targets_text(raw)
     if raw is None:
-        defaults = peft_config.target_modules
-        shown = f"{defaults if isinstance(defaults, str) else sorted(defaults)!r} (PEFT's defaults for {model_type})"
+        shown = f"{_targets_text(peft_config.target_modules)} (PEFT's defaults for {model_type})"
     layers = config.raw.get("layers_to_transform")
     pattern = config.raw.get("layers_pattern")
     where = f" in layers {layers!r}" if layers is not None else ""
@@ -303,6 +302,15 @@ def _no_match_message(config: AdapterConfig, peft_config: Any, *, excluded: bool
         f"PEFT refuses this adapter: its target_modules {shown} match no module of the base model{where}; make sure "
         "this is the base the adapter was trained for, or correct target_modules in adapter_config.json."
     )
+
+
+def _targets_text(targets: Any) -> str:
+    """target_modules as written in adapter_config.json (no repr escaping), long lists shortened."""
+    if isinstance(targets, str):
+        return f'"{targets}"'
+    names = sorted(targets)
+    shown = ", ".join(f'"{name}"' for name in names[:4])
+    return f"[{shown}{f', … {len(names) - 4} more' if len(names) > 4 else ''}]"
 
 
 __all__ = ["BaseModules", "TargetSelection", "select_lora_modules", "targeted_modules"]
