@@ -285,3 +285,35 @@ class TestRefusals:
                 stored_transposed=True,
                 adapter_shapes={"q.oft_R.weight": (2, 6)},
             )
+
+
+class TestKeys:
+    def test_keys_group_by_module_in_every_saved_layout(self) -> None:
+        keys = [
+            "base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a",  # PEFT's layout
+            "model.layers.0.self_attn.q_proj.hada_w1_b.default",  # no prefix, adapter-name infix
+            "base_model.model.lm_head.modules_to_save.weight",  # not LoHa's: the LoRA planner places it
+        ]
+        loha = record_for("LOHA")
+        assert loha.parse_adapter(keys) == {
+            "model.layers.0.self_attn.q_proj": {"hada_w1_a": keys[0], "hada_w1_b": keys[1]}
+        }
+        assert loha.unclaimed_keys(keys) == [keys[2]]
+
+    def test_nested_parameter_wrappers_and_shared_tensors(self) -> None:
+        lora = record_for("LORA")
+        keys = ["base_model.model.m.experts.base_layer.lora_A.weight", "base_model.model.m.experts.lora_A.weight"]
+        assert lora.parse_adapter(keys) == {"m.experts": {"lora_A@1": keys[0], "lora_A": keys[1]}}
+        vera = record_for("VERA")
+        keys = ["base_model.vera_A", "base_model.vera_B", "base_model.model.q.vera_lambda_b"]
+        assert vera.shared_keys(keys) == {"vera_A": keys[0], "vera_B": keys[1]}
+        assert vera.unclaimed_keys(keys) == []
+
+    def test_regenerated_vera_projections_need_the_whole_adapter(self) -> None:
+        from merge_core.errors import AdapterConfigError
+
+        keys = {"vera_lambda_b": "q.vera_lambda_b", "vera_lambda_d": "q.vera_lambda_d"}
+        shapes = {"q.vera_lambda_b": (8,), "q.vera_lambda_d": (4,)}
+        config = {"peft_type": "VERA", "r": 4, "save_projection": False}
+        with pytest.raises(AdapterConfigError, match="plan_adapter"):
+            record_for("VERA").module_ops("q", keys, config, (8, 8), stored_transposed=False, adapter_shapes=shapes)

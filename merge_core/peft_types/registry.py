@@ -64,6 +64,15 @@ class PeftTypeRecord:
                     found[token] = key
         return found
 
+    def unclaimed_keys(self, keys: Iterable[str]) -> list[str]:
+        """Adapter keys this type's planner does not use: modules_to_save copies, saved embeddings, trained base
+        biases (bias="all"), or tensors of a kind this tool does not know; the LoRA planner's rules place the first
+        three, anything else deserves a refusal."""
+        keys = list(keys)
+        claimed = {k for roles in self.parse_adapter(keys).values() for k in roles.values()}
+        claimed |= set(self.shared_keys(keys).values())
+        return [k for k in keys if k not in claimed]
+
     def context(
         self, config_raw: Mapping[str, Any], adapter_shapes: Mapping[str, Shape], modules: Mapping[str, ModuleInput]
     ) -> AdapterContext:
