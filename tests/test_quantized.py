@@ -17,14 +17,15 @@ from merge_core.checkpoint import load_base_checkpoint
 from merge_core.errors import QuantizationStateError, UnsupportedQuantizationError
 from merge_core.quant import (
     QuantKind,
+    bnb_settings,
     checkpoint_reader,
     dequantize_rows,
     dequantize_tensor,
     detect_quantization,
     plain_config,
+    requantize,
     resolve_shapes,
 )
-from merge_core.quant.requant import bnb_settings, requantize
 from merge_core.safetensors_io import OpenFiles, read_tensor
 from tests.factories import make_adapter
 from tests.quant_factories import (
@@ -120,6 +121,9 @@ class TestDetection:
         assert qbase.default_dtype == torch.float32 and "bnb_4bit_compute_dtype" in qbase.dtype_source
         words = qbase.describe()
         assert kind.upper() in words and ("with double" if double else "without double") in words
+        facts = qbase.facts()
+        assert facts["quant_types"] == [kind] and facts["double_quant"] == [double] and facts["blocksizes"] == [64]
+        assert json.loads(json.dumps(facts)) == facts
 
     def test_compute_dtype_is_the_default_output_dtype(self, bases):
         base = load_base_checkpoint(bases["nf4"])
@@ -147,6 +151,7 @@ class TestDetection:
         assert {t.block for t in qbase.tensors.values()} == {FP8[key]}
         assert qbase.auxiliary == {n for n in base.tensors if n.endswith("weight_scale_inv")}
         assert ("16x16 block scales" if FP8[key] else "one scale per tensor") in qbase.describe()
+        assert qbase.facts()["fp8_blocks"] == [list(FP8[key]) if FP8[key] else None]
 
     @pytest.mark.parametrize("suffix", ["weight_scale_inv", "qscale_weight", "scale"])
     def test_fp8_scale_names_transformers_renames(self, suffix):
@@ -194,6 +199,12 @@ class TestDetection:
         base = load_base_checkpoint(bases["nf4-dq"])
         header = {n: t for n, t in base.tensors.items() if not n.endswith("q_proj.weight.nested_absmax")}
         with pytest.raises(QuantizationStateError, match="q_proj.weight lacks"):
+            detect_quantization(base.config, header)
+
+    def test_int8_weight_without_its_scale(self, bases):
+        base = load_base_checkpoint(bases["int8"])
+        header = {n: t for n, t in base.tensors.items() if n != "model.layers.1.mlp.up_proj.SCB"}
+        with pytest.raises(QuantizationStateError, match="up_proj.weight .I8. has no scale"):
             detect_quantization(base.config, header)
 
     def test_quant_state_that_contradicts_the_weight(self):

@@ -13,6 +13,7 @@ Usage (plan time, then merge time)::
 
 from .dequant import checkpoint_reader, dequantize_rows, dequantize_tensor
 from .detect import detect_quantization, plain_config, quantization_config, resolve_shapes
+from .requant import bnb_settings, requantize
 from .types import Bnb4bitState, LogicalTensor, QuantizedBase, QuantizedTensor, QuantKind, RowReader
 
 __all__ = [
@@ -22,11 +23,13 @@ __all__ = [
     "QuantizedBase",
     "QuantizedTensor",
     "RowReader",
+    "bnb_settings",
     "checkpoint_reader",
     "dequantize_rows",
     "dequantize_tensor",
     "detect_quantization",
     "plain_config",
     "quantization_config",
+    "requantize",
     "resolve_shapes",
 ]

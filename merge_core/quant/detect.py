@@ -149,8 +149,15 @@ def _refuse_leftovers(
         if dtype in _FP8 or dtype == "F8_E8M0":
             fmt = _FORMAT_NAMES.get(method, "an FP8 scheme without weight_scale_inv scales")
             raise _refuse(fmt)
-        if dtype not in _FLOAT and method in _FORMAT_NAMES and name.endswith(".weight"):
+        if dtype in _FLOAT or not name.endswith(".weight"):
+            continue
+        if method in _FORMAT_NAMES:
             raise _refuse(_FORMAT_NAMES[method])
+        if dtype in ("I8", "U8") and (method in ("bitsandbytes", "fp8") or tensors):
+            raise QuantizationStateError(
+                f"The quantized weight {name} ({dtype}) has no scale or quant state beside it, so it cannot be "
+                "dequantized; the checkpoint is incomplete, download it again."
+            )
 
 
 def _bnb_4bit(entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, QuantizedTensor]:

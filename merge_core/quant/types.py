@@ -149,6 +149,22 @@ class QuantizedBase:
             f"{_dtype_name(self.default_dtype)} model ({self.dtype_source}) without quantization_config."
         )
 
+    def facts(self) -> dict[str, Any]:
+        """The same facts as plain JSON-able data, for the merge report and the model card."""
+        states = {t.bnb4 for t in self.tensors.values() if t.bnb4 is not None}
+        fp8_blocks = {t.block for t in self.tensors.values() if t.kind is QuantKind.FP8}
+        return {
+            "method": self.method,
+            "formats": [k.value for k in self.kinds()],
+            "quantized_weights": len(self.tensors),
+            "quant_types": sorted({t.quant_type for t in self.tensors.values() if t.quant_type}),
+            "double_quant": sorted({s.nested for s in states}),
+            "blocksizes": sorted({s.blocksize for s in states}),
+            "fp8_blocks": [list(b) if b else None for b in sorted(fp8_blocks, key=str)],
+            "default_dtype": _dtype_name(self.default_dtype),
+            "config_only": self.config_only,
+        }
+
     def _format_words(self, kind: QuantKind) -> str:
         words = _KIND_WORDS[kind]
         members = [t for t in self.tensors.values() if t.kind is kind]
