@@ -198,6 +198,34 @@ class TestEqualsPeftMerge:
         assert set(results[1]) == _changed(case)
         assert max_relative_error(case, results) <= 1e-6
 
+    @pytest.mark.parametrize("conv1d", [False, True])
+    def test_fourierft_equals_peft_to_float32_and_its_formula_in_float64(self, conv1d: bool, tmp_path: Path) -> None:
+        # PEFT forms its dense spectrum and ifft2 in float32; the same formula in float64 is matched exactly.
+        from peft import FourierFTConfig
+
+        targets = ["c_attn", "mlp.c_proj"] if conv1d else ["q_proj", "down_proj"]
+        config = FourierFTConfig(
+            target_modules=targets,
+            n_frequency=40,
+            scaling=100.0,
+            fan_in_fan_out=conv1d,
+            n_frequency_pattern={targets[1].split(".")[-1]: 25},
+        )
+        case = build_case(tmp_path, gpt2_config() if conv1d else llama_config(), config)
+        results = streamed(case)
+        assert set(results[1]) == _changed(case)
+        assert max_relative_error(case, results) <= 1e-6
+        for name, value in results[1].items():
+            key = next(k for k in case.adapter if k.startswith("base_model.model." + name.rsplit(".", 1)[0]))
+            spectrum = case.adapter[key].double()
+            out_f, in_f = value.shape[::-1] if conv1d else value.shape
+            flat = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(777))[: spectrum.numel()]
+            dense = torch.zeros(out_f, in_f, dtype=torch.float64)
+            dense[flat // in_f, flat % in_f] = spectrum
+            delta = torch.fft.ifft2(dense).real * 100.0
+            expected = case.base[name] + (delta.T if conv1d else delta)
+            assert torch.allclose(value, expected, rtol=0, atol=EXACT)
+
 
 class TestRowOps:
     def test_boft_with_several_butterfly_factors_equals_peft_dense_product(self) -> None:
@@ -252,6 +280,7 @@ class TestRefusals:
             "VERA",
             "TRAINABLE_TOKENS",
             "LN_TUNING",
+            "FOURIERFT",
         }
         for peft_type, status, reason in rows:
             assert reason, peft_type

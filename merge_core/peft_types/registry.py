@@ -16,6 +16,7 @@ from .lora_family import ADALORA_TOKENS, LORA_TOKENS, adalora_ops, lora_ops
 from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
 from .rotations import BOFT_TOKENS, OFT_TOKENS, boft_ops, oft_ops
 from .specs import Spec
+from .spectral import FOURIERFT_TOKENS, fourierft_ops
 from .vectors import (
     IA3_TOKENS,
     LN_TUNING_TOKENS,
@@ -213,6 +214,13 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         tokens_ops,
     ),
     _merged(
+        "FOURIERFT",
+        "Re(ifft2(sparse spectrum)) * scaling on Linear and Conv1D, entry locations drawn from random_loc_seed as PEFT "
+        "draws them, n_frequency_pattern; PEFT's own ifft2 runs in float32, so it agrees to float32 rounding",
+        FOURIERFT_TOKENS,
+        fourierft_ops,
+    ),
+    _merged(
         "LN_TUNING",
         "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
         LN_TUNING_TOKENS,
@@ -249,7 +257,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "LILY",
             "FROD",
             "PVERA",
-            "FOURIERFT",
             "GLORA",
             "HRA",
             "VBLORA",
