@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import BaseCheckpointError
-from .safetensors_io import SafetensorsFormatError, TensorInfo, read_header
+from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from .quant import QuantizedBase
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -34,6 +37,7 @@ class BaseCheckpoint:
     tensors: dict[str, BaseTensor]  # in file order: shard by shard, by offset
     shards: list[Path] = field(default_factory=list)
     name: Optional[str] = None  # Hub ID or the path the user gave; shown in messages
+    quant: Optional[QuantizedBase] = None  # set when the weights (or just the config) are quantized
 
     @property
     def nbytes(self) -> int:
@@ -61,7 +65,15 @@ class BaseCheckpoint:
         return True
 
     def dominant_float_dtype(self) -> str:
-        """The dtype that holds most floating-point bytes: what "keep the base dtype" means."""
+        """The dtype that holds most floating-point bytes: what "keep the base dtype" means.
+
+        For a quantized base it is the dtype its weights are computed in (the quantization
+        config's compute dtype, else bfloat16): the codes themselves are no float dtype to keep.
+        """
+        if self.quant is not None and not self.quant.config_only:
+            from .safetensors_io import ST_FROM_DTYPE
+
+            return ST_FROM_DTYPE[self.quant.default_dtype]
         totals: dict[str, int] = {}
         for t in self.tensors.values():
             if t.info.is_float:
@@ -137,4 +149,19 @@ def load_base_checkpoint(path: str | Path, name: Optional[str] = None) -> BaseCh
             if info.name in tensors:
                 raise BaseCheckpointError(f"Tensor {info.name} appears in two shards of {path}; the checkpoint is broken.")
             tensors[info.name] = BaseTensor(shard, info)
-    return BaseCheckpoint(path=path, config=config, tensors=tensors, shards=shards, name=name)
+    return BaseCheckpoint(path=path, config=config, tensors=tensors, shards=shards, name=name,
+                          quant=detect_base_quantization(config, tensors))
+
+
+def detect_base_quantization(config: dict[str, Any], tensors: dict[str, BaseTensor]) -> Optional[QuantizedBase]:
+    """The base's quantization from config and headers; 4-bit shapes are read from their tiny quant states."""
+    from .quant import checkpoint_reader, detect_quantization, resolve_shapes
+
+    quant = detect_quantization(config, tensors)
+    if quant is None or quant.resolved:
+        return quant
+    files = OpenFiles()
+    try:
+        return resolve_shapes(quant, checkpoint_reader(tensors, files))
+    finally:
+        files.close()

@@ -23,7 +23,7 @@ from .plan import MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport, ModuleReport
 from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree
-from .safetensors_io import read_rows
+from .sources import row_alignment, start_rows
 from .tensor_math import (
     DEFAULT_BLOCK_ELEMENTS,
     ColumnNorms,
@@ -101,16 +101,13 @@ def _copy(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) -> None:
 
 
 def _start_rows(ctx: _Context, t: OutputTensorPlan, step: int) -> Rows:
-    """Rows [a, b) of the tensor's starting value: the base's, or the adapter's full copy."""
-    if t.adapter_key is not None:
-        full = ctx.plan.adapter.tensor(t.adapter_key)
-        return lambda a, b: full[a:b] if t.shape else full
-    assert t.base is not None
-    f, info = ctx.files.get(t.base.shard), t.base.info
-    n_rows = t.shape[0] if t.shape else 1
-    buffer = ctx.workspace.get("read", (step * max(1, info.nbytes // max(1, n_rows)),), torch.uint8,
-                               torch.device("cpu"))
-    return lambda a, b: read_rows(f, info, a, b, buffer)
+    """Rows [a, b) of the tensor's starting value, read through a reused buffer."""
+    buffer = None
+    if t.base is not None and t.quantized is None:
+        n_rows = t.shape[0] if t.shape else 1
+        buffer = ctx.workspace.get("read", (step * max(1, t.base.info.nbytes // max(1, n_rows)),), torch.uint8,
+                                   torch.device("cpu"))
+    return start_rows(t, base=ctx.plan.base, adapter=ctx.plan.adapter, files=ctx.files, buffer=buffer)
 
 
 def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> None:
@@ -215,7 +212,8 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) 
     if t.is_copy:
         _copy(ctx, writer, t)
         return
-    step = rows_per_block(t.shape, ctx.block_elements)
+    align = row_alignment(t)
+    step = max(align, rows_per_block(t.shape, ctx.block_elements) // align * align)
     read = _start_rows(ctx, t, step)
     if not t.changed:
         _convert(ctx, writer, t, read, step)

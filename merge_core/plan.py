@@ -77,6 +77,22 @@ def output_dtype(base: BaseCheckpoint, options: MergeOptions) -> str:
     return base.dominant_float_dtype() if options.dtype == "auto" else OUTPUT_DTYPES[options.dtype]
 
 
+def _starts(inp: _Inputs, out_dtype: str) -> dict[str, PlannedTensor]:
+    """Each output tensor's starting name, dtype and shape; a quantized weight starts as the float it decodes to."""
+    quant = inp.base.quant
+    starts: dict[str, PlannedTensor] = {}
+    for name, t in {**inp.base.tensors, **inp.virtual}.items():
+        if quant is not None and name in quant.auxiliary:
+            continue  # scales, absmax, quant states: they vanish with the quantization
+        if quant is not None and name in quant.tensors:
+            shape = quant.tensors[name].shape
+            assert shape is not None  # load_base_checkpoint resolves every shape
+            starts[name] = PlannedTensor(name, out_dtype, shape)
+        else:
+            starts[name] = PlannedTensor(name, t.info.dtype, t.info.shape)
+    return starts
+
+
 def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> dict[str, str]:
     """Full tensors the adapter ships (modules_to_save, resized embeddings): base tensor -> adapter key."""
     replaced: dict[str, str] = {}
@@ -98,10 +114,10 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     return replaced
 
 
-def _lora_targets(inp: _Inputs, notes: list[str]) -> list[LoraTarget]:
+def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> list[LoraTarget]:
     """The adapter's LoRA modules PEFT applies (its own matching rules), each with its base tensor."""
     resolved = {name: inp.resolve(f"{name}.weight") for name in inp.adapter.lora_modules}
-    shapes = {name: t.info.shape for name, t in {**inp.base.tensors, **inp.virtual}.items()}
+    shapes = {name: start.shape for name, start in starts.items()}
     selection = select_lora_modules(
         inp.config, inp.adapter.lora_modules, model_type=inp.base.model_type,
         modules=BaseModules.from_tensors(shapes, renamed=inp._model_names or None),
@@ -141,7 +157,8 @@ def _untie(inp: _Inputs, touched: set[str], notes: list[str]) -> bool:
 def _tensor_plans(inp: _Inputs, starts: dict[str, PlannedTensor], replaced: dict[str, str], *, untie: bool,
                   out_dtype: str) -> dict[str, OutputTensorPlan]:
     """One plan per output tensor, in file order, starting from the base (or the adapter's copy)."""
-    order = list(inp.base.tensors) + ([OUTPUT_EMBEDDING_NAME] if untie else [])
+    order = [n for n in inp.base.tensors if n in starts] + ([OUTPUT_EMBEDDING_NAME] if untie else [])
+    quantized = inp.base.quant.tensors if inp.base.quant is not None else {}
     plans: dict[str, OutputTensorPlan] = {}
     for name in order:
         start = starts[name]
@@ -152,6 +169,7 @@ def _tensor_plans(inp: _Inputs, starts: dict[str, PlannedTensor], replaced: dict
             shape=start.shape,
             base=None if name in replaced else source,
             adapter_key=replaced.get(name),
+            quantized=None if name in replaced else quantized.get(name),
         )
     return plans
 
@@ -181,11 +199,11 @@ def _module_plans(inp: _Inputs, plans: dict[str, OutputTensorPlan], replaced: di
 def plan_merge(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions) -> MergePlan:
     """Every decision about merging ``adapter`` into ``base``, from metadata only."""
     inp = _inputs(base, config, adapter, options)
-    notes: list[str] = []
+    notes: list[str] = [base.quant.describe()] if base.quant is not None else []
     out_dtype = output_dtype(base, options)
-    starts = {n: PlannedTensor(n, t.info.dtype, t.info.shape) for n, t in {**base.tensors, **inp.virtual}.items()}
+    starts = _starts(inp, out_dtype)
     replaced = _replacements(inp, starts, notes)
-    targets = _lora_targets(inp, notes)
+    targets = _lora_targets(inp, starts, notes)
     untie = _untie(inp, set(replaced) | {t.tensor for t in targets}, notes)
     plans = _tensor_plans(inp, starts, replaced, untie=untie, out_dtype=out_dtype)
     modules = _module_plans(inp, plans, replaced, targets, starts)
@@ -196,10 +214,19 @@ def plan_merge(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeig
     return MergePlan(
         base=base, adapter_config=config, adapter=adapter, options=options, output_dtype=out_dtype,
         tensors=tensors, shards=shard(tensors, options.max_shard_size), modules=modules,
-        config=output_config(base, vocab=vocab, out_dtype=out_dtype, untie=untie, notes=notes),
+        config=output_config(_source_config(base), vocab=vocab, out_dtype=out_dtype, untie=untie, notes=notes),
         copy_files=files_to_copy(base.path, adapter.path, notes), notes=notes,
         warnings=_warnings(inp),
     )
+
+
+def _source_config(base: BaseCheckpoint) -> dict:
+    """The config the output's starts from: without quantization_config, which would make it unloadable."""
+    if base.quant is None:
+        return base.config
+    from .quant import plain_config
+
+    return plain_config(base.config)
 
 
 def _warnings(inp: _Inputs) -> list[str]:

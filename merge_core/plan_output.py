@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import BaseCheckpoint
 from .errors import AdapterWeightsError
 from .options import dtype_name
 from .plan_types import OutputTensorPlan
@@ -59,10 +58,10 @@ def check_vocab(plans: dict[str, OutputTensorPlan], embed: str | None) -> None:
 
 
 def output_config(
-    base: BaseCheckpoint, *, vocab: int | None, out_dtype: str, untie: bool, notes: list[str]
+    base_config: dict[str, Any], *, vocab: int | None, out_dtype: str, untie: bool, notes: list[str]
 ) -> dict[str, Any]:
     """The base's config.json with the output dtype, the adapter's vocabulary and the tying decided."""
-    config = copy.deepcopy(base.config)
+    config = copy.deepcopy(base_config)
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = dtype_name(out_dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -13,6 +13,9 @@ from .adapter import AdapterConfig, AdapterWeights
 from .checkpoint import BaseCheckpoint, BaseTensor
 from .options import COMPUTE_DTYPES, MergeOptions
 from .safetensors_io import DTYPE_FROM_ST, PlannedTensor
+
+if TYPE_CHECKING:
+    from .quant import QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class OutputTensorPlan:
     deltas: list[LowRankDelta] = field(default_factory=list)
     bias_deltas: list[tuple[str, float]] = field(default_factory=list)  # (adapter key of lora_B.bias, scale)
     dora: DoraSpec | None = None
+    quantized: QuantizedTensor | None = None  # the base's value is decoded from these stored tensors
 
     @property
     def is_copy(self) -> bool:

@@ -25,6 +25,7 @@ import torch
 from .plan import MergePlan, ModulePlan, OutputTensorPlan, dtype_name
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header, read_rows
+from .sources import start_rows
 from .tensor_math import DEFAULT_BLOCK_ELEMENTS, row_blocks, rows_per_block
 from .verify_function import functional_budget, functional_checks
 from .verify_report import Check, ModuleNumerics, VerificationReport
@@ -86,18 +87,14 @@ class _Reference:
                 self.magnitude = adapter.tensor(lm.magnitude).double().reshape(-1)
                 self.dora_cols = transposed
         self.bias = [(adapter.tensor(k).double().reshape(-1), s) for k, s in tensor.bias_deltas]
-        self.full = adapter.tensor(tensor.adapter_key) if tensor.adapter_key else None
+        self._start = start_rows(tensor, base=plan.base, adapter=adapter, files=files)
 
     def start(self, a: int, b: int) -> torch.Tensor:
         return self.start_raw(a, b).double()
 
     def start_raw(self, a: int, b: int) -> torch.Tensor:
-        """The starting rows as stored (base dtype), for the bitwise "did it change" test."""
-        if self.full is not None:
-            return self.full[a:b]
-        base = self.t.base
-        assert base is not None
-        return read_rows(self.files.get(base.shard), base.info, a, b)
+        """The starting rows as stored (base dtype; float32 when dequantized), for the "did it change" test."""
+        return self._start(a, b)
 
     def delta_rows(self, a: int, b: int) -> torch.Tensor:
         out = None
@@ -244,10 +241,11 @@ class _Findings:
         ]
 
 
-def _check_unchanged(t: OutputTensorPlan, out_file: BinaryIO, info: TensorInfo, files: OpenFiles,
+def _check_unchanged(plan: MergePlan, t: OutputTensorPlan, out_file: BinaryIO, info: TensorInfo, files: OpenFiles,
                      block_elements: int, findings: _Findings) -> None:
-    """Tensors without a delta: finite, and (when not replaced) equal to the base bit for bit."""
+    """Tensors without a delta: finite, and (when not replaced) equal to the base, rounded once, bit for bit."""
     step = rows_per_block(t.shape, block_elements)
+    source = start_rows(t, base=plan.base, adapter=plan.adapter, files=files)
     for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
         out = read_rows(out_file, info, a, b)
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
@@ -255,8 +253,7 @@ def _check_unchanged(t: OutputTensorPlan, out_file: BinaryIO, info: TensorInfo, 
             return
         if t.changed:
             continue
-        assert t.base is not None
-        src = read_rows(files.get(t.base.shard), t.base.info, a, b)
+        src = source(a, b)
         if src.dtype != out.dtype:
             src = src.double().to(out.dtype)
         if not torch.equal(out.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)):
@@ -285,7 +282,7 @@ def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, prog
                 if checked.nonfinite:
                     findings.nonfinite.append(t.name)
             else:
-                _check_unchanged(t, files.get(shard), info, files, block_elements, findings)
+                _check_unchanged(plan, t, files.get(shard), info, files, block_elements, findings)
             done += t.planned().nbytes
             progress(ProgressUpdate("verify", done, total_bytes, "B"))
     finally:
