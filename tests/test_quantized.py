@@ -172,6 +172,9 @@ class TestDetection:
     def test_plain_float_base_is_not_quantized(self, bases):
         base = load_base_checkpoint(bases["float"])
         assert detect_quantization(base.config, base.tensors) is None
+        # Integer buffers and float tensors that happen to share a packed format's name are no quantization.
+        header = dict(base.tensors, **{"embeddings.position_ids": ("I64", (1, 64)), "vq.codes": ("F32", (8, 4))})
+        assert detect_quantization(base.config, header) is None
 
     @pytest.mark.parametrize(
         ("method", "names", "fmt"),
@@ -182,6 +185,8 @@ class TestDetection:
             ("hqq", {"W_q": "U8", "scale": "F16"}, "HQQ"),
             ("compressed-tensors", {"weight": "F8_E4M3", "weight_scale": "F32"}, "compressed-tensors"),
             (None, {"weight": "F8_E4M3"}, "FP8 scheme without weight_scale_inv"),
+            ("eetq", {"weight": "I8", "weight_scales": "F16"}, "EETQ"),
+            (None, {"weight": "I32"}, "unrecognised scheme (model.layers.0.self_attn.q_proj.weight is stored as I32)"),
         ],
     )
     def test_packed_formats_are_refused(self, method, names, fmt):

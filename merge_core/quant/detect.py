@@ -130,34 +130,34 @@ def _refuse(fmt: str) -> UnsupportedQuantizationError:
 
 
 def _refuse_packed(method: str, entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
-    for name in entries:
+    for name, (dtype, _shape) in entries.items():
         fmt = _PACKED_MARKERS.get(name.rsplit(".", 1)[-1])
-        if fmt:
+        if fmt and dtype not in _FLOAT:
             raise _refuse(_FORMAT_NAMES.get(method, fmt))
 
 
 def _refuse_leftovers(
     method: str, entries: Mapping[str, tuple[str, tuple[int, ...]]], tensors: Mapping[str, QuantizedTensor]
 ) -> None:
-    """Quantized-looking tensors that none of the decoders claimed."""
+    """Quantized-looking weights that none of the decoders claimed: never let them pass as floats."""
     claimed = set(tensors)
     for t in tensors.values():
         claimed |= t.side_tensors
     for name, (dtype, _shape) in entries.items():
-        if name in claimed:
+        if name in claimed or dtype in _FLOAT:
             continue
         if dtype in _FP8 or dtype == "F8_E8M0":
-            fmt = _FORMAT_NAMES.get(method, "an FP8 scheme without weight_scale_inv scales")
-            raise _refuse(fmt)
-        if dtype in _FLOAT or not name.endswith(".weight"):
-            continue
+            raise _refuse(_FORMAT_NAMES.get(method, "an FP8 scheme without weight_scale_inv scales"))
+        if not name.endswith(".weight"):
+            continue  # integer buffers such as position_ids
         if method in _FORMAT_NAMES:
             raise _refuse(_FORMAT_NAMES[method])
-        if dtype in ("I8", "U8") and (method in ("bitsandbytes", "fp8") or tensors):
+        if method in ("bitsandbytes", "fp8") or tensors:
             raise QuantizationStateError(
                 f"The quantized weight {name} ({dtype}) has no scale or quant state beside it, so it cannot be "
                 "dequantized; the checkpoint is incomplete, download it again."
             )
+        raise _refuse(f"an unrecognised scheme ({name} is stored as {dtype})")
 
 
 def _bnb_4bit(entries: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, QuantizedTensor]:
@@ -256,9 +256,12 @@ def _fp8_block(
 def _default_dtype(
     config: Mapping[str, Any], qconfig: Mapping[str, Any], tensors: Mapping[str, QuantizedTensor]
 ) -> tuple[torch.dtype, str]:
-    """bnb 4-bit computes in bnb_4bit_compute_dtype, so the merged model is written in it; others keep config dtype."""
+    """bnb 4-bit computes in bnb_4bit_compute_dtype, so the merged model is written in it; others keep config dtype.
+
+    For a config-only base this is just the config's dtype: the planner's usual default applies there.
+    """
     kinds = {t.kind for t in tensors.values()}
-    if QuantKind.BNB_4BIT in kinds or (not kinds and qconfig.get("load_in_4bit")):
+    if QuantKind.BNB_4BIT in kinds:
         dtype = _float_dtype(qconfig.get("bnb_4bit_compute_dtype"))
         if dtype is not None:
             return dtype, "the quantization config's bnb_4bit_compute_dtype"
