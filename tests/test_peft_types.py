@@ -36,6 +36,7 @@ def _configs():
     from peft import (
         AdaLoraConfig,
         BOFTConfig,
+        HRAConfig,
         IA3Config,
         LNTuningConfig,
         LoHaConfig,
@@ -111,6 +112,8 @@ def _configs():
             llama_config(tie_word_embeddings=True),
             TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[1, 5, 39]),
         ),
+        "hra": (llama_config(), HRAConfig(target_modules=["q_proj", "down_proj"], r=4)),
+        "hra-gram-schmidt": (llama_config(), HRAConfig(target_modules=["q_proj", "down_proj"], r=3, apply_GS=True)),
         "ln-tuning": (gpt2_config(), LNTuningConfig(target_modules=["ln_1", "ln_f"])),
         "lora-bdlora": (
             llama_config(),
@@ -281,6 +284,7 @@ class TestRefusals:
             "TRAINABLE_TOKENS",
             "LN_TUNING",
             "FOURIERFT",
+            "HRA",
         }
         for peft_type, status, reason in rows:
             assert reason, peft_type

@@ -138,6 +138,28 @@ class ColumnRotation:
 
 
 @dataclass
+class ReflectRows:
+    """block = block @ H for H a product of Householder reflections I - 2 u u^T (HRA), never formed.
+
+    ``sequential``: H = (I - 2 u_0 u_0^T) ... (I - 2 u_{r-1} u_{r-1}^T), applied one reflection at a time;
+    otherwise the u are orthonormal and H = I - 2 U U^T, one low-rank update.
+    """
+
+    u: Tensor  # (cols, r), unit columns
+    sequential: bool
+
+    def apply_(self, block: Tensor, row_start: int) -> Tensor:
+        x = _matrix(block)
+        if not self.sequential:
+            x.addmm_(x @ self.u, self.u.T, alpha=-2.0)
+            return block
+        for i in range(self.u.shape[1]):
+            ui = self.u[:, i : i + 1]
+            x.addmm_(x @ ui, ui.T, alpha=-2.0)
+        return block
+
+
+@dataclass
 class RowReplace:
     """Rows listed in ``indices`` take the given values (trainable tokens)."""
 

@@ -14,7 +14,7 @@ from ..errors import UnsupportedAdapterError
 from .common import AdapterContext, ModuleInput, ModuleKeys, Shape, parse_keys, split_key
 from .lora_family import ADALORA_TOKENS, LORA_TOKENS, adalora_ops, lora_ops
 from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
-from .rotations import BOFT_TOKENS, OFT_TOKENS, boft_ops, oft_ops
+from .rotations import BOFT_TOKENS, HRA_TOKENS, OFT_TOKENS, boft_ops, hra_ops, oft_ops
 from .specs import Spec
 from .spectral import FOURIERFT_TOKENS, fourierft_ops
 from .vectors import (
@@ -221,6 +221,12 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         fourierft_ops,
     ),
     _merged(
+        "HRA",
+        "W H on Linear, H the product of r Householder reflections I - 2 u u^T (orthonormalised first with apply_GS)",
+        HRA_TOKENS,
+        hra_ops,
+    ),
+    _merged(
         "LN_TUNING",
         "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
         LN_TUNING_TOKENS,
@@ -258,7 +264,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "FROD",
             "PVERA",
             "GLORA",
-            "HRA",
             "VBLORA",
             "UNILORA",
             "MISS",

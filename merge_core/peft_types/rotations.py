@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 from .common import AdapterContext, ModuleInput, mismatch, peft_config, refuse, require, require_matrix
-from .specs import BoftSpec, OftSpec, ScaleSpec, Spec
+from .specs import BoftSpec, HraSpec, OftSpec, ScaleSpec, Spec
 
 OFT_TOKENS = ("oft_R", "oft_embedding_R", "oft_r", "oft_s")
 BOFT_TOKENS = ("boft_R", "boft_s")
+HRA_TOKENS = ("hra_u",)
 
 
 def _block_size(n_elements: int) -> int:
@@ -77,3 +78,20 @@ def boft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
         BoftSpec(module.name, "weight", rot, shape[2], shape[1], shape[0]),
         ScaleSpec(module.name, "weight", scale, 0, "boft scale"),
     ]
+
+
+def hra_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """W @ H, H the product of the r Householder reflections of hra_u's columns (Gram-Schmidt first with apply_GS)."""
+    if module.stored_transposed:
+        raise refuse(
+            "HRA",
+            module.name,
+            "targets a weight stored (in, out) like transformers' Conv1D, which PEFT does not wrap with HRA",
+        )
+    _, in_f = require_matrix("HRA", module)
+    (key,) = require(module.name, module.keys, "hra_u")
+    shape = tuple(context.shapes[key])
+    if len(shape) != 2 or shape[0] != in_f:
+        raise mismatch(module.name, f"hra_u has shape {list(shape)}, expected [{in_f}, r]")
+    config = peft_config("HRA", context.config)
+    return [HraSpec(module.name, "weight", key, bool(config.apply_GS))]

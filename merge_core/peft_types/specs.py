@@ -22,6 +22,7 @@ from .ops import (
     HadamardRows,
     KroneckerRows,
     LowRankRows,
+    ReflectRows,
     RowAdd,
     RowOp,
     RowReplace,
@@ -239,6 +240,32 @@ class BoftSpec(_Loader):
 
 
 @dataclass(frozen=True)
+class HraSpec(_Loader):
+    """HRA: the stored (out, in) weight times r Householder reflections from the right."""
+
+    module: str
+    tensor: str
+    key: str
+    apply_gs: bool
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        u = self._read(read_tensor, self.key, device, dtype)
+        if not self.apply_gs:
+            return ReflectRows(u / u.norm(dim=0), sequential=True)
+        # PEFT's Gram-Schmidt: each column made orthogonal to the previous ones, then normalised.
+        columns: list[Tensor] = []
+        for i in range(u.shape[1]):
+            ui = u[:, i]
+            for q in columns:
+                ui = ui - (q @ ui) * q
+            columns.append(ui / ui.norm())
+        return ReflectRows(torch.stack(columns, dim=1), sequential=False)
+
+    def describe(self) -> str:
+        return "hra" + (" gram-schmidt" if self.apply_gs else "")
+
+
+@dataclass(frozen=True)
 class ReplaceRowsSpec(_Loader):
     """Trainable tokens: the rows ``indices`` of the stored tensor take the adapter's values."""
 
@@ -335,6 +362,7 @@ Spec = (
     | ScaleSpec
     | OftSpec
     | BoftSpec
+    | HraSpec
     | ReplaceRowsSpec
     | ReplaceSpec
     | ExpertLowRankSpec
