@@ -108,10 +108,13 @@ class TestDetection:
         kind, double = BNB4[key]
         assert qbase is not None and qbase.method == "bitsandbytes" and qbase.kinds() == [QuantKind.BNB_4BIT]
         assert len(qbase.tensors) == LINEARS and not qbase.resolved  # shapes live in the quant-state JSON
+        q_proj = qbase.tensors["model.layers.0.self_attn.q_proj.weight"]
+        assert q_proj.fits_shape((64, 64)) and q_proj.fits_shape((32, 128)) and not q_proj.fits_shape((64, 128))
         # The side tensors are exactly what the float model does not have, so the output is the float layout.
         assert qbase.auxiliary == set(base.tensors) - set(plain.tensors)
         assert set(base.tensors) - qbase.auxiliary == set(plain.tensors)
         _, qbase, _ = opened(bases[key])
+        assert not qbase.tensors[q_proj.name].fits_shape((32, 128))
         for t in qbase.tensors.values():
             assert t.shape == plain.tensors[t.name].info.shape and t.quant_type == kind
             assert t.bnb4.nested is double and t.bnb4.blocksize == 64 and t.bnb4.dtype == torch.float32

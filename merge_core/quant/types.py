@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..safetensors_io import element_size
+
 # read(name, start, stop) -> rows [start, stop) of a stored tensor along its first dimension, in its stored
 # dtype; stop None means through the last row, and a 0-d tensor comes back whole. dequant.py builds one
 # from open shard files (checkpoint_reader); the Hub preflight can answer it with HTTP range reads.
@@ -69,6 +71,16 @@ class QuantizedTensor:
     @property
     def resolved(self) -> bool:
         return self.shape is not None
+
+    def fits_shape(self, shape: tuple[int, ...]) -> bool:
+        """Whether this weight can be ``shape``: exact once resolved, from the stored byte count before.
+
+        Lets a preflight that has only the headers check an adapter's LoRA shapes against 4-bit weights.
+        """
+        if self.shape is not None:
+            return tuple(shape) == self.shape
+        stored_bytes = math.prod(self.stored_shape) * element_size(self.stored_dtype)
+        return self.kind is QuantKind.BNB_4BIT and stored_bytes == (math.prod(shape) + 1) // 2
 
     def row_alignment(self) -> int:
         """Smallest row count whose blocks start and end on quantization-block boundaries.
