@@ -44,6 +44,7 @@ def _configs():
         LoraConfig,
         OFTConfig,
         TrainableTokensConfig,
+        VBLoRAConfig,
         VeraConfig,
     )
     from peft.tuners.lora.config import BdLoraConfig
@@ -114,6 +115,10 @@ def _configs():
         ),
         "hra": (llama_config(), HRAConfig(target_modules=["q_proj", "down_proj"], r=4)),
         "hra-gram-schmidt": (llama_config(), HRAConfig(target_modules=["q_proj", "down_proj"], r=3, apply_GS=True)),
+        "vblora": (
+            llama_config(),
+            VBLoRAConfig(target_modules=["q_proj", "down_proj"], r=4, vector_length=8, num_vectors=16, topk=3),
+        ),
         "ln-tuning": (gpt2_config(), LNTuningConfig(target_modules=["ln_1", "ln_f"])),
         "lora-bdlora": (
             llama_config(),
@@ -197,6 +202,26 @@ class TestEqualsPeftMerge:
 
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], kasa_config=KasaConfig())
         case = build_case(tmp_path, llama_config(), config)
+        results = streamed(case)
+        assert set(results[1]) == _changed(case)
+        assert max_relative_error(case, results) <= 1e-6
+
+    def test_vblora_top_k_only_equals_peft_up_to_its_float32_logits(self, tmp_path: Path) -> None:
+        # With save_only_topk_weights PEFT turns the saved weights back into float32 logits (log) before its
+        # softmax; the registry uses the saved weights directly.
+        from peft import VBLoRAConfig
+
+        config = VBLoRAConfig(
+            target_modules=["c_attn", "mlp.c_proj"],
+            r=4,
+            vector_length=8,
+            num_vectors=16,
+            topk=3,
+            save_only_topk_weights=True,
+            fan_in_fan_out=True,
+        )
+        case = build_case(tmp_path, gpt2_config(), config)
+        assert any(k.endswith("_topk_weights") for k in case.adapter)
         results = streamed(case)
         assert set(results[1]) == _changed(case)
         assert max_relative_error(case, results) <= 1e-6
@@ -285,6 +310,7 @@ class TestRefusals:
             "LN_TUNING",
             "FOURIERFT",
             "HRA",
+            "VBLORA",
         }
         for peft_type, status, reason in rows:
             assert reason, peft_type

@@ -17,6 +17,7 @@ from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
 from .rotations import BOFT_TOKENS, HRA_TOKENS, OFT_TOKENS, boft_ops, hra_ops, oft_ops
 from .specs import Spec
 from .spectral import FOURIERFT_TOKENS, fourierft_ops
+from .vector_bank import VBLORA_SHARED, VBLORA_TOKENS, vblora_ops
 from .vectors import (
     IA3_TOKENS,
     LN_TUNING_TOKENS,
@@ -227,6 +228,14 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         hra_ops,
     ),
     _merged(
+        "VBLORA",
+        "B A on Linear and Conv1D, each factor's sub-vectors a top-k softmax mixture of the shared vblora_vector_bank "
+        "(full logits, or save_only_topk_weights)",
+        VBLORA_TOKENS,
+        vblora_ops,
+        VBLORA_SHARED,
+    ),
+    _merged(
         "LN_TUNING",
         "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
         LN_TUNING_TOKENS,
@@ -264,7 +273,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "FROD",
             "PVERA",
             "GLORA",
-            "VBLORA",
             "UNILORA",
             "MISS",
             "BONE",
