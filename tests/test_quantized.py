@@ -435,3 +435,34 @@ def test_requantize_refuses_what_transformers_cannot_write(bases, opened):
     odd = resolve_shapes(detect_quantization({}, header_of(state)), dict_reader(state))
     with pytest.raises(UnsupportedQuantizationError, match="blocks of 64"):
         bnb_settings(odd)
+
+
+# --- streaming: a row block reads about a row block ------------------------------------------------------
+
+
+class _RecordingReader:
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.read, self.calls = dict_reader(state), []
+
+    def __call__(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        self.calls.append((name, start, stop))
+        return self.read(name, start, stop)
+
+    def rows(self, name: str) -> int:
+        return sum(stop - start for n, start, stop in self.calls if n == name and stop is not None)
+
+
+@pytest.mark.parametrize(("start", "stop"), [(200, 231), (0, 1), (511, 512)])
+def test_a_row_block_reads_only_its_quantization_blocks(start, stop):
+    torch.manual_seed(0)
+    rows, cols = 512, 96  # 768 blocks of 64 values, three nested blocks of 256: more than any bound below
+    state = bnb4_state(torch.randn(rows, cols), "w", blocksize=64, quant_type="nf4", compress_statistics=True)
+    qbase = resolve_shapes(detect_quantization({}, header_of(state)), dict_reader(state))
+    reader = _RecordingReader(state)
+    dequantize_rows(qbase.tensors["w"], reader, start, stop)
+    values = (stop - start) * cols
+    assert reader.rows("w") <= values // 2 + 64  # packed bytes: the rows plus at most a block on each side
+    assert reader.rows("w.absmax") <= 2 * 256  # 8-bit absmax codes travel in whole nested blocks of 256
+    assert reader.rows("w.nested_absmax") <= 2
+    whole = {name for name, _, stop_ in reader.calls if stop_ is None}
+    assert whole == {"w.nested_quant_map"}  # 256 floats; nothing weight-sized is ever read whole
