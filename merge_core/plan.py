@@ -18,6 +18,7 @@ from .formats import refuse_foreign
 from .layouts import model_names
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
+from .plan_heads import apply_head, head_output, is_task_head
 from .plan_lora import LoraTarget, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
@@ -98,6 +99,11 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     replaced: dict[str, str] = {}
     for module_tensor, key in inp.adapter.replacements.items():
         target = inp.resolve(module_tensor)
+        if target is None and is_task_head(module_tensor, inp.config.task_type):
+            spec = inp.adapter.specs[key]  # a head the base lacks: the merged model gains it
+            starts[module_tensor] = PlannedTensor(module_tensor, ST_FROM_DTYPE.get(spec.dtype, "F32"), spec.shape)
+            replaced[module_tensor] = key
+            continue
         if target is None:
             raise inp.not_found(module_tensor.rsplit(".", 1)[0], module_tensor)
         spec, start = inp.adapter.specs[key], starts[target]
@@ -157,12 +163,13 @@ def _untie(inp: _Inputs, touched: set[str], notes: list[str]) -> bool:
 def _tensor_plans(inp: _Inputs, starts: dict[str, PlannedTensor], replaced: dict[str, str], *, untie: bool,
                   out_dtype: str) -> dict[str, OutputTensorPlan]:
     """One plan per output tensor, in file order, starting from the base (or the adapter's copy)."""
-    order = [n for n in inp.base.tensors if n in starts] + ([OUTPUT_EMBEDDING_NAME] if untie else [])
+    added = [n for n in replaced if n not in inp.base.tensors and n not in inp.virtual]
+    order = [n for n in inp.base.tensors if n in starts] + added + ([OUTPUT_EMBEDDING_NAME] if untie else [])
     quantized = inp.base.quant.tensors if inp.base.quant is not None else {}
     plans: dict[str, OutputTensorPlan] = {}
     for name in order:
         start = starts[name]
-        source = inp.base.tensors.get(name) or inp.virtual[name]
+        source = inp.base.tensors.get(name) or inp.virtual.get(name)
         plans[name] = OutputTensorPlan(
             name=name,
             dtype=out_dtype if start.dtype in _FLOAT_DTYPES else start.dtype,
@@ -196,9 +203,9 @@ def _module_plans(inp: _Inputs, plans: dict[str, OutputTensorPlan], replaced: di
     return modules
 
 
-def plan_merge(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions) -> MergePlan:
+def plan_merge(base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions) -> MergePlan:
     """Every decision about merging ``adapter`` into ``base``, from metadata only."""
-    inp = _inputs(base, config, adapter, options)
+    inp = _inputs(base, adapter_config, adapter, options)
     notes: list[str] = [base.quant.describe()] if base.quant is not None else []
     out_dtype = output_dtype(base, options)
     starts = _starts(inp, out_dtype)
@@ -211,10 +218,14 @@ def plan_merge(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeig
         check_vocab(plans, inp.embed)
     vocab = plans[inp.embed].shape[0] if inp.embed in plans else None
     tensors = list(plans.values())
+    config = output_config(_source_config(base), vocab=vocab, out_dtype=out_dtype, untie=untie, notes=notes)
+    head = head_output(replaced, adapter_config.task_type)
+    if head is not None:
+        apply_head(config, task_type=adapter_config.task_type, head_rows=plans[head].shape[0], notes=notes)
     return MergePlan(
-        base=base, adapter_config=config, adapter=adapter, options=options, output_dtype=out_dtype,
+        base=base, adapter_config=adapter_config, adapter=adapter, options=options, output_dtype=out_dtype,
         tensors=tensors, shards=shard(tensors, options.max_shard_size), modules=modules,
-        config=output_config(_source_config(base), vocab=vocab, out_dtype=out_dtype, untie=untie, notes=notes),
+        config=config,
         copy_files=files_to_copy(base.path, adapter.path, notes), notes=notes,
         warnings=_warnings(inp),
     )
