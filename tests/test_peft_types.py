@@ -174,6 +174,10 @@ class TestEqualsPeftMerge:
         assert changed, "the adapter must change the model, or the comparison proves nothing"
         assert set(results[1]) == changed
         assert max_relative_error(case, results) <= EXACT
+        # Specs are plain data: a plan holding them can cross a process boundary (ZeroGPU workers).
+        specs = plan_adapter(case.config_raw, case.shapes, resolver(case))
+        assert pickle.loads(pickle.dumps(specs)) == specs
+        assert all(spec.describe() for module_specs in specs.values() for spec in module_specs)
 
     def test_adalora_pruned_ranks_keep_init_r_scaling(self, tmp_path: Path) -> None:
         from peft import AdaLoraConfig

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -354,20 +355,18 @@ class SvdTruncationSpec:
         return f"kasa svd-truncation r={self.rank}"
 
 
-Spec = (
-    AddSpec
-    | LowRankSpec
-    | HadamardSpec
-    | KroneckerSpec
-    | ScaleSpec
-    | OftSpec
-    | BoftSpec
-    | HraSpec
-    | ReplaceRowsSpec
-    | ReplaceSpec
-    | ExpertLowRankSpec
-    | SvdTruncationSpec
-)
+class Spec(Protocol):
+    """What every spec offers: the module and tensor it changes, its row op, and a few words for the report."""
+
+    @property
+    def module(self) -> str: ...
+
+    @property
+    def tensor(self) -> str: ...
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype: torch.dtype = torch.float64) -> RowOp: ...
+
+    def describe(self) -> str: ...
 
 
 def needs_base(spec: Spec) -> bool:

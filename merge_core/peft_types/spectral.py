@@ -86,4 +86,4 @@ def fourierft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
         )
     seed = number(config, "random_loc_seed", 777, kind=int)
     scale = number(config, "scaling", 150.0)
-    return [FourierSpec(module.name, "weight", key, seed, out_f, in_f, scale, module.stored_transposed)]  # type: ignore[list-item]
+    return [FourierSpec(module.name, "weight", key, seed, out_f, in_f, scale, module.stored_transposed)]

@@ -89,7 +89,7 @@ def vblora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
             a,
             b,
             context.shared["vblora_vector_bank"],
-            topk,  # type: ignore[list-item]
+            topk,
             module.stored_transposed,
         )
     ]
