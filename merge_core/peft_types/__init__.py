@@ -4,19 +4,27 @@ The planner asks the registry for plain-data specs per adapted module; the execu
 ``RowOp`` and applies it to every float64 row block of the stored base tensor, in order, before the one
 rounding. Example::
 
-    from merge_core.peft_types import ModuleInput, load_ops, plan_adapter
+    from merge_core.peft_types import ModuleInput, apply_all_, load_ops, plan_adapter
 
-    def resolve(module, keys):  # the planner's own name mapping and base shapes
-        w = base_shapes[module + ".weight"]
-        return ModuleInput(module, keys, w, stored_transposed=is_conv1d, has_bias=module + ".bias" in base_shapes)
+    def resolve(module, keys):  # module: the adapter's name for it; the planner maps it to the checkpoint
+        w = base_shapes[checkpoint_name(module) + ".weight"]
+        return ModuleInput(module, keys, w, stored_transposed=is_conv1d, has_bias=...)
 
     per_module = plan_adapter(config_raw, adapter_shapes, resolve)   # {module: [spec, ...]}
     for module, specs in per_module.items():
         for tensor in {s.tensor for s in specs}:  # "weight", "bias", or a target_parameters name
-            ops = load_ops([s for s in specs if s.tensor == tensor], adapter.tensor, device=dev, dtype=torch.float64)
+            ops = load_ops([s for s in specs if s.tensor == tensor], adapter.tensor, device=dev,
+                           read_base=lambda: whole_base_tensor)  # read_base: KaSA only (needs_base)
             for a, b in row_blocks(n_rows, step):
                 block = base_rows(a, b).to(torch.float64)
                 apply_all_(block, a, ops)   # then round once to the output dtype
+
+Ops are applied in list order. Replacements of whole rows or tensors (trainable tokens, LN tuning) and
+multiplicative ops (IA3, OFT, BOFT, HRA) do not commute with other updates of the same tensor: order
+several adapters on one tensor as PEFT would merge them. Adapter keys no record claims
+(``record.unclaimed_keys``) are modules_to_save copies, saved embeddings or trained biases for the LoRA
+planner's replacement rules. Trainable tokens on an embedding tied to the output layer: apply the same
+specs to the output embedding when the checkpoint stores it as its own tensor.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ ModuleKeys = dict[str, str]  # role ("hada_w1_a", "lora_A@1", "lora_B.bias") -> 
 class ModuleInput:
     """What the planner knows about one adapted module when asking for its specs.
 
+    ``name`` is the module's name as the adapter spells it (without ``base_model.model.``), not the base
+    checkpoint's: PEFT matches rank_pattern, alpha_pattern and the other per-module config keys against it.
+
     ``base_shape`` is the shape of the module's stored weight (or, for LoRA's target_parameters, of the
     parameter named by the spec); ``stored_transposed`` says the weight is stored (in, out) as
     transformers' Conv1D does (or, for a 3-D expert parameter, that the module is ``is_transposed``).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import UnsupportedAdapterError
-from .common import AdapterContext, ModuleInput, ModuleKeys, Shape, parse_keys, split_key
+from .common import AdapterContext, ModuleInput, ModuleKeys, Shape, parse_keys
 from .lora_family import ADALORA_TOKENS, LORA_TOKENS, adalora_ops, lora_ops
 from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
 from .rotations import BOFT_TOKENS, HRA_TOKENS, OFT_TOKENS, boft_ops, hra_ops, oft_ops
@@ -133,7 +133,7 @@ def _lora_variant_ops(module: ModuleInput, context: AdapterContext) -> list[Spec
 
 
 def unsupported(record: PeftTypeRecord) -> UnsupportedAdapterError:
-    return UnsupportedAdapterError(f"This is a {record.peft_type} adapter, which cannot be merged: {record.reason}.")
+    return UnsupportedAdapterError(f"This tool cannot merge this {record.peft_type} adapter: {record.reason}.")
 
 
 def _merged(peft_type: str, reason: str, tokens: tuple[str, ...], ops: ModuleOps, shared=()) -> PeftTypeRecord:
@@ -319,9 +319,3 @@ def peft_type_support() -> list[tuple[str, Status, str]]:
         record = REGISTRY.get(member.value) or _refused(member.value, _NOT_YET)
         rows.append((member.value, record.status, record.reason))
     return rows
-
-
-def module_of(key: str, record: PeftTypeRecord) -> str | None:
-    """The module an adapter key belongs to under ``record``'s naming, or None."""
-    found = split_key(key, record.tokens)
-    return found[0] if found else None
