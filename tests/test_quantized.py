@@ -19,12 +19,14 @@ from merge_core.quant import (
     QuantKind,
     bnb_settings,
     checkpoint_reader,
+    config_shapes,
     dequantize_rows,
     dequantize_tensor,
     detect_quantization,
     plain_config,
     requantize,
     resolve_shapes,
+    with_shape_hints,
 )
 from merge_core.safetensors_io import OpenFiles, read_tensor
 from tests.factories import make_adapter
@@ -127,6 +129,19 @@ class TestDetection:
         facts = qbase.facts()
         assert facts["quant_types"] == [kind] and facts["double_quant"] == [double] and facts["blocksizes"] == [64]
         assert json.loads(json.dumps(facts)) == facts
+
+    def test_shapes_from_the_config_before_any_data_is_read(self, bases):
+        base = load_base_checkpoint(bases["nf4-dq"])
+        plain = load_base_checkpoint(bases["float"])
+        qbase = detect_quantization(base.config, base.tensors)
+        hinted = with_shape_hints(qbase, config_shapes(base.config))
+        want = {n: plain.tensors[n].info.shape for n in qbase.tensors}
+        assert {lt.name: lt.shape for lt in hinted.logical_tensors()} == want
+        assert not hinted.resolved  # the blocksize and nesting still come from the quant states
+        name = "model.layers.0.mlp.up_proj.weight"
+        wrong = with_shape_hints(qbase, {name: (64, 64)})  # holds 128x64 values: a hint that does not fit is ignored
+        assert wrong.tensors[name].shape is None
+        assert config_shapes({"model_type": "no-such-model"}) == {}
 
     def test_compute_dtype_is_the_default_output_dtype(self, bases):
         base = load_base_checkpoint(bases["nf4"])

@@ -70,7 +70,8 @@ class QuantizedTensor:
 
     @property
     def resolved(self) -> bool:
-        return self.shape is not None
+        """Everything dequantization needs is known (a 4-bit shape from hints alone is not enough)."""
+        return self.shape is not None and (self.kind is not QuantKind.BNB_4BIT or self.bnb4 is not None)
 
     def fits_shape(self, shape: tuple[int, ...]) -> bool:
         """Whether this weight can be ``shape``: exact once resolved, from the stored byte count before.
