@@ -104,7 +104,11 @@ def repo_not_found(repo_id: str) -> HubError:
 
 
 class HubState:
-    """Everything the Hub knows. Public methods take the lock; ``base_url`` is where the Hub is served."""
+    """Everything the Hub knows; ``base_url`` is where it is served (links in answers point there).
+
+    Setup and read-back methods take ``lock`` themselves; rules and changes expect the caller to hold
+    it (``operations`` does), so that a check and the change it allows happen under one lock.
+    """
 
     def __init__(self, root: Path, base_url: str = "http://hub.invalid") -> None:
         self.base_url = base_url
@@ -234,7 +238,7 @@ class HubState:
                 for c in repo.commits.values()
             ]
 
-    # --- rules ----------------------------------------------------------------------------------
+    # --- rules (call with the lock held) ---------------------------------------------------------
 
     def caller(self, token: str | None) -> TokenInfo | None:
         """Who a bearer token belongs to; unknown tokens read as anonymous, as on the Hub."""
