@@ -36,6 +36,7 @@ def _configs():
     from peft import (
         AdaLoraConfig,
         BOFTConfig,
+        HiraConfig,
         HRAConfig,
         IA3Config,
         LNTuningConfig,
@@ -119,6 +120,8 @@ def _configs():
             llama_config(),
             VBLoRAConfig(target_modules=["q_proj", "down_proj"], r=4, vector_length=8, num_vectors=16, topk=3),
         ),
+        "hira": (llama_config(), HiraConfig(target_modules=["q_proj", "down_proj", "embed_tokens"], r=4)),
+        "hira-conv1d": (gpt2_config(), HiraConfig(target_modules=["c_attn", "mlp.c_proj"], r=4, fan_in_fan_out=True)),
         "ln-tuning": (gpt2_config(), LNTuningConfig(target_modules=["ln_1", "ln_f"])),
         "lora-bdlora": (
             llama_config(),
@@ -315,6 +318,7 @@ class TestRefusals:
             "FOURIERFT",
             "HRA",
             "VBLORA",
+            "HIRA",
         }
         for peft_type, status, reason in rows:
             assert reason, peft_type

@@ -1,8 +1,8 @@
-"""AdaLoRA and the LoRA variants the LoRA planner lacks: block-diagonal LoRA, KaSA, LoRA on nn.Parameter.
+"""AdaLoRA, HiRA and the LoRA variants the LoRA planner lacks: block-diagonal LoRA, KaSA, LoRA on nn.Parameter.
 
-All are additive low-rank deltas: scale * left @ right in the stored orientation, with the factors
-assembled at load time from the adapter's tensors (AdaLoRA's singular values, KaSA's diagonal, bdlora's
-blocks).
+All are low-rank products in the stored orientation, scale * left @ right, with the factors assembled at
+load time from the adapter's tensors (AdaLoRA's singular values, KaSA's diagonal, bdlora's blocks); HiRA
+multiplies the base weight elementwise by its product instead of adding it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from .common import (
     pattern_value,
     refuse,
     require,
+    require_matrix,
 )
-from .specs import AddSpec, ExpertLowRankSpec, Factor, LowRankSpec, Spec, SvdTruncationSpec
+from .specs import AddSpec, ExpertLowRankSpec, Factor, HiraSpec, LowRankSpec, Spec, SvdTruncationSpec
 
 ADALORA_TOKENS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "ranknum")
+HIRA_TOKENS = ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B")
 LORA_TOKENS = ("lora_A", "lora_B", "lora_diag", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 
 
@@ -177,3 +179,22 @@ def _parameter_spec(module: ModuleInput, context: AdapterContext, param: str, a:
     else:
         raise mismatch(where, f"LoRA maps {in_f} -> {out_f} features but the parameter has shape {list(shape)}")
     return ExpertLowRankSpec(module.name, param, a, b, experts, r, scale, alpha, transposed)
+
+
+# --- HiRA ------------------------------------------------------------------------------------------------------
+
+
+def hira_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """W + W * (B @ A): the low-rank product gates the base weight elementwise (embeddings: (B @ A)^T)."""
+    embedding = "hira_embedding_A" in module.keys
+    prefix = "hira_embedding_" if embedding else "hira_"
+    a, b = require(module.name, module.keys, prefix + "A", prefix + "B")
+    if embedding:
+        rows, cols = require_matrix("HIRA", module)
+        out_f, in_f, transposed = cols, rows, True  # PEFT's embedding delta is (B @ A)^T, B (dim, r), A (r, rows)
+    else:
+        out_f, in_f = linear_features("HIRA", module)
+        transposed = module.stored_transposed
+    rank = _check_ab(module, context.shapes[a], context.shapes[b], in_f=in_f, out_f=out_f, what="HiRA")
+    left, right = _oriented(Factor(b), Factor(a), transposed)
+    return [HiraSpec(module.name, "weight", left, right, rank)]

@@ -57,6 +57,20 @@ class RowAdd:
 
 
 @dataclass
+class BaseHadamardRows:
+    """HiRA: block += block * (left[a:b] @ right), the low-rank product gating the base weight elementwise."""
+
+    left: Tensor
+    right: Tensor
+
+    def apply_(self, block: Tensor, row_start: int) -> Tensor:
+        gate = self.left[row_start : row_start + _rows(block)] @ self.right
+        x = _matrix(block)
+        x.addcmul_(x, gate)
+        return block
+
+
+@dataclass
 class HadamardRows:
     """LoHa: block += scale * (w1a[a:b] @ w1b) * (w2a[a:b] @ w2b)."""
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from ..errors import UnsupportedAdapterError
 from .common import AdapterContext, ModuleInput, ModuleKeys, Shape, parse_keys
-from .lora_family import ADALORA_TOKENS, LORA_TOKENS, adalora_ops, lora_ops
+from .lora_family import ADALORA_TOKENS, HIRA_TOKENS, LORA_TOKENS, adalora_ops, hira_ops, lora_ops
 from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
 from .rotations import BOFT_TOKENS, HRA_TOKENS, OFT_TOKENS, boft_ops, hra_ops, oft_ops
 from .specs import Spec
@@ -236,6 +236,13 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         VBLORA_SHARED,
     ),
     _merged(
+        "HIRA",
+        "W + W * (B A) on Linear, Conv1D (fan_in_fan_out) and Embedding ((B A)^T): the low-rank product gates the "
+        "base weight elementwise",
+        HIRA_TOKENS,
+        hira_ops,
+    ),
+    _merged(
         "LN_TUNING",
         "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
         LN_TUNING_TOKENS,
@@ -278,7 +285,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "BONE",
             "RANDLORA",
             "ROAD",
-            "HIRA",
             "SHIRA",
             "C3A",
             "WAVEFT",

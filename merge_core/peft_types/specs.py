@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .ops import (
+    BaseHadamardRows,
     ColumnRotation,
     ColumnScale,
     CopyRows,
@@ -109,6 +110,24 @@ class LowRankSpec(_Loader):
 
     def describe(self) -> str:
         return self.label
+
+
+@dataclass(frozen=True)
+class HiraSpec(_Loader):
+    """HiRA: tensor += tensor * (left @ right) elementwise, in the stored orientation."""
+
+    module: str
+    tensor: str
+    left: Factor
+    right: Factor
+    rank: int
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        left = self.left.build(read_tensor, device=device, dtype=dtype)
+        return BaseHadamardRows(left, self.right.build(read_tensor, device=device, dtype=dtype))
+
+    def describe(self) -> str:
+        return f"hira r={self.rank}"
 
 
 @dataclass(frozen=True)
