@@ -36,6 +36,8 @@ DTYPE_FROM_ST: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    # ue8m0 scales of some FP8 checkpoints: read so that detection can name the scheme it refuses.
+    "F8_E8M0": torch.float8_e8m0fnu,
 }
 ST_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_ST.items()}
 FLOAT_ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
