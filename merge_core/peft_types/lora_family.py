@@ -102,6 +102,8 @@ def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
         (diag,) = require(module.name, module.keys, "lora_diag")
         if module.stored_transposed:
             raise refuse("LORA", module.name, "uses KaSA on a weight stored (in, out), which PEFT refuses")
+        if r >= min(out_f, in_f):
+            raise mismatch(module.name, f"KaSA drops the {r} smallest singular components of a {out_f} x {in_f} weight")
         left = Factor(b, vector_key=diag, vector_axis=1)
         specs.append(SvdTruncationSpec(module.name, "weight", r))
         label += " kasa"
