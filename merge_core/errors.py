@@ -129,7 +129,8 @@ def explain_os_error(exc: OSError, action: str, path: object) -> str:
     import errno
 
     code = errno.errorcode.get(exc.errno or 0, "")
-    advice = _OS_ERROR_ADVICE.get(code, f"{exc.strerror or type(exc).__name__}; check the path and try again")
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ERROR_ADVICE.get(code, f"{detail}; check the path and try again")
     where = str(path)
     if len(where) > 160:
         where = where[:80] + "…" + where[-60:]

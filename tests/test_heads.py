@@ -15,8 +15,15 @@ from merge_core import merge_adapter
 def _bert_config(**kwargs):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=48, max_position_embeddings=64, **kwargs)
+    return BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        **kwargs,
+    )
 
 
 def _classifier_adapter(base: Path, out: Path, *, num_labels: int, model_cls) -> Path:
@@ -24,20 +31,28 @@ def _classifier_adapter(base: Path, out: Path, *, num_labels: int, model_cls) ->
 
     model = model_cls.from_pretrained(base, num_labels=num_labels, ignore_mismatched_sizes=True)
     torch.manual_seed(3)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
-                                                  target_modules=["query", "value"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
+        ),
+    )
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for _, p in peft_model.named_parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))  # train the LoRA factors and the saved head
     peft_model.save_pretrained(out)
     return out
 
 
-@pytest.mark.parametrize(("base_cls", "base_labels", "labels"), [
-    ("BertForPreTraining", None, 3),  # bert-base-uncased's layout: pooler and MLM heads, no classifier
-    ("BertForSequenceClassification", 2, 5),  # a head with another number of labels
-], ids=["head-missing", "head-resized"])
+@pytest.mark.parametrize(
+    ("base_cls", "base_labels", "labels"),
+    [
+        ("BertForPreTraining", None, 3),  # bert-base-uncased's layout: pooler and MLM heads, no classifier
+        ("BertForSequenceClassification", 2, 5),  # a head with another number of labels
+    ],
+    ids=["head-missing", "head-resized"],
+)
 def test_head_comes_with_the_adapter(tmp: Path, base_cls: str, base_labels: int | None, labels: int) -> None:
     import transformers
     from peft import PeftModel
@@ -46,7 +61,9 @@ def test_head_comes_with_the_adapter(tmp: Path, base_cls: str, base_labels: int 
     torch.manual_seed(0)
     config = _bert_config(**({"num_labels": base_labels} if base_labels else {}))
     getattr(transformers, base_cls)(config).save_pretrained(tmp / "base")
-    adapter = _classifier_adapter(tmp / "base", tmp / "adapter", num_labels=labels, model_cls=BertForSequenceClassification)
+    adapter = _classifier_adapter(
+        tmp / "base", tmp / "adapter", num_labels=labels, model_cls=BertForSequenceClassification
+    )
 
     report = merge_adapter(tmp / "base", adapter, tmp / "merged")
     merged_config = json.loads((tmp / "merged" / "config.json").read_text())
