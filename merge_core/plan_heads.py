@@ -27,7 +27,7 @@ def is_task_head(tensor: str, task_type: str | None) -> bool:
 
 
 def head_output(tensors: Iterable[str], task_type: str | None) -> str | None:
-    """The weight of the head's output layer among ``tensors``: ``classifier.weight``, ``classifier.out_proj.weight``."""
+    """The weight of the head's output layer: ``classifier.weight`` or ``classifier.out_proj.weight``."""
     weights = [t for t in tensors if is_task_head(t, task_type) and t.endswith(".weight")]
     for candidate in (w for w in weights if w.endswith("out_proj.weight")):
         return candidate
