@@ -47,10 +47,10 @@ class _Loader:
 class Factor:
     """One factor matrix built from adapter tensors at load time.
 
-    ``key`` is read and reshaped to ``shape`` (when given), optionally scaled along one axis by the vector
-    ``vector_key`` (VeRA's lambdas, AdaLoRA's singular values, KaSA's diagonal), cut to ``rows``/``cols``
-    (VeRA's shared projections are as large as the largest layer), expanded block-diagonally into
-    ``block_diag`` blocks (bdlora), and transposed last.
+    ``key`` is read (or, for VeRA's unsaved projections, ``generated``), cut to ``rows``/``cols`` (VeRA's
+    shared projections are as large as the largest layer), scaled along one axis by the vector
+    ``vector_key`` (VeRA's lambdas, AdaLoRA's singular values, KaSA's diagonal), expanded block-diagonally
+    into ``block_diag`` blocks (bdlora), and transposed last.
     """
 
     key: str
