@@ -329,6 +329,26 @@ class TestRefusals:
         for peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT"):
             assert "nothing to merge" in prompt[peft_type]
 
+    @pytest.mark.parametrize(
+        ("option", "value", "named"),
+        [
+            ("use_dora", True, "DoRA"),
+            ("arrow_config", {"top_k": 2}, "arrow_config"),
+            ("alora_invocation_tokens", [1, 2], "alora_invocation_tokens"),
+            ("use_qalora", True, "QA-LoRA"),
+        ],
+    )
+    def test_lora_variants_it_does_not_reproduce_are_refused_by_name(self, option: str, value, named: str) -> None:
+        keys = {"lora_A": "q.lora_A.weight", "lora_B": "q.lora_B.weight"}
+        shapes = {"q.lora_A.weight": (2, 8), "q.lora_B.weight": (8, 2)}
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
+        lora = record_for("LORA")
+        assert lora.module_ops("q", keys, config, (8, 8), stored_transposed=False, adapter_shapes=shapes)
+        with pytest.raises(UnsupportedAdapterError, match=f"^q: this LORA adapter uses .*{named}"):
+            lora.module_ops(
+                "q", keys, {**config, option: value}, (8, 8), stored_transposed=False, adapter_shapes=shapes
+            )
+
     def test_shape_mismatch_names_the_module(self) -> None:
         keys = {r: f"m.{r}" for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
         shapes = {"m.hada_w1_a": (8, 2), "m.hada_w1_b": (2, 4), "m.hada_w2_a": (8, 2), "m.hada_w2_b": (2, 4)}

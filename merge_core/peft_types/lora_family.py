@@ -77,8 +77,42 @@ def _lora_scale(config: Mapping[str, Any], key: str) -> tuple[int, float, float]
     return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
+_STRUCTURAL = {
+    "use_qalora": "QA-LoRA (its update pools input groups)",
+    "layer_replication": "layer replication (it duplicates layers)",
+    "megatron_config": "Megatron-parallel LoRA",
+}
+
+
+def requested_variants(config: Mapping[str, Any]) -> list[str]:
+    """The LoRA variants the config turns on, read the way PEFT's resolve_lora_variant reads them."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    found = []
+    for f in dataclasses.fields(LoraConfig):
+        if f.name == "init_lora_weights":
+            found += [v for v in f.metadata.get("lora_variants", ()) if config.get(f.name) == v]
+        elif f.metadata.get("is_lora_variant") and config.get(f.name) not in (None, False, {}, [], ""):
+            found.append(f.name)
+    return found
+
+
+def _check_lora_options(module: str, config: Mapping[str, Any]) -> None:
+    for name in requested_variants(config):
+        if name == "use_dora":
+            raise refuse("LORA", module, "uses DoRA, which the LoRA planner (plan_lora) merges, not this registry")
+        if name not in ("use_bdlora", "kasa_config"):
+            raise refuse("LORA", module, f"uses the LoRA variant {name}, whose merge this tool does not reproduce")
+    for name, what in _STRUCTURAL.items():
+        if config.get(name) not in (None, False, {}, [], ""):
+            raise refuse("LORA", module, f"uses {what}")
+
+
 def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     """LoRA with use_bdlora, kasa_config or lora_bias on a Linear-like layer, or LoRA on nn.Parameter."""
+    _check_lora_options(module.name, context.config)
     if module.params:
         return parameter_ops(module, context)
     for role, what in (("lora_magnitude_vector", "uses DoRA"), ("lora_embedding_A", "targets an embedding")):
