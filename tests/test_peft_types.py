@@ -336,6 +336,7 @@ class TestRefusals:
             ("arrow_config", {"top_k": 2}, "arrow_config"),
             ("alora_invocation_tokens", [1, 2], "alora_invocation_tokens"),
             ("use_qalora", True, "QA-LoRA"),
+            ("init_lora_weights", "olora", "init_lora_weights='olora'"),
         ],
     )
     def test_lora_variants_it_does_not_reproduce_are_refused_by_name(self, option: str, value, named: str) -> None:
@@ -344,7 +345,7 @@ class TestRefusals:
         config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2}
         lora = record_for("LORA")
         assert lora.module_ops("q", keys, config, (8, 8), stored_transposed=False, adapter_shapes=shapes)
-        with pytest.raises(UnsupportedAdapterError, match=f"^q: this LORA adapter uses .*{named}"):
+        with pytest.raises(UnsupportedAdapterError, match=f"^q: this LORA adapter .*{named}"):
             lora.module_ops(
                 "q", keys, {**config, option: value}, (8, 8), stored_transposed=False, adapter_shapes=shapes
             )

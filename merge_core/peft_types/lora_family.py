@@ -77,6 +77,7 @@ def _lora_scale(config: Mapping[str, Any], key: str) -> tuple[int, float, float]
     return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 _STRUCTURAL = {
     "use_qalora": "QA-LoRA (its update pools input groups)",
     "layer_replication": "layer replication (it duplicates layers)",
@@ -108,6 +109,16 @@ def _check_lora_options(module: str, config: Mapping[str, Any]) -> None:
     for name, what in _STRUCTURAL.items():
         if config.get(name) not in (None, False, {}, [], ""):
             raise refuse("LORA", module, f"uses {what}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        # PEFT re-runs these initialisations when it loads the adapter: the base becomes W - B0 A0 (computed
+        # from W) before the saved B A is added, so W + B A is not what PEFT merges.
+        raise refuse(
+            "LORA",
+            module,
+            f"was saved with init_lora_weights={init!r} without conversion to plain LoRA (PEFT rebuilds a residual "
+            "base when it loads it; convert it with PEFT's path_initial_model_for_weight_conversion)",
+        )
 
 
 def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
