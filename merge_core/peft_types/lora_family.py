@@ -77,7 +77,7 @@ def _lora_scale(config: Mapping[str, Any], key: str) -> tuple[int, float, float]
     return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _STRUCTURAL = {
     "use_qalora": "QA-LoRA (its update pools input groups)",
     "layer_replication": "layer replication (it duplicates layers)",
