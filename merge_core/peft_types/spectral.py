@@ -31,8 +31,10 @@ class SparseSpectrumRows:
     n_rows: int
 
     def apply_(self, block: Tensor, row_start: int) -> Tensor:
-        rows = torch.arange(row_start, row_start + block.shape[0], device=block.device, dtype=torch.float64)
-        angle = torch.outer(rows, self.row_freq.to(torch.float64)) * (2 * math.pi / self.n_rows)
+        rows = torch.arange(row_start, row_start + block.shape[0], device=block.device, dtype=torch.long)
+        # The phase p * u / M reduced modulo M in integers first: the angle stays below 2 pi, exact to float64.
+        turns = torch.outer(rows, self.row_freq.to(torch.long)) % self.n_rows
+        angle = turns.to(torch.float64) * (2 * math.pi / self.n_rows)
         phased = torch.polar(torch.ones_like(angle), angle) * self.values
         spectrum = torch.zeros(block.shape[0], block.shape[1], dtype=phased.dtype, device=block.device)
         spectrum.index_add_(1, self.col_freq, phased)
