@@ -22,9 +22,12 @@ class ModuleInput:
     ``name`` is the module's name as the adapter spells it (without ``base_model.model.``), not the base
     checkpoint's: PEFT matches rank_pattern, alpha_pattern and the other per-module config keys against it.
 
-    ``base_shape`` is the shape of the module's stored weight (or, for LoRA's target_parameters, of the
-    parameter named by the spec); ``stored_transposed`` says the weight is stored (in, out) as
-    transformers' Conv1D does (or, for a 3-D expert parameter, that the module is ``is_transposed``).
+    ``base_shape`` is the shape of the module's stored weight; ``stored_transposed`` says it is stored
+    (in, out) as transformers' Conv1D does; ``has_bias`` that the module stores a bias (IA3 scales it,
+    lora_bias adds to it). For LoRA's target_parameters, ``params`` lists the module's own parameters
+    (name -> stored shape) in the order the module registers them, which is the order PEFT wrapped
+    them in; ``base_shape`` is then unused and ``stored_transposed`` means the module is ``is_transposed``
+    (fused experts stored (experts, in, out), as gpt-oss does).
     """
 
     name: str
