@@ -350,6 +350,18 @@ class TestRefusals:
                 "q", keys, {**config, option: value}, (8, 8), stored_transposed=False, adapter_shapes=shapes
             )
 
+    def test_adalora_rank_must_be_what_its_rank_pattern_keeps(self) -> None:
+        from merge_core.errors import AdapterConfigError
+
+        keys = {"lora_A": "q.lora_A", "lora_B": "q.lora_B", "lora_E": "q.lora_E"}
+        shapes = {"q.lora_A": (3, 8), "q.lora_B": (8, 3), "q.lora_E": (3, 1)}
+        config = {"peft_type": "ADALORA", "init_r": 4, "rank_pattern": {"q.lora_E": [True, False, True, True]}}
+        adalora = record_for("ADALORA")
+        assert adalora.module_ops("q", keys, config, (8, 8), stored_transposed=False, adapter_shapes=shapes)
+        config["rank_pattern"] = {"q.lora_E": [True, False, False, True]}
+        with pytest.raises(AdapterConfigError, match="^q: adapter_config.json gives this module rank 2"):
+            adalora.module_ops("q", keys, config, (8, 8), stored_transposed=False, adapter_shapes=shapes)
+
     def test_shape_mismatch_names_the_module(self) -> None:
         keys = {r: f"m.{r}" for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
         shapes = {"m.hada_w1_a": (8, 2), "m.hada_w1_b": (2, 4), "m.hada_w2_a": (8, 2), "m.hada_w2_b": (2, 4)}

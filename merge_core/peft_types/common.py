@@ -130,8 +130,8 @@ def check_rank(module: str, saved: int, configured: int) -> None:
     """The rank in the weights must be the one the config gives the module (r, rank_pattern)."""
     if saved != configured:
         raise AdapterConfigError(
-            f"{module}: adapter_config.json says rank {configured} (r / rank_pattern) but the weights have rank "
-            f"{saved}; the config does not belong to these weights, save the adapter again with PEFT."
+            f"{module}: adapter_config.json gives this module rank {configured} but the weights have rank {saved}; "
+            "the config does not belong to these weights, save the adapter again with PEFT."
         )
 
 

@@ -58,14 +58,24 @@ def adalora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     rank = _check_ab(module, context.shapes[a], context.shapes[b], in_f=in_f, out_f=out_f, what="AdaLoRA")
     if tuple(context.shapes[e]) not in ((rank, 1), (rank,)):
         raise mismatch(module.name, f"lora_E has shape {list(context.shapes[e])}, expected [{rank}, 1]")
+    init_r = number(context.config, "init_r", 12, kind=int)
+    check_rank(module.name, rank, _adalora_rank(module.name, context.config, init_r))
     if rank == 0:
         return []  # every singular value was pruned: no change
-    init_r = number(context.config, "init_r", 12, kind=int)
     alpha = number(context.config, "lora_alpha", 8.0)
     scaling = alpha if alpha > 0 else float(rank)
     left, right = _oriented(Factor(b), Factor(a, vector_key=e, vector_axis=0), module.stored_transposed)
     scale = scaling / (init_r + 1e-5)
     return [LowRankSpec(module.name, "weight", left, right, scale, f"adalora r={rank} init_r={init_r} alpha={alpha:g}")]
+
+
+def _adalora_rank(module: str, config: Mapping[str, Any], init_r: int) -> int:
+    """The rank PEFT gives the module on load: the kept entries of its rank_pattern mask, else init_r."""
+    for name, mask in (config.get("rank_pattern") or {}).items():
+        name = name.removesuffix(".default").removesuffix(".lora_E")
+        if name == module and isinstance(mask, list):
+            return sum(bool(m) for m in mask)
+    return init_r
 
 
 # --- LoRA variants -------------------------------------------------------------------------------------------
