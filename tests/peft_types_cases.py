@@ -106,7 +106,13 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build_case(
-    folder: Path, model_config, peft_config, *, seed: int = 0, edit: Callable[[Any], None] | None = None
+    folder: Path,
+    model_config,
+    peft_config,
+    *,
+    seed: int = 0,
+    edit: Callable[[Any], None] | None = None,
+    reference_dtype: torch.dtype = torch.float64,
 ) -> Case:
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -127,8 +133,8 @@ def build_case(
         peft_model.save_pretrained(folder)
         fresh = AutoModelForCausalLM.from_config(model_config)
         fresh.load_state_dict(base_state, strict=False)
-        fresh.double()
-        reference = PeftModel.from_pretrained(fresh, folder).double()
+        fresh.to(reference_dtype)  # PiSSA and OLoRA re-initialise on load, which PEFT refuses in float64
+        reference = PeftModel.from_pretrained(fresh, folder).to(reference_dtype)
         merged = reference.merge_and_unload().state_dict()
     with safe_open(folder / "adapter_model.safetensors", "pt") as f:
         adapter = {k: f.get_tensor(k) for k in f.keys()}
@@ -137,7 +143,7 @@ def build_case(
         json.loads((folder / "adapter_config.json").read_text()),
         adapter,
         {k: v.double() for k, v in base_state.items()},
-        {k: v.detach().clone() for k, v in merged.items()},
+        {k: v.detach().double() for k, v in merged.items()},
         conv1d=model_config.model_type == "gpt2",
         experts_transposed=model_config.model_type == "gpt_oss",
     )

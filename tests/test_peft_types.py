@@ -233,6 +233,17 @@ class TestEqualsPeftMerge:
         assert set(results[1]) == _changed(case)
         assert max_relative_error(case, results) <= 1e-6
 
+    @pytest.mark.parametrize("init", ["pissa", "olora"])
+    def test_unconverted_pissa_and_olora_rebuild_peft_residual_base(self, init: str, tmp_path: Path) -> None:
+        # PEFT re-runs the initialisation on load (in float32, which it requires): base - B0 A0, then + B A.
+        from peft import LoraConfig
+
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=init)
+        case = build_case(tmp_path, llama_config(), config, reference_dtype=torch.float32)
+        results = streamed(case)
+        assert set(results[1]) == _changed(case)
+        assert max_relative_error(case, results) <= 1e-6
+
     @pytest.mark.parametrize("conv1d", [False, True])
     def test_fourierft_equals_peft_to_float32_and_its_formula_in_float64(self, conv1d: bool, tmp_path: Path) -> None:
         # PEFT forms its dense spectrum and ifft2 in float32; the same formula in float64 is matched exactly.
@@ -336,7 +347,7 @@ class TestRefusals:
             ("arrow_config", {"top_k": 2}, "arrow_config"),
             ("alora_invocation_tokens", [1, 2], "alora_invocation_tokens"),
             ("use_qalora", True, "QA-LoRA"),
-            ("init_lora_weights", "olora", "init_lora_weights='olora'"),
+            ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
         ],
     )
     def test_lora_variants_it_does_not_reproduce_are_refused_by_name(self, option: str, value, named: str) -> None:

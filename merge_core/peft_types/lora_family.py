@@ -23,7 +23,7 @@ from .common import (
     require,
     require_matrix,
 )
-from .specs import AddSpec, ExpertLowRankSpec, Factor, HiraSpec, LowRankSpec, Spec, SvdTruncationSpec
+from .specs import AddSpec, BaseResidualSpec, ExpertLowRankSpec, Factor, HiraSpec, LowRankSpec, Spec
 
 ADALORA_TOKENS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "ranknum")
 HIRA_TOKENS = ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B")
@@ -87,7 +87,11 @@ def _lora_scale(config: Mapping[str, Any], key: str) -> tuple[int, float, float]
     return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# PEFT re-runs these initialisations when it loads an unconverted adapter, replacing the base by a residual
+# before the saved B A is added. PiSSA (full SVD) and OLoRA (QR) are deterministic and reproduced; PiSSA with
+# niter draws a random sketch, CorDA needs calibration data, LoftQ quantizes, LoRA-GA needs gradients.
+_RESIDUAL_INITS = ("pissa", "olora")
+_BASE_CHANGING_INITS = ("pissa_niter", "corda", "loftq", "lora_ga")
 _STRUCTURAL = {
     "use_qalora": "QA-LoRA (its update pools input groups)",
     "layer_replication": "layer replication (it duplicates layers)",
@@ -121,8 +125,6 @@ def _check_lora_options(module: str, config: Mapping[str, Any]) -> None:
             raise refuse("LORA", module, f"uses {what}")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        # PEFT re-runs these initialisations when it loads the adapter: the base becomes W - B0 A0 (computed
-        # from W) before the saved B A is added, so W + B A is not what PEFT merges.
         raise refuse(
             "LORA",
             module,
@@ -132,7 +134,8 @@ def _check_lora_options(module: str, config: Mapping[str, Any]) -> None:
 
 
 def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
-    """LoRA with use_bdlora, kasa_config or lora_bias on a Linear-like layer, or LoRA on nn.Parameter."""
+    """LoRA with use_bdlora, kasa_config, lora_bias or an unconverted PiSSA/OLoRA init on a Linear-like layer,
+    or LoRA on nn.Parameter."""
     _check_lora_options(module.name, context.config)
     if module.params:
         return parameter_ops(module, context)
@@ -160,8 +163,12 @@ def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
         if r >= min(out_f, in_f):
             raise mismatch(module.name, f"KaSA drops the {r} smallest singular components of a {out_f} x {in_f} weight")
         left = Factor(b, vector_key=diag, vector_axis=1)
-        specs.append(SvdTruncationSpec(module.name, "weight", r))
+        specs.append(BaseResidualSpec(module.name, "weight", r, "kasa"))
         label += " kasa"
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() in _RESIDUAL_INITS:
+        specs.append(_residual(module, init.lower(), r, scale, out_f=out_f, in_f=in_f))
+        label += f" {init.lower()}"
     left, right = _oriented(left, right, module.stored_transposed)
     specs.append(LowRankSpec(module.name, "weight", left, right, scale, label))
     if "lora_B.bias" in module.keys:
@@ -169,6 +176,14 @@ def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
             raise mismatch(module.name, "the adapter trains a bias (lora_bias) but the base layer has none")
         specs.append(AddSpec(module.name, "bias", module.keys["lora_B.bias"], scale))
     return specs
+
+
+def _residual(module: ModuleInput, kind: str, r: int, scale: float, *, out_f: int, in_f: int) -> Spec:
+    if kind == "olora" and module.stored_transposed:
+        raise refuse("LORA", module.name, "uses OLoRA on a weight stored (in, out), which PEFT initialises wrongly")
+    if r > min(out_f, in_f):
+        raise mismatch(module.name, f"{kind} takes {r} components of a {out_f} x {in_f} weight")
+    return BaseResidualSpec(module.name, "weight", r, kind, scale)
 
 
 def _bdlora_blocks(module: ModuleInput, config: Mapping[str, Any], a_shape, b_shape, *, in_f: int, out_f: int) -> int:

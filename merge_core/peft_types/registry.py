@@ -159,7 +159,8 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         "plain LoRA, rsLoRA, DoRA and embeddings by the LoRA planner; here the variants it lacks: "
         "use_bdlora (block-diagonal A or B, expanded to full factors), kasa_config (scale * B diag(lora_diag) A "
         "on the base minus its r smallest singular components), lora_bias, target_parameters (nn.Parameter, "
-        "3-D fused experts) and trainable_token_indices; scale alpha/r (alpha/sqrt(r) with use_rslora) with "
+        "3-D fused experts), trainable_token_indices, and unconverted init_lora_weights='pissa'/'olora' (the "
+        "residual base PEFT rebuilds on load); scale alpha/r (alpha/sqrt(r) with use_rslora) with "
         "rank_pattern/alpha_pattern",
         LORA_TOKENS,
         _lora_variant_ops,

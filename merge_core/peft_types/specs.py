@@ -343,16 +343,20 @@ class ExpertLowRankSpec(_Loader):
 
 
 @dataclass(frozen=True)
-class SvdTruncationSpec:
-    """KaSA: the base weight loses its ``rank`` smallest singular components (W - U_d S_d V_d^T).
+class BaseResidualSpec:
+    """The base minus a rank-r part of itself, as PEFT computes it when it loads the adapter.
 
-    Unlike every other spec this one needs the whole base tensor once, at load time, for its SVD:
-    ``load`` takes ``read_base`` (a function returning the full stored tensor).
+    KaSA drops the r smallest singular components; an unconverted PiSSA adapter the r largest (its B A
+    starts as exactly those); an unconverted OLoRA adapter scale * Q_r R_r of the QR of the stored weight.
+    Unlike every other spec this one needs the whole base tensor once, at load time: ``load`` takes
+    ``read_base`` (a function returning the full stored tensor).
     """
 
     module: str
     tensor: str
     rank: int
+    kind: str  # "kasa" | "pissa" | "olora"
+    scale: float = 1.0
     needs_base: bool = field(default=True, init=False)
 
     def load(
@@ -364,14 +368,17 @@ class SvdTruncationSpec:
         read_base: Callable[[], Tensor] | None = None,
     ) -> RowOp:
         if read_base is None:
-            raise ValueError(f"{self.module}: KaSA's truncation needs the base tensor; pass read_base.")
+            raise ValueError(f"{self.module}: the {self.kind} residual needs the base tensor; pass read_base.")
         weight = read_base().to(device=device, dtype=dtype)
+        if self.kind == "olora":
+            q, r = torch.linalg.qr(weight)
+            return LowRankRows(q[:, : self.rank].contiguous(), r[: self.rank].contiguous(), -self.scale)
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        keep = s.shape[0] - self.rank
-        return LowRankRows((u[:, keep:] * s[keep:]).contiguous(), vh[keep:].contiguous(), -1.0)
+        part = slice(s.shape[0] - self.rank, None) if self.kind == "kasa" else slice(0, self.rank)
+        return LowRankRows((u[:, part] * s[part]).contiguous(), vh[part].contiguous(), -1.0)
 
     def describe(self) -> str:
-        return f"kasa svd-truncation r={self.rank}"
+        return f"{self.kind} residual r={self.rank}"
 
 
 class Spec(Protocol):
