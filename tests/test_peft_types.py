@@ -36,6 +36,7 @@ def _configs():
     from peft import (
         AdaLoraConfig,
         BOFTConfig,
+        DeloraConfig,
         HiraConfig,
         HRAConfig,
         IA3Config,
@@ -122,6 +123,10 @@ def _configs():
         ),
         "hira": (llama_config(), HiraConfig(target_modules=["q_proj", "down_proj", "embed_tokens"], r=4)),
         "hira-conv1d": (gpt2_config(), HiraConfig(target_modules=["c_attn", "mlp.c_proj"], r=4, fan_in_fan_out=True)),
+        "delora": (
+            llama_config(),
+            DeloraConfig(target_modules=["q_proj", "down_proj"], r=4, rank_pattern={"q_proj": 2}),
+        ),
         "ln-tuning": (gpt2_config(), LNTuningConfig(target_modules=["ln_1", "ln_f"])),
         "lora-bdlora": (
             llama_config(),
@@ -330,6 +335,7 @@ class TestRefusals:
             "HRA",
             "VBLORA",
             "HIRA",
+            "DELORA",
         }
         for peft_type, status, reason in rows:
             assert reason, peft_type

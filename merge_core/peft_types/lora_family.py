@@ -23,9 +23,10 @@ from .common import (
     require,
     require_matrix,
 )
-from .specs import AddSpec, BaseResidualSpec, ExpertLowRankSpec, Factor, HiraSpec, LowRankSpec, Spec
+from .specs import AddSpec, BaseResidualSpec, DeloraSpec, ExpertLowRankSpec, Factor, HiraSpec, LowRankSpec, Spec
 
 ADALORA_TOKENS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "ranknum")
+DELORA_TOKENS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 HIRA_TOKENS = ("hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B")
 LORA_TOKENS = ("lora_A", "lora_B", "lora_diag", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 
@@ -270,3 +271,23 @@ def hira_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     rank = _check_ab(module, context.shapes[a], context.shapes[b], in_f=in_f, out_f=out_f, what="HiRA")
     left, right = _oriented(Factor(b), Factor(a), transposed)
     return [HiraSpec(module.name, "weight", left, right, rank)]
+
+
+# --- DeLoRA ----------------------------------------------------------------------------------------------------
+
+
+def delora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
+    """Normalised low-rank delta on Linear, its columns scaled by the base column norms saved with the adapter."""
+    if module.stored_transposed:
+        raise refuse("DELORA", module.name, "targets a weight stored (in, out), which PEFT does not wrap with DeLoRA")
+    out_f, in_f = linear_features("DELORA", module)
+    a, b, lam, w_norm = require(module.name, module.keys, "delora_A", "delora_B", "delora_lambda", "delora_w_norm")
+    rank = _check_ab(module, context.shapes[a], context.shapes[b], in_f=in_f, out_f=out_f, what="DeLoRA")
+    check_rank(
+        module.name,
+        rank,
+        int(pattern_value(context.config.get("rank_pattern"), module.name, number(context.config, "r", 8, kind=int))),
+    )
+    if math.prod(context.shapes[w_norm]) != in_f:
+        raise mismatch(module.name, f"delora_w_norm has {math.prod(context.shapes[w_norm])} entries, not {in_f}")
+    return [DeloraSpec(module.name, "weight", a, b, lam, w_norm, rank)]

@@ -12,7 +12,16 @@ from typing import Any, Literal
 
 from ..errors import UnsupportedAdapterError
 from .common import AdapterContext, ModuleInput, ModuleKeys, Shape, parse_keys
-from .lora_family import ADALORA_TOKENS, HIRA_TOKENS, LORA_TOKENS, adalora_ops, hira_ops, lora_ops
+from .lora_family import (
+    ADALORA_TOKENS,
+    DELORA_TOKENS,
+    HIRA_TOKENS,
+    LORA_TOKENS,
+    adalora_ops,
+    delora_ops,
+    hira_ops,
+    lora_ops,
+)
 from .lycoris import LOHA_TOKENS, LOKR_TOKENS, loha_ops, lokr_ops
 from .rotations import BOFT_TOKENS, HRA_TOKENS, OFT_TOKENS, boft_ops, hra_ops, oft_ops
 from .specs import Spec
@@ -244,6 +253,13 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         hira_ops,
     ),
     _merged(
+        "DELORA",
+        "B diag(lambda / r / (|A_i| |B^i|)) A on Linear, columns scaled by the base column norms saved in the adapter "
+        "(rank_pattern, lambda_pattern)",
+        DELORA_TOKENS,
+        delora_ops,
+    ),
+    _merged(
         "LN_TUNING",
         "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
         LN_TUNING_TOKENS,
@@ -290,7 +306,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "C3A",
             "WAVEFT",
             "OSF",
-            "DELORA",
             "GRALORA",
             "TINYLORA",
             "PSOFT",

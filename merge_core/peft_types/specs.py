@@ -113,6 +113,30 @@ class LowRankSpec(_Loader):
 
 
 @dataclass(frozen=True)
+class DeloraSpec(_Loader):
+    """DeLoRA: B diag(lambda / r / (|A_i| |B^i|)) A, each column scaled by the saved base column norm."""
+
+    module: str
+    tensor: str
+    a: str
+    b: str
+    lam: str
+    w_norm: str
+    rank: int
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        a, b = self._read(read_tensor, self.a, device, dtype), self._read(read_tensor, self.b, device, dtype)
+        lam = self._read(read_tensor, self.lam, device, dtype).reshape(-1)
+        w_norm = self._read(read_tensor, self.w_norm, device, dtype).reshape(-1)
+        # PEFT's _compute_delta, its norm floor included.
+        diag = lam / self.rank / (a.norm(dim=1).clamp(min=1e-4) * b.norm(dim=0).clamp(min=1e-4))
+        return LowRankRows((b * diag).contiguous(), (a * w_norm).contiguous(), 1.0)
+
+    def describe(self) -> str:
+        return f"delora r={self.rank}"
+
+
+@dataclass(frozen=True)
 class HiraSpec(_Loader):
     """HiRA: tensor += tensor * (left @ right) elementwise, in the stored orientation."""
 
