@@ -17,7 +17,7 @@ import torch
 from merge_core.errors import ShapeMismatchError, UnsupportedAdapterError
 from merge_core.peft_types import REGISTRY, peft_type_support, plan_adapter, record_for
 from merge_core.peft_types.ops import ColumnRotation
-from merge_core.peft_types.specs import BoftSpec
+from merge_core.peft_types.orthogonal import BoftSpec
 from tests.peft_types_cases import (
     build_case,
     gpt2_config,

@@ -23,7 +23,8 @@ from .common import (
     require,
     require_matrix,
 )
-from .specs import AddSpec, BaseResidualSpec, DeloraSpec, ExpertLowRankSpec, Factor, HiraSpec, LowRankSpec, Spec
+from .lora_specs import BaseResidualSpec, DeloraSpec, ExpertLowRankSpec, HiraSpec
+from .specs import AddSpec, Factor, LowRankSpec, Spec
 
 ADALORA_TOKENS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B", "ranknum")
 DELORA_TOKENS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
 from .common import (
     AdapterContext,
     ModuleInput,
@@ -13,10 +18,58 @@ from .common import (
     refuse,
     require,
 )
-from .specs import HadamardSpec, KroneckerSpec, Spec
+from .ops import HadamardRows, KroneckerRows, RowOp
+from .specs import ReadTensor, Spec, TensorLoader, fmt_number
 
 LOHA_TOKENS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_TOKENS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+@dataclass(frozen=True)
+class HadamardSpec(TensorLoader):
+    """LoHa: tensor += scale * (w1a @ w1b) * (w2a @ w2b)."""
+
+    module: str
+    tensor: str
+    w1a: str
+    w1b: str
+    w2a: str
+    w2b: str
+    scale: float
+    rank: int
+    alpha: float
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        w = [self._read(read_tensor, k, device, dtype) for k in (self.w1a, self.w1b, self.w2a, self.w2b)]
+        return HadamardRows(*w, scale=self.scale)
+
+    def describe(self) -> str:
+        return f"loha r={self.rank} alpha={fmt_number(self.alpha)}"
+
+
+@dataclass(frozen=True)
+class KroneckerSpec(TensorLoader):
+    """LoKr: tensor += scale * kron(w1, w2), each side a full matrix (key) or a product of two (key_a @ key_b)."""
+
+    module: str
+    tensor: str
+    w1: tuple[str, ...]  # (w1,) or (w1_a, w1_b)
+    w2: tuple[str, ...]
+    scale: float
+    rank: int
+    alpha: float
+
+    def _side(self, keys: tuple[str, ...], read_tensor: ReadTensor, device, dtype) -> Tensor:
+        parts = [self._read(read_tensor, k, device, dtype) for k in keys]
+        return parts[0] if len(parts) == 1 else parts[0] @ parts[1]
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        return KroneckerRows(
+            self._side(self.w1, read_tensor, device, dtype), self._side(self.w2, read_tensor, device, dtype), self.scale
+        )
+
+    def describe(self) -> str:
+        return f"lokr r={self.rank} alpha={fmt_number(self.alpha)}"
 
 
 def _rank_alpha(module: str, config) -> tuple[int, float]:

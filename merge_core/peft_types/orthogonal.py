@@ -1,18 +1,18 @@
-"""OFT and BOFT rotations from their saved parameters, by PEFT's own parametrisation code.
+"""OFT, BOFT and HRA specs: rotations from their saved parameters, by PEFT's own parametrisation code.
 
-Only the small (block_size x block_size) rotation blocks are formed; the row ops apply them segment by
-segment, so the (in x in) rotation matrix PEFT builds for its merge never exists here.
+Only the small (block_size x block_size) rotation blocks (or HRA's r vectors) are formed; the row ops apply
+them segment by segment, so the (in x in) matrix PEFT builds for its merge never exists here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .specs import BoftSpec, OftSpec
+from .ops import ColumnRotation, ReflectRows, RowOp
+from .specs import ReadTensor, TensorLoader
 
 
 def oft_blocks(spec: OftSpec, weight: Tensor) -> Tensor:
@@ -57,3 +57,72 @@ def boft_factors(spec: BoftSpec, weight: Tensor) -> list[tuple[Tensor | None, Te
             ).to(weight.device)
         factors.append((perm, rotations[i].transpose(1, 2).contiguous()))
     return factors
+
+
+@dataclass(frozen=True)
+class OftSpec(TensorLoader):
+    """OFT: the stored tensor times a block-diagonal rotation from the right (R^T for Linear, R for Embedding)."""
+
+    module: str
+    tensor: str
+    key: str
+    block_size: int
+    n_blocks: int
+    coft: bool
+    eps: float
+    block_share: bool
+    use_cayley_neumann: bool
+    num_cayley_neumann_terms: int
+    transpose: bool  # Linear: block @ R^T; Embedding: block @ R
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        blocks = oft_blocks(self, self._read(read_tensor, self.key, device, dtype))
+        return ColumnRotation([(None, blocks.transpose(1, 2).contiguous() if self.transpose else blocks)])
+
+    def describe(self) -> str:
+        share = " shared" if self.block_share else ""
+        return f"oft blocks={self.n_blocks}x{self.block_size}{share}" + (" coft" if self.coft else "")
+
+
+@dataclass(frozen=True)
+class BoftSpec(TensorLoader):
+    """BOFT: the stored (out, in) weight times the butterfly rotation's transpose from the right."""
+
+    module: str
+    tensor: str
+    key: str
+    block_size: int
+    block_num: int
+    n_factors: int
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        return ColumnRotation(boft_factors(self, self._read(read_tensor, self.key, device, dtype)))
+
+    def describe(self) -> str:
+        return f"boft blocks={self.block_num}x{self.block_size} butterfly={self.n_factors}"
+
+
+@dataclass(frozen=True)
+class HraSpec(TensorLoader):
+    """HRA: the stored (out, in) weight times r Householder reflections from the right."""
+
+    module: str
+    tensor: str
+    key: str
+    apply_gs: bool
+
+    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
+        u = self._read(read_tensor, self.key, device, dtype)
+        if not self.apply_gs:
+            return ReflectRows(u / u.norm(dim=0), sequential=True)
+        # PEFT's Gram-Schmidt: each column made orthogonal to the previous ones, then normalised.
+        columns: list[Tensor] = []
+        for i in range(u.shape[1]):
+            ui = u[:, i]
+            for q in columns:
+                ui = ui - (q @ ui) * q
+            columns.append(ui / ui.norm())
+        return ReflectRows(torch.stack(columns, dim=1), sequential=False)
+
+    def describe(self) -> str:
+        return "hra" + (" gram-schmidt" if self.apply_gs else "")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from .common import AdapterContext, ModuleInput, mismatch, peft_config, refuse, require, require_matrix
-from .specs import BoftSpec, HraSpec, OftSpec, ScaleSpec, Spec
+from .orthogonal import BoftSpec, HraSpec, OftSpec
+from .specs import ScaleSpec, Spec
 
 OFT_TOKENS = ("oft_R", "oft_embedding_R", "oft_r", "oft_s")
 BOFT_TOKENS = ("boft_R", "boft_s")
