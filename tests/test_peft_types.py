@@ -45,6 +45,7 @@ def _configs():
         LoKrConfig,
         LoraConfig,
         OFTConfig,
+        PveraConfig,
         TrainableTokensConfig,
         VBLoRAConfig,
         VeraConfig,
@@ -126,6 +127,11 @@ def _configs():
         "delora": (
             llama_config(),
             DeloraConfig(target_modules=["q_proj", "down_proj"], r=4, rank_pattern={"q_proj": 2}),
+        ),
+        "pvera-saved": (llama_config(), PveraConfig(target_modules=["q_proj", "up_proj", "down_proj"], r=3)),
+        "pvera-regenerated-conv1d": (
+            gpt2_config(),
+            PveraConfig(target_modules=["c_attn", "c_fc"], r=3, save_projection=False, fan_in_fan_out=True),
         ),
         "ln-tuning": (gpt2_config(), LNTuningConfig(target_modules=["ln_1", "ln_f"])),
         "lora-bdlora": (
@@ -336,6 +342,7 @@ class TestRefusals:
             "VBLORA",
             "HIRA",
             "DELORA",
+            "PVERA",
         }
         for peft_type, status, reason in rows:
             assert reason, peft_type

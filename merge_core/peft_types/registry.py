@@ -31,14 +31,11 @@ from .vectors import (
     IA3_TOKENS,
     LN_TUNING_TOKENS,
     TOKENS_TOKENS,
-    VERA_SHARED,
-    VERA_TOKENS,
     ia3_ops,
     ln_tuning_ops,
     tokens_ops,
-    vera_largest,
-    vera_ops,
 )
+from .vera import PVERA_SHARED, PVERA_TOKENS, VERA_SHARED, VERA_TOKENS, largest_layer, pvera_ops, vera_ops
 
 Status = Literal["merged", "refused"]
 ModuleOps = Callable[[ModuleInput, AdapterContext], list[Spec]]
@@ -89,8 +86,8 @@ class PeftTypeRecord:
     ) -> AdapterContext:
         """The adapter-wide facts ``module_ops`` needs, from every module the planner resolved."""
         largest = None
-        if self.peft_type == "VERA" and modules:
-            largest = vera_largest({m.name: _out_in(m) for m in modules.values()})
+        if self.peft_type in ("VERA", "PVERA") and modules:
+            largest = largest_layer({m.name: _out_in(m) for m in modules.values()})
         return AdapterContext(config_raw, adapter_shapes, self.shared_keys(adapter_shapes), largest)
 
     def module_ops(
@@ -260,6 +257,14 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         delora_ops,
     ),
     _merged(
+        "PVERA",
+        "VeRA's delta with the first r rows (the means) of its 2r-row A and lambda_d, projections saved or regenerated "
+        "from projection_prng_key with PEFT's generator",
+        PVERA_TOKENS,
+        pvera_ops,
+        PVERA_SHARED,
+    ),
+    _merged(
         "LN_TUNING",
         "the targeted layers' weight and bias replaced by the trained copies saved in the adapter",
         LN_TUNING_TOKENS,
@@ -295,7 +300,6 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
             "BEFT",
             "LILY",
             "FROD",
-            "PVERA",
             "GLORA",
             "UNILORA",
             "MISS",

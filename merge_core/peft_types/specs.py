@@ -56,7 +56,8 @@ class Factor:
     cols: int | None = None
     block_diag: int = 0
     transpose: bool = False
-    generated: tuple[int, int, int, int, int] | None = None  # VeRA: (seed, r, max_in, max_out, which 0=A 1=B)
+    # VeRA/PVeRA: (kind, seed, rows of A, columns of B, largest in, largest out, which: 0 = A, 1 = B)
+    generated: tuple | None = None
 
     def build(self, read_tensor: ReadTensor, *, device, dtype) -> Tensor:
         t = _vera_projection(self.generated) if self.generated else read_tensor(self.key)
@@ -64,26 +65,30 @@ class Factor:
         t = t.to(device=device, dtype=dtype)
         if self.vector_key is not None:
             v = read_tensor(self.vector_key).to(device=device, dtype=dtype).reshape(-1)
+            v = v[: t.shape[self.vector_axis]]  # PVeRA keeps the first half of lambda_d
             t = t * (v.unsqueeze(1) if self.vector_axis == 0 else v.unsqueeze(0))
         if self.block_diag:
             t = torch.block_diag(*torch.chunk(t, self.block_diag, dim=0))
         return t.T.contiguous() if self.transpose else t.contiguous()
 
 
-def _vera_projection(generated: tuple[int, int, int, int, int]) -> Tensor:
-    seed, r, max_in, max_out, which = generated
-    return _vera_pair(seed, r, max_in, max_out)[which]
+def _vera_projection(generated: tuple) -> Tensor:
+    kind, seed, a_rows, b_cols, max_in, max_out, which = generated
+    return _vera_pair(kind, seed, a_rows, b_cols, max_in, max_out)[which]
 
 
 @functools.lru_cache(maxsize=2)
-def _vera_pair(seed: int, r: int, max_in: int, max_out: int) -> tuple[Tensor, Tensor]:
-    # PEFT draws vera_A then vera_B from one generator seeded with projection_prng_key, so B's values depend on
-    # A having been drawn first; cached because every module slices the same pair (never modified in place).
+def _vera_pair(kind: str, seed: int, a_rows: int, b_cols: int, max_in: int, max_out: int) -> tuple[Tensor, Tensor]:
+    # PEFT draws A then B from one generator seeded with projection_prng_key, so B's values depend on A having
+    # been drawn first; cached because every module slices the same pair (never modified in place).
     from peft.tuners.vera.model import _kaiming_init
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    vera_a = _kaiming_init((r, max_in), generator=generator)
-    return vera_a, _kaiming_init((max_out, r), generator=generator)
+    if kind == "pvera":  # PVeRA draws with torch's own kaiming_uniform_
+        a = torch.nn.init.kaiming_uniform_(torch.empty(a_rows, max_in), generator=generator)
+        return a, torch.nn.init.kaiming_uniform_(torch.empty(max_out, b_cols), generator=generator)
+    a = _kaiming_init((a_rows, max_in), generator=generator)
+    return a, _kaiming_init((max_out, b_cols), generator=generator)
 
 
 @dataclass(frozen=True)

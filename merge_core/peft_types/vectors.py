@@ -1,26 +1,23 @@
-"""IA3 (learned scaling vectors), VeRA (shared random projections scaled by learned vectors), trainable tokens."""
+"""IA3 (learned scaling vectors), trainable tokens (replaced rows), LN tuning (replaced tensors)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import AdapterConfigError, AdapterWeightsError
+from ..errors import AdapterConfigError
 from .common import (
     AdapterContext,
     ModuleInput,
     linear_features,
     mismatch,
-    peft_config,
     refuse,
     require,
     require_matrix,
 )
-from .specs import Factor, LowRankSpec, ReplaceRowsSpec, ReplaceSpec, ScaleSpec, Spec
+from .specs import ReplaceRowsSpec, ReplaceSpec, ScaleSpec, Spec
 
 IA3_TOKENS = ("ia3_l",)
-VERA_TOKENS = ("vera_lambda_b", "vera_lambda_d")
-VERA_SHARED = ("vera_A", "vera_B")
 TOKENS_TOKENS = ("trainable_tokens_delta",)
 LN_TUNING_TOKENS = ("ln_tuning_layers",)
 
@@ -61,75 +58,6 @@ def _is_feedforward(module: str, config: Mapping[str, Any]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
     return any(module == t or module.endswith("." + t) for t in targets)
-
-
-# --- VeRA ------------------------------------------------------------------------------------------------
-
-
-def vera_largest(modules: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
-    """(largest out_features, largest in_features) over VeRA's targets: the shared projections' size."""
-    return max(o for o, _ in modules.values()), max(i for _, i in modules.values())
-
-
-def vera_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
-    """(lambda_b * B[:out]) @ (lambda_d * A[:, :in]), transposed for Conv1D."""
-    out_f, in_f = linear_features("VERA", module)
-    lam_b, lam_d = require(module.name, module.keys, "vera_lambda_b", "vera_lambda_d")
-    r = context.shapes[lam_d][-1]
-    if tuple(context.shapes[lam_b])[-1] != out_f:
-        raise mismatch(module.name, f"vera_lambda_b has {context.shapes[lam_b][-1]} entries, the layer {out_f} outputs")
-    a, b = _vera_projections(context, r, module.name)
-    (a_rows, a_cols), (b_rows, b_cols) = _vera_shape(context, a, r, 0), _vera_shape(context, b, r, 1)
-    if a_rows != r or b_cols != r or a_cols < in_f or b_rows < out_f:
-        raise mismatch(
-            module.name,
-            f"VeRA's shared projections [{a_rows}, {a_cols}] and [{b_rows}, {b_cols}] do not "
-            f"cover this {in_f} -> {out_f} layer at rank {r}",
-        )
-    t = module.stored_transposed
-    left = Factor(b.key, lam_b, 0, rows=out_f, generated=b.generated)
-    right = Factor(a.key, lam_d, 0, cols=in_f, generated=a.generated)
-    if t:  # stored (in, out): delta^T = right^T @ left^T
-        left, right = _transposed(right), _transposed(left)
-    return [LowRankSpec(module.name, "weight", left, right, 1.0, f"vera r={r}")]
-
-
-def _transposed(f: Factor) -> Factor:
-    return Factor(f.key, f.vector_key, f.vector_axis, f.rows, f.cols, f.block_diag, not f.transpose, f.generated)
-
-
-def _vera_projections(context: AdapterContext, r: int, module: str) -> tuple[Factor, Factor]:
-    if "vera_A" in context.shared and "vera_B" in context.shared:
-        return Factor(context.shared["vera_A"]), Factor(context.shared["vera_B"])
-    config = peft_config("VERA", context.config)
-    if config.save_projection:
-        raise AdapterWeightsError(
-            f"{module}: adapter_config.json says save_projection=true but the file has no vera_A/vera_B; "
-            "the adapter file is incomplete, save it again with PEFT."
-        )
-    if context.largest is None:
-        raise AdapterConfigError(
-            f"{module}: VeRA's shared projections are not saved, and regenerating them needs the largest targeted "
-            "layer; plan the whole adapter with plan_adapter (or pass its context) instead of one module."
-        )
-    if r != config.r:
-        raise AdapterConfigError(f"{module}: adapter_config.json says r={config.r} but vera_lambda_d has {r} entries.")
-    out_max, in_max = context.largest
-    seed = int(config.projection_prng_key)
-    return (
-        Factor("vera_A (regenerated)", generated=(seed, r, in_max, out_max, 0)),
-        Factor("vera_B (regenerated)", generated=(seed, r, in_max, out_max, 1)),
-    )
-
-
-def _vera_shape(context: AdapterContext, f: Factor, r: int, which: int) -> tuple[int, int]:
-    if f.generated is not None:
-        _, r_, in_max, out_max, _ = f.generated
-        return (r_, in_max) if which == 0 else (out_max, r_)
-    shape = tuple(context.shapes[f.key])
-    if len(shape) != 2:
-        raise mismatch("VeRA", f"the shared projection {f.key} has shape {list(shape)}")
-    return shape[0], shape[1]
 
 
 # --- trainable tokens ---------------------------------------------------------------------------------------
