@@ -12,26 +12,14 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError, UnsupportedAdapterError
+from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError
 from .safetensors_io import SafetensorsFormatError, SafetensorsHeader, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
-SUPPORTED_PEFT_TYPES = ("LORA",)
-SUPPORTED_DESCRIPTION = "LoRA, including rsLoRA, DoRA, rank/alpha patterns, embedding LoRA and modules_to_save"
-
-# Options that change what a LoRA computes in ways a weight merge cannot reproduce (or that
-# we have not verified yet). Refusing is better than writing a subtly wrong model.
-_UNSUPPORTED_OPTIONS: dict[str, str] = {
-    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
-    "layer_replication": "layer replication",
-    "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "activated LoRA (aLoRA), whose effect depends on the prompt",
-    "use_bdlora": "block-diagonal LoRA",
-    "megatron_config": "Megatron-parallel LoRA",
-}
+# Which PEFT types and LoRA variants merge, and why the others do not, is merge_core.peft_types'
+# registry: one record per type.
 
 
 @dataclass
@@ -137,9 +125,19 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:60] + "…" + text[-15:]
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# OFT/BOFT size their blocks by oft_block_size and save r = 0; a rank of 0 is only wrong for LoRA.
+_OTHER_TYPES_R = (_is_count, "a non-negative integer")
+
+
 def check_config_types(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> None:
     """Refuse values of the wrong type up front, one sentence naming the key, the value and what it must be."""
-    checks = [(k, *_REQUIRED_TYPES[k], False) for k in _REQUIRED_TYPES if k in data]
+    lora = str(data.get("peft_type", "")).upper() == "LORA"
+    required = _REQUIRED_TYPES if lora else {**_REQUIRED_TYPES, "r": _OTHER_TYPES_R}
+    checks = [(k, *required[k], False) for k in required if k in data]
     checks += [(k, *_OPTIONAL_TYPES[k], True) for k in _OPTIONAL_TYPES if k in data]
     for key, check, expected, nullable in checks:
         value = data[key]
@@ -158,18 +156,9 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
     if not isinstance(peft_type, str):
         raise AdapterConfigError(f'{source}: peft_type is {_shown(peft_type)} but must be a string such as "LORA".')
     peft_type = peft_type.upper()
-    if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise UnsupportedAdapterError(
-            f"This adapter is a {peft_type} adapter. This tool merges {SUPPORTED_DESCRIPTION}; "
-            f"{peft_type} is not supported yet."
-        )
-    for key, what in _UNSUPPORTED_OPTIONS.items():
-        value = data.get(key)
-        if value not in (None, False, {}, [], ""):
-            raise UnsupportedAdapterError(
-                f"This adapter uses {what}, which cannot be merged exactly by this tool yet. "
-                f"Supported: {SUPPORTED_DESCRIPTION}."
-            )
+    from .peft_types import record_for
+
+    record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge
     check_config_types(data, source)
     modules_to_save = data.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
@@ -365,7 +354,12 @@ def _lora_module(module: str, roles: dict[str, str]) -> LoraModule:
     )
 
 
-def load_adapter_weights(path: str | Path) -> AdapterWeights:
+def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) -> AdapterWeights:
+    """Tensor names and shapes of the adapter, grouped into LoRA modules and whole-tensor replacements.
+
+    For an adapter that merge_core.peft_types plans (``config`` given), its own tensors are left to that
+    package: only the keys it does not claim (modules_to_save copies, saved embeddings) are sorted here.
+    """
     path = Path(path)
     file = path / ADAPTER_SAFETENSORS
     if not file.is_file():
@@ -379,7 +373,10 @@ def load_adapter_weights(path: str | Path) -> AdapterWeights:
         raise AdapterWeightsError(f"{file.name} holds no tensors.")
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
-    for key in specs:
+    keys = list(specs)
+    if config is not None and _uses_registry(config):
+        keys = _unclaimed_keys(config, file, keys)
+    for key in keys:
         module, part, param = normalize_key(key)
         if part is None:
             if ".original_module." in f".{key}.":
@@ -396,5 +393,32 @@ def load_adapter_weights(path: str | Path) -> AdapterWeights:
             roles[role] = key
         if part.startswith("lora_embedding"):
             roles["embedding"] = key
-    modules = {module: _lora_module(module, roles) for module, roles in parts.items()}
+    registry = config is not None and _uses_registry(config)
+    modules = {} if registry else {module: _lora_module(module, roles) for module, roles in parts.items()}
     return AdapterWeights(path=path, file=file, specs=specs, lora_modules=modules, replacements=replacements)
+
+
+def _uses_registry(config: AdapterConfig) -> bool:
+    from .peft_types import uses_registry
+
+    return uses_registry(config.raw)
+
+
+def _unclaimed_keys(config: AdapterConfig, file: Path, keys: list[str]) -> list[str]:
+    """The keys a peft_types record leaves to the replacement rules; LoRA tensors in a non-LoRA file are refused."""
+    from .peft_types import record_for
+
+    record = record_for(config.peft_type)
+    if not record.parse_adapter(keys) and not record.shared_keys(keys):
+        raise AdapterWeightsError(
+            f"{file.name} holds no {config.peft_type} tensors although adapter_config.json says peft_type "
+            f"{config.peft_type}; the config does not belong to these weights: save the adapter again with PEFT."
+        )
+    unclaimed = record.unclaimed_keys(keys)
+    stray = [k for k in unclaimed if normalize_key(k)[1] is not None]
+    if stray:
+        raise AdapterWeightsError(
+            f"{file.name} holds LoRA tensors such as {stray[0]} although adapter_config.json says peft_type "
+            f"{config.peft_type}; the config does not belong to these weights: save the adapter again with PEFT."
+        )
+    return unclaimed

@@ -68,3 +68,19 @@ def model_names(config_dir: Path, checkpoint_names: Iterable[str]) -> dict[str, 
         if converted is None and new != name:
             renamed[new] = name
     return renamed
+
+
+def transposed_parameter_modules(config_dir: Path, modules: Iterable[str]) -> set[str]:
+    """The modules among ``modules`` (model-class names) whose 3-D expert parameters are stored transposed.
+
+    transformers marks such expert modules with ``is_transposed`` (gpt-oss); PEFT's ParamWrapper reads it.
+    """
+    try:
+        model = _meta_model(config_dir)
+    except Exception as exc:  # noqa: BLE001 - without the class, nothing is known to be transposed
+        log.debug("no model class for %s: %s", config_dir, exc)
+        return set()
+    if model is None:
+        return set()
+    named = dict(model.named_modules())
+    return {m for m in modules if getattr(named.get(m), "is_transposed", False)}

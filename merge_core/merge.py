@@ -19,6 +19,7 @@ import torch
 from .errors import InsufficientDiskError, NonFiniteOutputError, OutputWriteError, explain_os_error
 from .options import MergeOptions, dtype_name
 from .outputs import begin_staging, check_output_target, discard, publish
+from .peft_types.ops import apply_all_
 from .plan import MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport, ModuleReport
@@ -164,6 +165,15 @@ class _DeltaMath:
         ]
         self.bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
         self.magnitude = ctx.adapter_tensor(t.dora.magnitude_key).reshape(-1) if t.dora else None
+        self.ops = self._load_ops() if t.ops else []
+
+    def _load_ops(self) -> list:
+        from .peft_types import load_ops
+
+        n_rows = self.t.shape[0] if self.t.shape else 1
+        return load_ops(self.t.ops, self.ctx.plan.adapter.tensor, device=self.ctx.device,
+                        dtype=self.ctx.plan.compute_dtype,
+                        read_base=lambda: self.read(0, n_rows).to(self.ctx.device, self.ctx.plan.compute_dtype))
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         ctx, shape = self.ctx, (b - a, *self.t.shape[1:]) if self.t.shape else ()
@@ -177,7 +187,8 @@ class _DeltaMath:
                 staged.copy_(start)
                 start = staged
             work.copy_(start)
-            return apply_deltas_(work, a, self.deltas, self.bias_deltas)
+            work = apply_deltas_(work, a, self.deltas, self.bias_deltas)
+            return apply_all_(work, a, self.ops) if self.ops else work
 
 
 def _low_rank(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:

@@ -18,9 +18,11 @@ from .formats import refuse_foreign
 from .layouts import model_names
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
+from .peft_types import uses_registry
 from .plan_heads import apply_head, head_output, is_task_head
 from .plan_lora import LoraTarget, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
+from .plan_registry import registry_plans
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
 from .safetensors_io import ST_FROM_DTYPE, PlannedTensor
 from .targets import BaseModules, select_lora_modules
@@ -210,10 +212,13 @@ def plan_merge(base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: Ada
     out_dtype = output_dtype(base, options)
     starts = _starts(inp, out_dtype)
     replaced = _replacements(inp, starts, notes)
-    targets = _lora_targets(inp, starts, notes)
+    registry = uses_registry(adapter_config.raw)
+    targets = [] if registry else _lora_targets(inp, starts, notes)
     untie = _untie(inp, set(replaced) | {t.tensor for t in targets}, notes)
     plans = _tensor_plans(inp, starts, replaced, untie=untie, out_dtype=out_dtype)
     modules = _module_plans(inp, plans, replaced, targets, starts)
+    if registry:
+        modules += registry_plans(inp, starts, plans, notes)
     if untie or replaced:
         check_vocab(plans, inp.embed)
     vocab = plans[inp.embed].shape[0] if inp.embed in plans else None
@@ -260,7 +265,7 @@ def build_plan(
     adapter_path = Path(adapter)
     refuse_foreign(adapter_path)
     config = load_adapter_config(adapter_path)
-    weights = load_adapter_weights(adapter_path)
+    weights = load_adapter_weights(adapter_path, config)
     checkpoint = base if isinstance(base, BaseCheckpoint) else load_base_checkpoint(base, name=options.base_name)
     plan = plan_merge(checkpoint, config, weights, options)
     if check_finite:

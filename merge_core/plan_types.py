@@ -70,6 +70,8 @@ class OutputTensorPlan:
     bias_deltas: list[tuple[str, float]] = field(default_factory=list)  # (adapter key of lora_B.bias, scale)
     dora: DoraSpec | None = None
     quantized: QuantizedTensor | None = None  # the base's value is decoded from these stored tensors
+    ops: list[Any] = field(default_factory=list)  # merge_core.peft_types specs, applied after the deltas
+
 
     @property
     def is_copy(self) -> bool:
@@ -77,7 +79,7 @@ class OutputTensorPlan:
 
     @property
     def changed(self) -> bool:
-        return bool(self.deltas or self.bias_deltas or self.dora or self.adapter_key)
+        return bool(self.deltas or self.bias_deltas or self.dora or self.adapter_key or self.ops)
 
     def planned(self) -> PlannedTensor:
         return PlannedTensor(self.name, self.dtype, self.shape)

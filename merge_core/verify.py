@@ -22,6 +22,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
+from .peft_types.ops import apply_all_
 from .plan import MergePlan, ModulePlan, OutputTensorPlan, dtype_name
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header, read_rows
@@ -66,6 +67,17 @@ def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]]
 # --- the independent float64 reference ----------------------------------------------------------
 
 
+def _load_ops(tensor: OutputTensorPlan, adapter, start) -> list:
+    """The row ops of merge_core.peft_types for ``tensor``: the same formulas the merge applies (the
+    independent check of these types is the function rows against PeftModel)."""
+    if not tensor.ops:
+        return []
+    from .peft_types import load_ops
+
+    n_rows = tensor.shape[0] if tensor.shape else 1
+    return load_ops(tensor.ops, adapter.tensor, dtype=torch.float64, read_base=lambda: start(0, n_rows).double())
+
+
 class _Reference:
     """W + scale * orient(B @ A) [+ DoRA], built from ModulePlans and raw adapter tensors."""
 
@@ -76,8 +88,8 @@ class _Reference:
         self.magnitude: Optional[torch.Tensor] = None
         self.dora_cols = False
         for m in modules:
-            if m.kind == "replaced":
-                continue
+            if m.kind == "replaced" or m.module not in adapter.lora_modules:
+                continue  # a peft_types module: its update is in tensor.ops
             lm = adapter.lora_modules[m.module]
             a = adapter.tensor(lm.a).double()  # type: ignore[arg-type]
             b = adapter.tensor(lm.b).double()  # type: ignore[arg-type]
@@ -88,6 +100,12 @@ class _Reference:
                 self.dora_cols = transposed
         self.bias = [(adapter.tensor(k).double().reshape(-1), s) for k, s in tensor.bias_deltas]
         self._start = start_rows(tensor, base=plan.base, adapter=adapter, files=files)
+        self.ops = _load_ops(tensor, adapter, self._start)
+
+    def exact_rows(self, a: int, b: int, start: torch.Tensor) -> torch.Tensor:
+        """Rows of W + deltas with every other PEFT type's update applied, in float64."""
+        exact = start + self.delta_rows(a, b) if self.terms or self.bias else start.clone()
+        return apply_all_(exact, a, self.ops) if self.ops else exact
 
     def start(self, a: int, b: int) -> torch.Tensor:
         return self.start_raw(a, b).double()
@@ -140,7 +158,7 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
     if ref.magnitude is not None and ref.dora_cols:
         sq = torch.zeros(t.shape[1], dtype=torch.float64)
         for a, b in row_blocks(n_rows, step):
-            sq += (ref.start(a, b) + ref.delta_rows(a, b)).square().sum(0)
+            sq += ref.exact_rows(a, b, ref.start(a, b)).square().sum(0)
         col_factor = ref.magnitude / sq.sqrt()
 
     equal = total = 0
@@ -150,7 +168,7 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
     for a, b in row_blocks(n_rows, step):
         start_raw = ref.start_raw(a, b)
         start = start_raw.double()
-        exact = start + ref.delta_rows(a, b)
+        exact = ref.exact_rows(a, b, start)
         row_factor = None
         if ref.magnitude is not None and not ref.dora_cols:
             row_factor = (ref.magnitude[a:b] / torch.linalg.vector_norm(exact, dim=1)).unsqueeze(1)
@@ -170,7 +188,7 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
         ref_sq += float(exact.square().sum())
         if x is not None:
             probe_x = x * col_factor.unsqueeze(1) if col_factor is not None else x
-            y_ref = ref.probe_rows(a, b, start, probe_x)
+            y_ref = ref.probe_rows(a, b, start, probe_x) if not ref.ops else exact @ probe_x
             if row_factor is not None:
                 y_ref = y_ref * row_factor
             y = w64 @ x
@@ -274,7 +292,7 @@ def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, prog
                 continue
             shard, info = found.tensors[t.name]
             modules = by_tensor.get(t.name, [])
-            if (t.changed and any(m.kind != "replaced" for m in modules)) or t.bias_deltas:
+            if (t.changed and any(m.kind != "replaced" for m in modules)) or t.bias_deltas or t.ops:
                 checked = _verify_changed(plan, t, modules, files.get(shard), info, files, block_elements, seed=i)
                 findings.modules.append(checked.numerics)
                 if checked.identical_to_start:

@@ -138,10 +138,6 @@ def _peft_type(peft_type: str) -> Callable[[Inputs], Attempt]:
     return build
 
 
-def _trainable_tokens(i: Inputs) -> Attempt:
-    return Attempt(i.base, edit_config(i.adapter_copy(), trainable_token_indices=[1, 2]))
-
-
 class _Exploit:
     def __init__(self, marker: str) -> None:
         self.marker = marker
@@ -228,10 +224,12 @@ MERGE_REFUSALS = [
         ("model.layers.0.self_attn.q_proj", "[32, 32]"),
     ),
     *[
-        MergeRefusal(f"peft-type-{t}", _peft_type(t), UnsupportedAdapterError, (t, "LoRA", "DoRA"))
-        for t in ("IA3", "LOHA", "PREFIX_TUNING")
+        MergeRefusal(f"peft-type-{t}-over-lora-weights", _peft_type(t), AdapterWeightsError, (t, "does not belong"))
+        for t in ("IA3", "LOHA")
     ],
-    MergeRefusal("trainable-tokens", _trainable_tokens, UnsupportedAdapterError, ("trainable tokens",)),
+    MergeRefusal("peft-type-PREFIX_TUNING", _peft_type("PREFIX_TUNING"), UnsupportedAdapterError,
+                 ("PREFIX_TUNING", "nothing to merge")),
+    MergeRefusal("peft-type-unknown", _peft_type("NOT_A_PEFT_TYPE"), UnsupportedAdapterError, ("unknown to PEFT",)),
     MergeRefusal("malicious-pickle", _malicious_pickle, AdapterWeightsError, ("weights_only", "safetensors")),
     MergeRefusal("nan-in-adapter", _nan_in_adapter, NonFiniteAdapterWeightsError, (V_PROJ_A, "NaN")),
     MergeRefusal(

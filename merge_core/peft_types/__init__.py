@@ -41,6 +41,13 @@ from .registry import REGISTRY, PeftTypeRecord, peft_type_support, record_for
 from .specs import ReadTensor, Spec, needs_base
 
 
+def uses_registry(config_raw: Mapping[str, Any]) -> bool:
+    """True for adapters this package plans: every non-LoRA type, and LoRA with a variant the LoRA planner lacks."""
+    from .lora_family import needs_lora_variants
+
+    return str(config_raw.get("peft_type", "")).upper() != "LORA" or needs_lora_variants(config_raw)
+
+
 def plan_adapter(
     config_raw: Mapping[str, Any],
     adapter_shapes: Mapping[str, Shape],
@@ -96,4 +103,5 @@ __all__ = [
     "peft_type_support",
     "plan_adapter",
     "record_for",
+    "uses_registry",
 ]

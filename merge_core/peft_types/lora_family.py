@@ -292,3 +292,15 @@ def delora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     if math.prod(context.shapes[w_norm]) != in_f:
         raise mismatch(module.name, f"delora_w_norm has {math.prod(context.shapes[w_norm])} entries, not {in_f}")
     return [DeloraSpec(module.name, "weight", a, b, lam, w_norm, rank)]
+
+
+def needs_lora_variants(config: Mapping[str, Any]) -> bool:
+    """Whether a LoRA config uses anything beyond plain LoRA/rsLoRA/DoRA/embeddings/lora_bias (the LoRA planner's
+    domain): a LoRA variant, LoRA on parameters, trainable tokens, a structural option, or a base-changing init."""
+    if [v for v in requested_variants(config) if v != "use_dora"]:
+        return True
+    if any(config.get(k) not in (None, False, {}, [], "") for k in (*_STRUCTURAL, "target_parameters",
+                                                                      "trainable_token_indices")):
+        return True
+    init = config.get("init_lora_weights")
+    return isinstance(init, str) and init.lower().startswith((*_RESIDUAL_INITS, *_BASE_CHANGING_INITS))

@@ -1,0 +1,79 @@
+"""Planning adapters of merge_core.peft_types: every PEFT type besides plain LoRA, and LoRA's variants.
+
+Each adapted module is resolved to its base tensors like a LoRA module is; the registry record
+turns it into plain-data specs, attached to the output tensors they change and applied by the
+executor, row block by row block, before the one rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import TargetModuleNotFoundError
+from .plan_lora import CONV1D_MODEL_TYPES
+from .plan_types import ModulePlan, OutputTensorPlan
+from .safetensors_io import PlannedTensor
+
+_EMBEDDING_LEAVES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "lm_head", "shared", "embeddings")
+
+
+def _params(module: str, resolve: Callable[[str], str | None], config: dict[str, Any]) -> dict[str, str]:
+    """{parameter leaf: base tensor} of a module adapted through target_parameters (no .weight of its own)."""
+    leaves = {str(p).rsplit(".", 1)[-1] for p in config.get("target_parameters") or []}
+    found = {leaf: resolve(f"{module}.{leaf}") for leaf in sorted(leaves)}
+    return {leaf: tensor for leaf, tensor in found.items() if tensor is not None}
+
+
+def registry_plans(inp: Any, starts: dict[str, PlannedTensor], plans: dict[str, OutputTensorPlan],
+                   notes: list[str]) -> list[ModulePlan]:
+    """Attach every adapted module's specs to the output tensors they change; returns the report rows."""
+    from .layouts import transposed_parameter_modules
+    from .peft_types import ModuleInput, record_for
+
+    config = inp.config.raw
+    record = record_for(inp.config.peft_type)
+    shapes = {key: spec.shape for key, spec in inp.adapter.specs.items()}
+    conv1d = bool(config.get("fan_in_fan_out")) or inp.base.model_type in CONV1D_MODEL_TYPES
+    parsed = record.parse_adapter(shapes)
+    experts = transposed_parameter_modules(inp.base.path, parsed) if config.get("target_parameters") else set()
+    inputs, tensors = {}, {}
+    for module, keys in parsed.items():
+        weight = inp.resolve(f"{module}.weight")
+        params = {} if weight is not None else _params(module, inp.resolve, config)
+        if weight is None and not params:
+            raise inp.not_found(module, f"{module}.weight")
+        prefix = (weight or next(iter(params.values()))).rsplit(".", 1)[0]
+        embedding = module.rsplit(".", 1)[-1] in _EMBEDDING_LEAVES
+        inputs[module] = ModuleInput(
+            module, keys, starts[weight].shape if weight else (),
+            stored_transposed=(conv1d and not embedding) or module in experts,
+            has_bias=f"{prefix}.bias" in inp.base.tensors,
+            params={leaf: starts[t].shape for leaf, t in params.items()},
+        )
+        tensors[module] = {"weight": weight, "bias": f"{prefix}.bias", **params}
+    context = record.context(config, shapes, inputs)
+    tied = set(inp.virtual) if record.peft_type == "TRAINABLE_TOKENS" or config.get("trainable_token_indices") else set()
+    return [_attach(record, inputs[m], context, tensors[m], plans, tied) for m in inputs]
+
+
+def _attach(record: Any, module: Any, context: Any, tensors: dict[str, str | None],
+            plans: dict[str, OutputTensorPlan], tied_heads: set[str]) -> ModulePlan:
+    assert record.ops is not None
+    specs = record.ops(module, context)
+    described = []
+    for spec in specs:
+        name = tensors.get(spec.tensor)
+        if name in tied_heads:
+            continue  # a tied head is the embedding: PEFT's token rows there are the embedding's own
+        if name is None or name not in plans:
+            raise TargetModuleNotFoundError(
+                f"The adapter changes {module.name}.{spec.tensor}, which the base model does not have; "
+                "check that the adapter belongs to this base model."
+            )
+        plans[name].ops.append(spec)
+        described.append(spec.describe())
+    first = tensors.get("weight") or next((t for t in tensors.values() if t), module.name)
+    shape = plans[first].shape if first in plans else ()
+    return ModulePlan(module.name, str(first), "linear", "; ".join(dict.fromkeys(described)) or record.peft_type.lower(),
+                      tuple(shape))
