@@ -1,48 +1,57 @@
-"""LoRA Merge Space: a thin Gradio front end over ``merge_core``.
+"""LoRA Merge Space: a thin Gradio front end over ``merge_core.pipeline``.
 
-Merge, verification, model card and push all live in ``merge_core``; this file only wires
-the form to ``merge_core.pipeline``, adapts progress, keeps each session's result in a
-``gr.State`` (one temp folder per merge, removed when replaced, on error and when the
-session ends) and runs the forward-pass checks inside ``spaces.GPU`` (a no-op off ZeroGPU).
+Merge, verification, model card and push all live in ``merge_core``; this file only maps the
+form (``MergeForm``, ``PushForm``) to the pipeline and its results to the page (``MergeView``,
+``PushView``) by field name, adapts progress, keeps each session's result in a ``gr.State``
+(one claimed folder per merge, removed when replaced, on error and when the session ends; a
+sweep removes those of dead processes) and runs the forward-pass checks inside ``spaces.GPU``.
 """
 
 from __future__ import annotations
-
-import spaces  # must come before anything that initialises CUDA (ZeroGPU)
 
 import html
 import json
 import logging
 import os
-import tempfile
-import time
 import traceback
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import gradio as gr
 import pandas as pd
+import spaces  # must come before anything that initialises CUDA (ZeroGPU)
 import torch
 
-from merge_core.adapter import load_adapter_config
-from merge_core.combine import COMBINATION_TYPES
-from merge_core.errors import MergeError
-from merge_core.generate import GenerationSettings
-from merge_core.hub import HubClient, RepoRef, adapter_files, parse_source
 from merge_core.pipeline import (
+    COMBINATION_TYPES,
+    LIMITS,
+    Check,
+    GenerationSettings,
+    MergeError,
     MergeRequest,
     MergeResult,
     ModelChecks,
+    PushMode,
+    SessionBusyError,
+    VerificationReport,
     add_model_checks,
+    check_limits,
     cleanup,
+    explain_os_error,
     model_checks,
+    new_workdir,
     parse_adapter_list,
+    progress_adapter,
     push_merged,
     run_merge,
+    sample_note,
+    session_slot,
+    sizes_markdown,
+    sweep_workdirs,
+    verdict_markdown,
     whoami_name,
 )
-from merge_core.progress import ProgressCallback, ProgressUpdate
-from merge_core.verify import Check, VerificationReport
 
 log = logging.getLogger("lora_merge_space")
 
@@ -62,11 +71,11 @@ LOGIN_HINT = ("To push, sign in with Hugging Face (button at the top) or paste a
               "(Sign in with Hugging Face is offered when this app runs as a Space.)")
 
 DTYPES = ["auto", "float16", "bfloat16", "float32"]
-PUSH_MODES = {"Create new repo": "new", "Update existing repo": "update", "Open a pull request": "pr"}
+PUSH_MODES = {"Create new repo": PushMode.NEW, "Update existing repo": PushMode.UPDATE,
+              "Open a pull request": PushMode.PR}
 FUNCTIONAL = {"auto (when it fits in memory)": "auto", "always": "always", "never": "never"}
 STATE_TTL_SECONDS = 2 * 3600
 GPU_BASE_SECONDS, GPU_SECONDS_PER_GB, GPU_MAX_SECONDS = 60, 8, 240
-STAGES = {"resolve": "Resolving inputs", "merge": "Merging", "verify": "Verifying", "upload": "Uploading"}
 
 
 # --- small helpers ----------------------------------------------------------------------------------
@@ -91,6 +100,13 @@ def _within(path: Path, root: Path) -> bool:
         return False
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the filesystem is no folder: the Hub ID rules refuse it
+        return False
+
+
 def _source(text: str, what: str) -> str:
     """A Hub ID as typed, or an absolute path for the bundled demo ("demo/base"); other local
     folders are refused unless LMS_ALLOW_LOCAL_PATHS=1."""
@@ -98,16 +114,16 @@ def _source(text: str, what: str) -> str:
     if not text:
         return ""
     rel = text.removeprefix("./")
-    if rel.startswith("demo/") and (DEMO_DIR / rel[len("demo/"):]).is_dir():
+    if rel.startswith("demo/") and _is_dir(DEMO_DIR / rel[len("demo/"):]):
         candidate = DEMO_DIR / rel[len("demo/"):]
         if _within(candidate, DEMO_DIR):
             return str(candidate.resolve())
     path = Path(text).expanduser()
-    looks_local = text.startswith((".", "/", "~", "\\")) or (len(text) > 1 and text[1] == ":") or path.exists()
+    looks_local = text.startswith((".", "/", "~", "\\")) or (len(text) > 1 and text[1] == ":") or _is_dir(path)
     if not looks_local:
         return text
-    if ALLOW_LOCAL_PATHS or (_within(path, DEMO_DIR) and path.is_dir()):
-        return str(path.resolve()) if path.exists() else text
+    if ALLOW_LOCAL_PATHS or (_within(path, DEMO_DIR) and _is_dir(path)):
+        return str(path.resolve()) if _is_dir(path) else text
     raise ValueError(f"{what} {text!r} is a local path. This app reads models from the Hub only (plus the bundled "
                      "demo, demo/base and demo/adapter): enter a Hub ID like owner/name.")
 
@@ -118,36 +134,6 @@ def _adapters(text: str) -> str:
     if len(entries) == 1 and entries[0][1] == 1.0:
         return _source(entries[0][0], "Adapter")
     return ", ".join(f"{_source(spec, 'Adapter')}:{weight!r}" for spec, weight in entries)
-
-
-def _declared_base(request: MergeRequest) -> None:
-    """When no base is given, read the adapter's declared base here, pinned to the adapter commit
-    that run_merge will use, so that an adapter cannot name a server-side folder as its base."""
-    if request.base:
-        return
-    entries = parse_adapter_list(request.adapter)
-    if len(entries) != 1:
-        raise ValueError("Several adapters: enter the base model's Hub ID in 'Base model'.")
-    spec, weight = entries[0]
-    source = parse_source(spec, request.adapter_revision)
-    if isinstance(source, RepoRef):
-        client = HubClient(request.token, request.endpoint)
-        sha, files = client.resolve(source)
-        config_name = next(f for f in adapter_files(files, source) if f.endswith("adapter_config.json"))
-        folder = client.download(source, sha, [config_name]) / source.subfolder
-        request.adapter = source.repo_id + (f"/{source.subfolder}" if source.subfolder else "")
-        request.adapter += f":{weight!r}" if weight != 1.0 else ""
-        request.adapter_revision = sha
-    else:
-        folder = source
-    declared = (load_adapter_config(folder).base_model_name_or_path or "").strip()
-    if not declared:
-        raise ValueError("The adapter does not name its base model; enter the base model's Hub ID.")
-    try:
-        request.base = _source(declared, "The adapter's base model")
-    except ValueError:
-        raise ValueError(f"The adapter's config names a local folder as its base model ({declared!r}), which this "
-                         "app cannot read. Enter the base model's Hub ID in 'Base model'.") from None
 
 
 def _token(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
@@ -166,36 +152,6 @@ def _token(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
 
 def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
-
-
-def _progress_callback(progress: Any) -> ProgressCallback:
-    """merge_core's ProgressUpdate -> gr.Progress, throttled to a few updates a second."""
-    last = {"t": 0.0, "stage": None}
-
-    def fmt(n: float, unit: str) -> str:
-        if unit == "B":
-            return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-        return f"{int(n)}{(' ' + unit) if unit else ''}"
-
-    def callback(update: ProgressUpdate) -> None:
-        now = time.monotonic()
-        final = update.total is not None and update.done >= update.total
-        if update.stage == last["stage"] and not final and now - last["t"] < 0.25:
-            return
-        last.update(t=now, stage=update.stage)
-        label = STAGES.get(update.stage, update.stage[:1].upper() + update.stage[1:])
-        desc = f"{label} …"
-        if update.total:
-            desc += f" {fmt(update.done, update.unit)} / {fmt(update.total, update.unit)}"
-        if update.message:
-            desc += f" ({update.message})"
-        fraction = update.fraction
-        try:
-            progress(fraction if fraction is not None else (int(update.done), None), desc=desc)
-        except Exception:  # noqa: BLE001 - progress display must never break a merge
-            pass
-
-    return callback
 
 
 # --- GPU part: the only code that ZeroGPU runs on a GPU ------------------------------------------------
@@ -228,38 +184,90 @@ def _table(report: VerificationReport | None) -> pd.DataFrame:
     return pd.DataFrame(report.rows() if report else [], columns=VerificationReport.HEADERS)
 
 
-def _verdict(report: VerificationReport) -> str:
-    failed = report.failed()
-    skipped = [c for c in report.checks if c.passed is None]
-    if failed:
-        return f"### ❌ {len(failed)} check{'s' if len(failed) != 1 else ''} failed: " + ", ".join(c.name for c in failed)
-    ran = len(report.checks) - len(skipped)
-    text = f"### ✅ All {ran} checks passed"
-    if skipped:
-        text += f" ({len(skipped)} skipped, reason in the table)"
-    return text
+# --- the form and the page, by field name --------------------------------------------------------------
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
 
 
-def _sizes(result: MergeResult) -> str:
-    def num(x: float) -> str:  # 3 significant digits, never scientific notation
-        return f"{x:,.2f}" if x >= 100 else f"{float(f'{x:.3g}'):f}".rstrip("0").rstrip(".")
-
-    s = result.sizes()
-    return (f"**Adapter** {num(s['adapter_mb'])} MB · **Base** {num(s['base_gb'])} GB · "
-            f"**Merged** {num(s['merged_gb'])} GB")
+KEEP: Any = _Keep()  # a view field left as it is on the page
 
 
-def _sample_note(result: MergeResult, prompt: str) -> str:
-    sample = result.sample
-    if sample is None:
-        if not prompt.strip():
-            return "No prompt given, so no sample generation."
-        skipped = [c.detail for c in (result.verification.checks if result.verification else [])
-                   if c.group == "function" and c.passed is None]
-        return "No sample generation: " + (skipped[0] if skipped else "the merged model has no tokenizer.")
-    same = "✅ merged output is identical to base + adapter" if sample.merged_equals_adapter else \
-        "⚠️ merged output differs from base + adapter"
-    return f"{same} · {sample.max_new_tokens} new tokens max on {sample.device} in {sample.seconds:.1f}s"
+@dataclass
+class MergeForm:
+    """What the merge button sends; each field is the component of the same name (see build_demo)."""
+
+    adapter: str = ""
+    base: str = ""
+    adapter_revision: str = ""
+    base_revision: str = ""
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    functional: str = next(iter(FUNCTIONAL))
+    combination: str = "stack"
+    density: Optional[float] = None
+    prompt: str = ""
+    max_new_tokens: float = 48
+    temperature: float = 0.0
+    seed: float = 0
+    repo_name: str = ""
+    token: str = ""  # the pasted token; never stored, logged or returned
+    state: Optional[MergeResult] = None  # the session's previous result
+
+
+@dataclass
+class MergeView:
+    """What a merge shows; a field left at KEEP does not change on the page."""
+
+    state: Any = None
+    error: Any = None
+    verdict: Any = ""
+    table: Any = None
+    gen_base: Any = ""
+    gen_adapter: Any = ""
+    gen_merged: Any = ""
+    gen_note: Any = ""
+    sizes: Any = ""
+    summary: Any = ""
+    repo_name: Any = KEEP
+    push_btn: Any = None
+    merge_btn: Any = None
+
+    @classmethod
+    def failed(cls, message: str) -> MergeView:
+        return cls(state=None, error=_error(message), table=_table(None),
+                   push_btn=gr.update(interactive=False), merge_btn=gr.update(interactive=True))
+
+
+@dataclass
+class PushForm:
+    repo_name: str = ""
+    private: bool = False
+    push_mode: str = "Create new repo"
+    token: str = ""
+    state: Optional[MergeResult] = None
+
+
+@dataclass
+class PushView:
+    push_result: Any = None
+    error: Any = None
+    merge_btn: Any = None
+    push_btn: Any = None
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _updates(view: Any, ui: dict[str, Any]) -> dict[Any, Any]:
+    """A view as gradio's {component: value}, leaving out the fields kept as they are."""
+    return {ui[name]: getattr(view, name) for name in _names(type(view)) if getattr(view, name) is not KEEP}
+
+
+def _form(cls: type, values: dict[Any, Any], ui: dict[str, Any]) -> Any:
+    return cls(**{name: values[ui[name]] for name in _names(cls)})
 
 
 # --- handlers ------------------------------------------------------------------------------------------
@@ -268,141 +276,144 @@ def _sample_note(result: MergeResult, prompt: str) -> str:
 def discard(result: MergeResult | None) -> None:
     """gr.State delete_callback: remove a session's merge folder."""
     if isinstance(result, MergeResult):
-        cleanup(result.workdir)
+        cleanup(result)
 
 
-def start_merge() -> tuple[Any, ...]:
-    """Runs first (unqueued): clear the old results and lock both buttons while a merge runs."""
-    return (NO_ERROR, "", _table(None), "", "", "", "", "", "", gr.update(interactive=False),
-            gr.update(value="", visible=False), gr.update(interactive=False))
+def _request(form: MergeForm, token: Optional[str]) -> MergeRequest:
+    check_limits(prompt=form.prompt, max_new_tokens=form.max_new_tokens, fields={
+        "Adapter": form.adapter, "Base model": form.base, "Adapter revision": form.adapter_revision,
+        "Base revision": form.base_revision, "Max shard size": form.max_shard_size, "Target repo": form.repo_name})
+    if (form.dtype or "auto") not in DTYPES:
+        raise ValueError(f"Unknown dtype {form.dtype!r}; choose one of {', '.join(DTYPES)}.")
+    request = MergeRequest(
+        adapter=_adapters(form.adapter), base=_source(form.base, "Base model"),
+        adapter_revision=(form.adapter_revision or "").strip() or None,
+        base_revision=(form.base_revision or "").strip() or None,
+        dtype=form.dtype or "auto", max_shard_size=(form.max_shard_size or "").strip() or "5GB",
+        token=token, functional=FUNCTIONAL.get(form.functional, form.functional or "auto"),
+        combination=form.combination or "stack", density=float(form.density) if form.density else None,
+        # Defence in depth: merge_core itself refuses folders outside the demo.
+        local_roots=None if ALLOW_LOCAL_PATHS else [DEMO_DIR],
+    )
+    request.options()  # a bad shard size or dtype is refused before a folder is made
+    return request
 
 
-def merge(
-    adapter: str,
-    base: str,
-    adapter_revision: str,
-    base_revision: str,
-    dtype: str,
-    max_shard_size: str,
-    functional: str,
-    combination: str,
-    density: float | None,
-    prompt: str,
-    max_new_tokens: float,
-    temperature: float,
-    seed: float,
-    repo_name: str,
-    pasted_token: str,
-    previous: MergeResult | None,
-    oauth_token: gr.OAuthToken | None = None,
-    profile: gr.OAuthProfile | None = None,
-    progress: gr.Progress = gr.Progress(),
-) -> tuple[Any, ...]:
-    """Returns (state, error, verdict, table, gen_base, gen_adapter, gen_merged, gen_note, sizes,
-    summary, repo_name, push_btn, merge_btn)."""
-    previous_name = previous.suggested_repo_name if isinstance(previous, MergeResult) else None
-    discard(previous)
-    token = _token(pasted_token, oauth_token)
-    workdir: Path | None = None
-
-    def failure(message: str) -> tuple[Any, ...]:
-        cleanup(workdir)
-        return (None, _error(message), "", _table(None), "", "", "", "", "", "", gr.update(),
-                gr.update(interactive=False), gr.update(interactive=True))
-
+def _with_model_checks(result: MergeResult, form: MergeForm, request: MergeRequest, token: Optional[str]) -> None:
+    settings = None
+    if (form.prompt or "").strip():
+        settings = GenerationSettings(prompt=form.prompt, max_new_tokens=int(form.max_new_tokens),
+                                      temperature=float(form.temperature), seed=int(form.seed or 0))
     try:
-        request = MergeRequest(
-            adapter=_adapters(adapter), base=_source(base, "Base model"),
-            adapter_revision=(adapter_revision or "").strip() or None,
-            base_revision=(base_revision or "").strip() or None,
-            dtype=dtype or "auto", max_shard_size=(max_shard_size or "").strip() or "5GB",
-            token=token, functional=FUNCTIONAL.get(functional, functional or "auto"),
-            combination=combination or "stack", density=float(density) if density else None,
-        )
-        if request.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {request.dtype!r}; choose one of {', '.join(DTYPES)}.")
-        workdir = Path(tempfile.mkdtemp(prefix="lms-"))
-        # Defence in depth: merge_core itself refuses folders outside the demo, and Hub
-        # downloads land in this request's folder so cleaning it frees the disk again.
-        request.local_roots = None if ALLOW_LOCAL_PATHS else [DEMO_DIR]
-        request.cache_dir = workdir / "hub"
-        callback = _progress_callback(progress)
+        checks = run_model_checks(result.base_dir, result.adapter_dir, result.output_dir, settings,
+                                  result.sizes()["merged_gb"], request.functional)
+    except Exception as exc:  # noqa: BLE001 - the merge stands; say why the extra checks are missing
+        reason = str(exc) if isinstance(exc, (MergeError, ValueError, gr.Error)) else type(exc).__name__
+        log.warning("model checks failed: %s", _scrub(traceback.format_exc(), token))
+        checks = ModelChecks([Check("forward-pass checks and sample", "function", None, "-", "-",
+                                    f"skipped: could not run ({_scrub(reason, token)})")], None)
+    add_model_checks(result, checks)
+
+
+def _run(form: MergeForm, token: Optional[str], progress: Any) -> MergeResult:
+    """The merge in a claimed per-request folder (Hub downloads included, so removing the
+    folder frees the disk again); on any failure the folder is removed before raising."""
+    request = _request(form, token)
+    claimed = new_workdir()  # sweeps the folders of dead processes first
+    try:
+        request.cache_dir = claimed.folder / "hub"
         progress(0, desc="Resolving inputs …")
-        _declared_base(request)
-        result = run_merge(request, workdir, progress=callback)
+        result = run_merge(request, claimed.folder, progress=progress_adapter(progress))
+        result.workdir_claim = claimed
+    except BaseException:
+        claimed.release(remove_folder=True)
+        raise
+    progress(0.95, desc="Forward-pass checks and sample generation …")
+    try:
+        _with_model_checks(result, form, request, token)
+    except BaseException:
+        cleanup(result)
+        raise
+    return result
 
-        settings = None
-        if (prompt or "").strip():
-            settings = GenerationSettings(prompt=prompt, max_new_tokens=int(max_new_tokens),
-                                          temperature=float(temperature), seed=int(seed or 0))
-        progress(0.95, desc="Forward-pass checks and sample generation …")
+
+def _repo_name(form: MergeForm, result: MergeResult, previous_name: Optional[str], token: Optional[str],
+               profile: gr.OAuthProfile | None) -> Any:
+    """Suggest owner/name unless the user typed a name of their own."""
+    current = (form.repo_name or "").strip()
+    if current and not (previous_name and current.split("/")[-1] == previous_name):
+        return KEEP
+    owner = profile.username if profile is not None else ""
+    if not owner and token:
         try:
-            checks = run_model_checks(result.base_dir, result.adapter_dir, result.output_dir, settings,
-                                      result.sizes()["merged_gb"], request.functional)
-        except Exception as exc:  # noqa: BLE001 - the merge stands; say why the extra checks are missing
-            reason = str(exc) if isinstance(exc, (MergeError, ValueError, gr.Error)) else type(exc).__name__
-            log.warning("model checks failed: %s", _scrub(traceback.format_exc(), token))
-            checks = ModelChecks([Check("forward-pass checks and sample", "function", None, "-", "-",
-                                        f"skipped: could not run ({_scrub(reason, token)})")], None)
-        add_model_checks(result, checks)
-    except (MergeError, ValueError, gr.Error) as exc:
-        return failure(_scrub(str(exc), token))
-    except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
-        log.error("merge failed: %s", _scrub(traceback.format_exc(), token))
-        return failure(f"Unexpected error ({type(exc).__name__}) while merging; nothing was kept. "
-                       "Please try again, or report it with the adapter and base IDs.")
+            owner = whoami_name(token)
+        except Exception:  # noqa: BLE001 - without a name, push_merged adds the owner itself
+            owner = ""
+    name = result.inputs.suggested_name
+    return f"{owner}/{name}" if owner else name
 
-    current = (repo_name or "").strip()
-    new_name = gr.update()
-    if not current or (previous_name and current.split("/")[-1] == previous_name):
-        owner = profile.username if profile is not None else ""
-        if not owner and token:
+
+def _failure_message(exc: BaseException, token: Optional[str]) -> str:
+    if isinstance(exc, (MergeError, ValueError, gr.Error)):
+        return _scrub(str(exc), token)
+    if isinstance(exc, OSError):
+        return _scrub(explain_os_error(exc, "read or write", exc.filename or "a working file"), token)
+    log.error("merge failed: %s", _scrub("".join(traceback.format_exception(exc)), token))
+    return (f"Unexpected error ({type(exc).__name__}) while merging; nothing was kept. "
+            "Please try again, or report it with the adapter and base IDs.")
+
+
+def merge(form: MergeForm, oauth_token: gr.OAuthToken | None = None, profile: gr.OAuthProfile | None = None,
+          progress: Any = None, session: Optional[str] = None) -> MergeView:
+    """One merge for one session: the previous result is replaced, a failure shows one sentence."""
+    progress = progress or (lambda *args, **kwargs: None)
+    token = _token(form.token, oauth_token)
+    try:
+        with session_slot(session):
+            previous = form.state if isinstance(form.state, MergeResult) else None
+            previous_name = previous.inputs.suggested_name if previous else None
+            discard(previous)
             try:
-                owner = whoami_name(token)
-            except Exception:  # noqa: BLE001 - without a name, push_merged adds the owner itself
-                owner = ""
-        new_name = f"{owner}/{result.suggested_repo_name}" if owner else result.suggested_repo_name
+                result = _run(form, token, progress)
+            except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
+                return MergeView.failed(_failure_message(exc, token))
+    except SessionBusyError as exc:  # the session already runs a merge: leave its result alone
+        return MergeView(state=KEEP, error=_error(str(exc)), verdict=KEEP, table=KEEP, gen_base=KEEP,
+                         gen_adapter=KEEP, gen_merged=KEEP, gen_note=KEEP, sizes=KEEP, summary=KEEP,
+                         push_btn=KEEP, merge_btn=gr.update(interactive=True))
     sample = result.sample
-    return (result, NO_ERROR, _verdict(result.verification), _table(result.verification),
-            sample.base if sample else "", sample.adapter if sample else "", sample.merged if sample else "",
-            _sample_note(result, prompt or ""), _sizes(result), result.report.summary(), new_name,
-            gr.update(interactive=True), gr.update(interactive=True))
+    return MergeView(state=result, error=NO_ERROR, verdict=verdict_markdown(result.verification),
+                     table=_table(result.verification), gen_base=sample.base if sample else "",
+                     gen_adapter=sample.adapter if sample else "", gen_merged=sample.merged if sample else "",
+                     gen_note=sample_note(result, form.prompt or ""), sizes=sizes_markdown(result),
+                     summary=result.report.summary(), repo_name=_repo_name(form, result, previous_name, token, profile),
+                     push_btn=gr.update(interactive=True), merge_btn=gr.update(interactive=True))
 
 
-def start_push() -> tuple[Any, ...]:
-    """Runs first (unqueued): lock both buttons; the result box shows the upload's progress."""
-    return gr.update(interactive=False), gr.update(interactive=False), gr.update(value="Pushing …", visible=True), NO_ERROR
-
-
-def push(
-    repo_name: str,
-    private: bool,
-    mode: str,
-    pasted_token: str,
-    result: MergeResult | None,
-    oauth_token: gr.OAuthToken | None = None,
-    profile: gr.OAuthProfile | None = None,
-    progress: gr.Progress = gr.Progress(),
-) -> tuple[Any, ...]:
-    """Returns (push_result, error, merge_btn, push_btn)."""
+def push(form: PushForm, oauth_token: gr.OAuthToken | None = None, profile: gr.OAuthProfile | None = None,
+         progress: Any = None) -> PushView:
+    """Preflight the target first thing (token, namespace, free or existing repo), then one commit."""
+    progress = progress or (lambda *args, **kwargs: None)
+    result = form.state
     has_result = isinstance(result, MergeResult) and result.output_dir.is_dir()
-    buttons = (gr.update(interactive=True), gr.update(interactive=has_result))
 
-    def failure(message: str) -> tuple[Any, ...]:
-        return (gr.update(value="", visible=False), _error(message), *buttons)
+    def failure(message: str) -> PushView:
+        return PushView(gr.update(value="", visible=False), _error(message), gr.update(interactive=True),
+                        gr.update(interactive=has_result))
 
     if not has_result:
         return failure("There is no merged model in this session (it may have expired); merge first, then push.")
-    token = _token(pasted_token, oauth_token)
+    token = _token(form.token, oauth_token)
     if not token:
         return failure(LOGIN_HINT)
-    repo_id = (repo_name or "").strip() or result.suggested_repo_name
+    repo_id = (form.repo_name or "").strip() or result.inputs.suggested_name
     if "/" not in repo_id and profile is not None:
         repo_id = f"{profile.username}/{repo_id}"
     try:
         progress(0, desc=f"Uploading to {repo_id} …")
-        pushed = push_merged(result, repo_id, token=token, private=bool(private),
-                             mode=PUSH_MODES.get(mode, mode or "new"), progress=_progress_callback(progress))
+        pushed = push_merged(result, repo_id, token=token, private=bool(form.private),
+                             mode=PUSH_MODES.get(form.push_mode, form.push_mode or "new"),
+                             progress=progress_adapter(progress))
     except (MergeError, ValueError, gr.Error) as exc:
         return failure(_scrub(str(exc), token))
     except Exception as exc:  # noqa: BLE001
@@ -412,99 +423,129 @@ def push(
              f"Commit [`{pushed.commit_oid[:10]}`]({pushed.commit_url})"]
     if pushed.pr_url:
         lines.append(f"Pull request: [{pushed.pr_url}]({pushed.pr_url})")
-    return (gr.update(value="\n\n".join(lines), visible=True), NO_ERROR, *buttons)
+    return PushView(gr.update(value="\n\n".join(lines), visible=True), NO_ERROR, gr.update(interactive=True),
+                    gr.update(interactive=True))
 
 
 # --- layout ------------------------------------------------------------------------------------------
 
 
+def _form_section(ui: dict[str, Any], prompts: list[str]) -> None:
+    with gr.Row():
+        if SHOW_LOGIN:
+            gr.LoginButton()
+        ui["token"] = gr.Textbox(label="or paste a write token", type="password", placeholder="hf_…",
+                                 elem_id="token-box", scale=2,
+                                 info="Used for this request only: never stored, logged or shown.")
+    with gr.Row():
+        ui["adapter"] = gr.Textbox(label="Adapter", placeholder="owner/lora-adapter (Hub ID)", elem_id="adapter-id")
+        ui["base"] = gr.Textbox(label="Base model (optional)",
+                                placeholder="empty: the adapter's base (base_model_name_or_path)", elem_id="base-id")
+        ui["dtype"] = gr.Dropdown(DTYPES, value="auto", label="Output dtype", elem_id="dtype")
+    with gr.Accordion("Advanced", open=False), gr.Row():
+        ui["adapter_revision"] = gr.Textbox(label="Adapter revision", placeholder="main (branch, tag or commit)",
+                                            elem_id="adapter-revision")
+        ui["base_revision"] = gr.Textbox(label="Base revision", placeholder="main (branch, tag or commit)",
+                                         elem_id="base-revision")
+        ui["max_shard_size"] = gr.Textbox(label="Max shard size", value="5GB", elem_id="shard-size")
+        ui["functional"] = gr.Dropdown(list(FUNCTIONAL), value=next(iter(FUNCTIONAL)),
+                                       label="Logits check vs PeftModel", elem_id="functional")
+        ui["combination"] = gr.Dropdown(list(COMBINATION_TYPES), value="stack", elem_id="combination",
+                                        label="Several adapters (a/x, b/y:0.5): combine as",
+                                        info="stack = sum of weighted deltas; others: PEFT add_weighted_adapter")
+        ui["density"] = gr.Number(value=None, label="density (ties/dare/magnitude_prune)", elem_id="density")
+    if _has_demo():
+        gr.Examples([["demo/adapter", "demo/base"]], inputs=[ui["adapter"], ui["base"]],
+                    label="Bundled offline demo (tiny Llama + LoRA)")
+    with gr.Accordion("Sample generation", open=True):
+        ui["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", max_length=LIMITS.prompt_chars,
+                                  value=prompts[0] if prompts else "Explain LoRA in one sentence.")
+        with gr.Row():
+            ui["max_new_tokens"] = gr.Slider(1, LIMITS.max_new_tokens, value=48, step=1, label="Max new tokens",
+                                             elem_id="max-new-tokens")
+            ui["temperature"] = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)",
+                                          elem_id="temperature")
+            ui["seed"] = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+        if len(prompts) > 1:
+            gr.Examples([[p] for p in prompts], inputs=[ui["prompt"]], label="Example prompts")
+
+
+def _results_section(ui: dict[str, Any]) -> None:
+    ui["merge_btn"] = gr.Button("Merge", variant="primary", elem_id="merge-btn")
+    ui["error"] = gr.Markdown(visible=False, elem_id="error-box")
+    ui["verdict"] = gr.Markdown(elem_id="verdict")
+    ui["table"] = gr.Dataframe(value=_table(None), headers=VerificationReport.HEADERS, label="Verification",
+                               interactive=False, wrap=True, max_height=1400, elem_id="verify-table",
+                               column_widths=["9%", "24%", "24%", "17%", "7%", "19%"])
+    with gr.Row():
+        ui["gen_base"] = gr.Textbox(label="Base model alone", lines=4, interactive=False, elem_id="gen-base")
+        ui["gen_adapter"] = gr.Textbox(label="Base + adapter (PEFT, unmerged)", lines=4, interactive=False,
+                                       elem_id="gen-adapter")
+        ui["gen_merged"] = gr.Textbox(label="Merged model", lines=4, interactive=False, elem_id="gen-merged")
+    ui["gen_note"] = gr.Markdown(elem_id="gen-note")
+    ui["sizes"] = gr.Markdown(elem_id="sizes")
+    with gr.Accordion("Merge summary", open=False):
+        ui["summary"] = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="summary")
+
+
+def _push_section(ui: dict[str, Any]) -> None:
+    gr.Markdown("## Push to the Hub")
+    with gr.Row():
+        ui["repo_name"] = gr.Textbox(label="Target repo", placeholder="you/model-merged (filled in after the merge)",
+                                     elem_id="repo-name", scale=2)
+        ui["private"] = gr.Checkbox(label="Private", value=False, elem_id="private")
+        ui["push_mode"] = gr.Radio(list(PUSH_MODES), value="Create new repo", label="Push mode", elem_id="push-mode")
+    ui["push_btn"] = gr.Button("Push to Hub", interactive=False, elem_id="push-btn")
+    ui["push_result"] = gr.Markdown(visible=False, elem_id="push-result")
+
+
+def _wire(ui: dict[str, Any]) -> None:
+    """Handlers get {component: value} and return {component: update}: order lives nowhere."""
+
+    def on_merge(values: dict[Any, Any], request: gr.Request, oauth_token: gr.OAuthToken | None = None,
+                 profile: gr.OAuthProfile | None = None, progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:  # noqa: B008
+        view = merge(_form(MergeForm, values, ui), oauth_token, profile, progress,
+                     session=getattr(request, "session_hash", None))
+        return _updates(view, ui)
+
+    def on_push(values: dict[Any, Any], oauth_token: gr.OAuthToken | None = None,
+                profile: gr.OAuthProfile | None = None, progress: gr.Progress = gr.Progress()) -> dict[Any, Any]:  # noqa: B008
+        return _updates(push(_form(PushForm, values, ui), oauth_token, profile, progress), ui)
+
+    def start_merge() -> dict[Any, Any]:
+        """Runs first (unqueued): clear the old results and lock both buttons while a merge runs."""
+        cleared = MergeView(state=KEEP, error=NO_ERROR, table=_table(None), repo_name=KEEP,
+                            push_btn=gr.update(interactive=False), merge_btn=gr.update(interactive=False))
+        return {**_updates(cleared, ui), ui["push_result"]: gr.update(value="", visible=False)}
+
+    def start_push() -> dict[Any, Any]:
+        """Runs first (unqueued): lock both buttons; the result box shows the upload's progress."""
+        locked = gr.update(interactive=False)
+        return _updates(PushView(gr.update(value="Pushing …", visible=True), NO_ERROR, locked, locked), ui)
+
+    merge_outputs = [ui[name] for name in _names(MergeView)]
+    ui["merge_btn"].click(start_merge, None, [*merge_outputs, ui["push_result"]], queue=False,
+                          show_progress="hidden").then(
+        on_merge, {ui[name] for name in _names(MergeForm)}, merge_outputs, show_progress_on=[ui["verdict"]])
+    push_outputs = [ui[name] for name in _names(PushView)]
+    ui["push_btn"].click(start_push, None, push_outputs, queue=False, show_progress="hidden").then(
+        on_push, {ui[name] for name in _names(PushForm)}, push_outputs, show_progress_on=[ui["push_result"]])
+
+
 def build_demo() -> gr.Blocks:
-    prompts = _demo_prompts()
+    sweep_workdirs()  # folders of merges whose process died (a restart, an out-of-memory kill)
+    ui: dict[str, Any] = {}
     with gr.Blocks(title="LoRA Merge Space") as demo:
         gr.Markdown(
             "# LoRA Merge Space\n"
             "Merge a LoRA adapter into its base model (W' = W + scale · B @ A, streamed shard by shard), "
             "verify the result against the base and the adapter, and push it to the Hub."
         )
-        with gr.Row():
-            if SHOW_LOGIN:
-                gr.LoginButton()
-            token_box = gr.Textbox(label="or paste a write token", type="password", placeholder="hf_…",
-                                   elem_id="token-box", scale=2,
-                                   info="Used for this request only: never stored, logged or shown.")
-        with gr.Row():
-            adapter_box = gr.Textbox(label="Adapter", placeholder="owner/lora-adapter (Hub ID)", elem_id="adapter-id")
-            base_box = gr.Textbox(label="Base model (optional)",
-                                  placeholder="empty: the adapter's base (base_model_name_or_path)", elem_id="base-id")
-            dtype_box = gr.Dropdown(DTYPES, value="auto", label="Output dtype", elem_id="dtype")
-        with gr.Accordion("Advanced", open=False), gr.Row():
-            adapter_rev = gr.Textbox(label="Adapter revision", placeholder="main (branch, tag or commit)",
-                                     elem_id="adapter-revision")
-            base_rev = gr.Textbox(label="Base revision", placeholder="main (branch, tag or commit)",
-                                  elem_id="base-revision")
-            shard_box = gr.Textbox(label="Max shard size", value="5GB", elem_id="shard-size")
-            functional_box = gr.Dropdown(list(FUNCTIONAL), value=next(iter(FUNCTIONAL)),
-                                         label="Logits check vs PeftModel", elem_id="functional")
-            combination_box = gr.Dropdown(list(COMBINATION_TYPES), value="stack", elem_id="combination",
-                                          label="Several adapters (a/x, b/y:0.5): combine as",
-                                          info="stack = sum of weighted deltas; others: PEFT add_weighted_adapter")
-            density_box = gr.Number(value=None, label="density (ties/dare/magnitude_prune)", elem_id="density")
-        if _has_demo():
-            gr.Examples([["demo/adapter", "demo/base"]], inputs=[adapter_box, base_box],
-                        label="Bundled offline demo (tiny Llama + LoRA)")
-        with gr.Accordion("Sample generation", open=True):
-            prompt_box = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    value=prompts[0] if prompts else "Explain LoRA in one sentence.")
-            with gr.Row():
-                max_new = gr.Slider(1, 256, value=48, step=1, label="Max new tokens", elem_id="max-new-tokens")
-                temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)",
-                                        elem_id="temperature")
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-            if len(prompts) > 1:
-                gr.Examples([[p] for p in prompts], inputs=[prompt_box], label="Example prompts")
-        merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
-        error_box = gr.Markdown(visible=False, elem_id="error-box")
-
-        verdict = gr.Markdown(elem_id="verdict")
-        table = gr.Dataframe(value=_table(None), headers=VerificationReport.HEADERS, label="Verification",
-                             interactive=False, wrap=True, max_height=1400, elem_id="verify-table",
-                             column_widths=["9%", "24%", "24%", "17%", "7%", "19%"])
-        with gr.Row():
-            gen_base = gr.Textbox(label="Base model alone", lines=4, interactive=False, elem_id="gen-base")
-            gen_adapter = gr.Textbox(label="Base + adapter (PEFT, unmerged)", lines=4, interactive=False,
-                                     elem_id="gen-adapter")
-            gen_merged = gr.Textbox(label="Merged model", lines=4, interactive=False, elem_id="gen-merged")
-        gen_note = gr.Markdown(elem_id="gen-note")
-        sizes = gr.Markdown(elem_id="sizes")
-        with gr.Accordion("Merge summary", open=False):
-            summary = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="summary")
-
-        gr.Markdown("## Push to the Hub")
-        with gr.Row():
-            repo_box = gr.Textbox(label="Target repo", placeholder="you/model-merged (filled in after the merge)",
-                                  elem_id="repo-name", scale=2)
-            private_box = gr.Checkbox(label="Private", value=False, elem_id="private")
-            mode_box = gr.Radio(list(PUSH_MODES), value="Create new repo", label="Push mode", elem_id="push-mode")
-        push_btn = gr.Button("Push to Hub", interactive=False, elem_id="push-btn")
-        push_result = gr.Markdown(visible=False, elem_id="push-result")
-
-        job = gr.State(None, time_to_live=STATE_TTL_SECONDS, delete_callback=discard)
-
-        results = [error_box, verdict, table, gen_base, gen_adapter, gen_merged, gen_note, sizes, summary]
-        merge_btn.click(start_merge, None, [*results, push_btn, push_result, merge_btn], queue=False,
-                        show_progress="hidden").then(
-            merge,
-            [adapter_box, base_box, adapter_rev, base_rev, dtype_box, shard_box, functional_box, combination_box,
-             density_box, prompt_box, max_new,
-             temperature, seed, repo_box, token_box, job],
-            [job, *results, repo_box, push_btn, merge_btn],
-            show_progress_on=[verdict],
-        )
-        push_btn.click(start_push, None, [merge_btn, push_btn, push_result, error_box], queue=False,
-                       show_progress="hidden").then(
-            push, [repo_box, private_box, mode_box, token_box, job], [push_result, error_box, merge_btn, push_btn],
-            show_progress_on=[push_result],
-        )
+        _form_section(ui, _demo_prompts())
+        _results_section(ui)
+        _push_section(ui)
+        ui["state"] = gr.State(None, time_to_live=STATE_TTL_SECONDS, delete_callback=discard)
+        _wire(ui)
 
         def end_session(request: gr.Request) -> None:
             """Tab closed: remove this session's merge folder now rather than when gradio expires the

@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .errors import MergeError
-from .merge import check_output_dir
+from .errors import MergeError, explain_os_error
+from .outputs import check_output_target
 from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES
 from .progress import TqdmProgress
+
+if TYPE_CHECKING:
+    from .pipeline import MergeRequest, MergeResult, PushResult
+    from .verify import VerificationReport
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,44 +80,67 @@ def _token() -> Optional[str]:
         return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .pipeline import MergeRequest, push_merged, run_merge
+def _request(args: argparse.Namespace, token: Optional[str]) -> MergeRequest:
+    from .pipeline import MergeRequest
 
-    args = build_parser().parse_args(argv)
-    progress = TqdmProgress(disable=args.quiet)
-    token = _token()
-    pushed = None
-    verification = None
-    temporary: list[Path] = []
+    request = MergeRequest(
+        adapter=args.adapter, base="" if args.base == "-" else args.base,
+        adapter_revision=args.adapter_revision, base_revision=args.base_revision, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, compute_dtype=args.compute_dtype, device=args.device,
+        token=token, endpoint=args.endpoint, combination=args.combine, density=args.density,
+        svd_rank=args.svd_rank, seed=args.seed,
+    )
+    request.options()  # a bad option (shard size, device, dtype) is refused before any work
+    return request
+
+
+def _protected(request: MergeRequest) -> list[tuple[str, Path]]:
+    """Every local input folder named on the command line, and the Hub cache downloads go to.
+    The executor checks the resolved folders again (e.g. a base the adapter declares)."""
+    from .hub import parse_source
+    from .pipeline import parse_adapter_list
+
+    protected = [("the Hub cache that holds the downloaded inputs", request.hub_cache())]
+    named = [("the base model", request.base)] if request.base else []
+    named += [("an adapter", spec) for spec, _ in parse_adapter_list(request.adapter)]
+    for what, text in named:
+        try:
+            source = parse_source(text)
+        except ValueError:
+            continue  # not a usable input: the pipeline says why, before writing anything
+        if isinstance(source, Path):
+            protected.append((what, source))
+    return protected
+
+
+def _merge(args: argparse.Namespace, token: Optional[str], progress: TqdmProgress) -> tuple[MergeResult, Optional[PushResult]]:
+    """Output guard and push preflight first (nothing read, downloaded or written yet), then
+    the merge, then the push."""
+    from .pipeline import preflight_push, push_merged, run_merge
+
+    request = _request(args, token)
+    output = check_output_target(args.output, protected=_protected(request), overwrite=args.overwrite)
+    target = None
+    if args.push:
+        target = preflight_push(args.push, token=token, mode=args.push_mode, private=args.private,
+                                endpoint=args.endpoint)
+    result = run_merge(request, output.parent, progress, output_dir=output, overwrite=args.overwrite,
+                       verify=args.verify, functional=args.functional)
     try:
-        output = Path(args.output).absolute()
-        check_output_dir(output, args.overwrite)
-        request = MergeRequest(
-            adapter=args.adapter, base="" if args.base == "-" else args.base,
-            adapter_revision=args.adapter_revision, base_revision=args.base_revision, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, compute_dtype=args.compute_dtype, device=args.device,
-            token=token, endpoint=args.endpoint, combination=args.combine, density=args.density,
-            svd_rank=args.svd_rank, seed=args.seed,
-        )
-        result = run_merge(request, output.parent, progress, output_dir=output, overwrite=args.overwrite,
-                           verify=args.verify, functional=args.functional)
-        temporary = result.temporary
-        report, verification = result.report, result.verification
-        if args.push:
-            if verification is not None and not verification.passed:
-                raise MergeError("Verification failed, so nothing was pushed. See the table above.")
-            pushed = push_merged(result, args.push, token=token or "", private=args.private, mode=args.push_mode,
-                                 endpoint=args.endpoint, progress=progress)
-    except (MergeError, ValueError) as exc:
-        progress.close()
-        if verification is not None:
-            print(verification.to_text())
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if target is None:
+            return result, None
+        if result.verification is not None and not result.verification.passed:
+            print(result.verification.to_text())
+            raise MergeError("Verification failed, so nothing was pushed. See the table above.")
+        pushed = push_merged(result, target.repo_id, token=token or "", private=args.private, mode=target.mode,
+                             endpoint=args.endpoint, progress=progress)
+        return result, pushed
     finally:
-        for path in temporary:
-            shutil.rmtree(path, ignore_errors=True)
-    progress.close()
+        result.inputs.release()
+
+
+def _print(args: argparse.Namespace, result: MergeResult, pushed: Optional[PushResult]) -> None:
+    report, verification = result.report, result.verification
     if args.json:
         data = report.to_dict()
         if verification is not None:
@@ -122,14 +148,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if pushed is not None:
             data["push"] = vars(pushed)
         print(json.dumps(data, indent=2, default=str))
-    else:
-        print(report.summary())
-        if verification is not None:
-            print()
-            print(verification.to_text())
-        if pushed is not None:
-            print(f"\npushed: {pushed.repo_url} (commit {pushed.commit_oid[:12]})" + (f", pull request {pushed.pr_url}" if pushed.pr_url else ""))
-    return 1 if verification is not None and not verification.passed else 0
+        return
+    print(report.summary())
+    if verification is not None:
+        print()
+        print(verification.to_text())
+    if pushed is not None:
+        pr = f", pull request {pushed.pr_url}" if pushed.pr_url else ""
+        print(f"\npushed: {pushed.repo_url} (commit {pushed.commit_oid[:12]}){pr}")
+
+
+def _passed(verification: Optional[VerificationReport]) -> bool:
+    return verification is None or verification.passed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit 0: merged (and verified/pushed when asked); 1: a verification check failed;
+    2: refused or failed, with one sentence on stderr and nothing left behind."""
+    args = build_parser().parse_args(argv)
+    progress = TqdmProgress(disable=args.quiet)
+    try:
+        result, pushed = _merge(args, _token(), progress)
+    except (MergeError, ValueError) as exc:
+        progress.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # whatever the operating system refused, said in one sentence
+        progress.close()
+        where = exc.filename or args.output
+        print(f"error: {explain_os_error(exc, 'read or write', where)}", file=sys.stderr)
+        return 2
+    progress.close()
+    _print(args, result, pushed)
+    return 0 if _passed(result.verification) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

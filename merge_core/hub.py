@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
@@ -17,15 +18,20 @@ from .errors import (
     BaseCheckpointError,
     HubError,
     HubNetworkError,
+    InvalidOptionError,
+    MergeError,
     PushError,
     RepoAccessError,
     RepoNotFound,
     RevisionNotFound,
+    explain_os_error,
 )
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 
 T = TypeVar("T")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The Hub's own limit on a user, organisation or repository name.
+_MAX_NAME_CHARS = 96
 
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
                     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
@@ -52,18 +58,71 @@ def parse_source(text: str, revision: Optional[str] = None) -> RepoRef | Path:
     if not text:
         raise ValueError("Enter a Hub model ID like owner/name, or a local folder.")
     path = Path(text).expanduser()
-    if path.exists() or text.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise ValueError(f"{text} is not a folder.")
+    if _is_local(path, text):
         return path
     if "@" in text:
         text, _, rev = text.partition("@")
         revision = revision or rev or None
     parts = text.strip("/").split("/")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
-    if not _REPO_ID.match(repo_id) or ".." in text or repo_id.endswith((".", "-")):
-        raise ValueError(f"{text!r} is neither a local folder nor a Hub model ID of the form owner/name.")
+    too_long = any(len(part) > _MAX_NAME_CHARS for part in parts[:2])
+    if too_long or not _REPO_ID.match(repo_id) or ".." in text or repo_id.endswith((".", "-")):
+        shown = text if len(text) <= 120 else text[:60] + "…" + text[-40:]
+        raise ValueError(f"{shown!r} is neither a local folder nor a Hub model ID of the form owner/name.")
     return RepoRef(repo_id, (revision or "").strip() or None, subfolder)
+
+
+def _is_local(path: Path, text: str) -> bool:
+    """True for an existing folder or a text written as a path; an unusable path is refused in
+    one sentence (the operating system's reason), never as a traceback."""
+    written_as_path = text.startswith((".", "/", "~"))
+    try:
+        exists = path.exists()
+        is_dir = path.is_dir()
+    except OSError as exc:
+        if not written_as_path:
+            return False  # e.g. a 10,000-character "ID": the Hub ID rules refuse it next
+        raise InvalidOptionError(explain_os_error(exc, "read the folder", text)) from None
+    if not (exists or written_as_path):
+        return False
+    if not is_dir:
+        raise ValueError(f"{text} is not a folder.")
+    return True
+
+
+class PushMode(str, Enum):
+    """The three ways a merged model reaches the Hub."""
+
+    NEW = "new"  # create the repository; refused if it exists
+    UPDATE = "update"  # one commit on an existing repository's main branch
+    PR = "pr"  # a pull request on an existing repository
+
+    @classmethod
+    def parse(cls, value: PushMode | str) -> PushMode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidOptionError(
+                f"Unknown push mode {value!r}; choose one of {', '.join(m.value for m in cls)}."
+            ) from None
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """A push target that passed the preflight (see HubClient.preflight_push)."""
+
+    repo_id: str
+    mode: PushMode
+    private: bool = False
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    repo_url: str
+    commit_oid: str
+    commit_url: str
+    pr_url: Optional[str]
 
 
 class HubClient:
@@ -176,6 +235,76 @@ class HubClient:
         except RepoAccessError as exc:
             raise PushError("The Hub did not accept this token. Log in again or create a new token with write access.") from exc
 
+    def preflight_push(self, repo_id: str, mode: PushMode | str, *, private: bool = False) -> PushTarget:
+        """Everything a push can be refused for, checked before any merge or upload: the token
+        can write, the namespace is the account's own or one of its organisations, and the
+        target is free (new) or exists (update, pull request)."""
+        mode = PushMode.parse(mode)
+        me = self.whoami()
+        if ((me.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+            raise PushError(
+                "Your token is read-only. Create a token with write access (Settings → Access Tokens) or log in again."
+            )
+        repo_id = (repo_id or "").strip()
+        if "/" not in repo_id:
+            repo_id = f"{me.get('name')}/{repo_id}"
+        owner, _, name = repo_id.partition("/")
+        if not _REPO_ID.match(repo_id) or len(owner) > _MAX_NAME_CHARS or len(name) > _MAX_NAME_CHARS:
+            raise PushError(f"{repo_id[:200]!r} is not a repository name the Hub accepts; use owner/name "
+                            f"(letters, digits, '-', '_', '.'; at most {_MAX_NAME_CHARS} characters each).")
+        writable = _writable_namespaces(me)
+        if mode is not PushMode.PR and owner not in writable:
+            raise PushError(f"Your token cannot write to the namespace {owner!r} (it can write to: "
+                            f"{', '.join(sorted(writable)) or 'none'}); push to one of those or open a pull request.")
+        exists = self._call(RepoRef(repo_id), lambda: self.api.repo_exists(repo_id))
+        if mode is PushMode.NEW and exists:
+            raise PushError(
+                f"{repo_id} already exists. Choose another name, or 'Update existing repo' / 'Open a pull request'."
+            )
+        if mode is not PushMode.NEW and not exists:
+            raise PushError(f"{repo_id} does not exist (or your account cannot see it); choose 'Create new repo'.")
+        return PushTarget(repo_id, mode, private)
+
+    def push_folder(self, target: PushTarget, folder: Path, *, message: str, description: str) -> PushResult:
+        """Create the repo (mode new) and upload ``folder`` in ONE commit (or one pull request)."""
+        ref = RepoRef(target.repo_id)
+        if target.mode is PushMode.NEW:
+            try:
+                self._call(ref, lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=False))
+            except HubError as exc:
+                raise PushError(f"Could not create {target.repo_id}: {exc}. Your token needs write access to the "
+                                f"namespace {target.repo_id.split('/')[0]!r}.") from exc
+        try:
+            info = self._call(ref, lambda: self.api.upload_folder(
+                repo_id=target.repo_id, folder_path=folder, commit_message=message, commit_description=description,
+                create_pr=target.mode is PushMode.PR,
+                # An update replaces the weights whole: stale shards of an older merge must not survive.
+                delete_patterns=["*.safetensors", "model.safetensors.index.json"]
+                if target.mode is PushMode.UPDATE else None,
+            ))
+        except Exception as exc:  # noqa: BLE001 - any upload failure: say that nothing landed
+            hint = (f" The repository {target.repo_id} was created but nothing was committed; push again with "
+                    "'Update existing repo'." if target.mode is PushMode.NEW
+                    else f" Nothing was committed; {target.repo_id} is unchanged.")
+            detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+            raise PushError(f"Upload failed ({detail}).{hint}") from exc
+        pr_url = getattr(info, "pr_url", None)
+        if target.mode is PushMode.PR and not pr_url:
+            # huggingface_hub skips files the repo already has; with nothing left it opens no PR.
+            raise PushError(f"{target.repo_id} already holds exactly these files, so there is nothing to propose; "
+                            "no pull request was opened.")
+        url = f"{self.endpoint}/{target.repo_id}"
+        return PushResult(target.repo_id, url, str(info.oid), str(info.commit_url), pr_url)
+
+
+def _writable_namespaces(me: dict[str, Any]) -> set[str]:
+    """The account's own name and the organisations where its role allows writing."""
+    names = {str(me.get("name") or "")}
+    for org in me.get("orgs") or []:
+        if isinstance(org, dict) and org.get("name") and org.get("roleInOrg") != "read":
+            names.add(str(org["name"]))
+    return names - {""}
+
 
 def matching(files: Iterable[str], patterns: list[str]) -> list[str]:
     return [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in patterns)]
@@ -241,8 +370,3 @@ def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> l
         raise AdapterConfigError(f"{ref} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
     local = {f[len(prefix):]: f for f in files if f.startswith(prefix)}
     return [local[f] for f in matching(local, ADAPTER_PATTERNS)]
-
-
-def list_adapters(files: Iterable[str]) -> list[str]:
-    """Every adapter in a repo: "" for one at the root, else the subfolder names."""
-    return sorted(f[: -len("adapter_config.json")].rstrip("/") for f in files if f.endswith("adapter_config.json"))

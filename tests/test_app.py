@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -18,9 +19,6 @@ from tests.hubserver import HubServer
 ALICE = "hf_alice_app_write_token_0123456789"
 ALICE_READ = "hf_alice_app_read_token_0123456789"
 
-MERGE_OUTPUTS = ["state", "error", "verdict", "table", "gen_base", "gen_adapter", "gen_merged", "gen_note", "sizes",
-                 "summary", "repo_name", "push_btn", "merge_btn"]
-PUSH_OUTPUTS = ["push_result", "error", "merge_btn", "push_btn"]
 FUNCTIONAL_AUTO = next(iter(app.FUNCTIONAL))
 DEMO_DIR = app.DEMO_DIR
 
@@ -29,26 +27,33 @@ def no_progress(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def view(result: Any) -> dict[str, Any]:
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+
+
 def merge(adapter: str, base: str = "", *, dtype: str = "auto", prompt: str = "", token: str = "",
           previous: app.MergeResult | None = None, repo_name: str = "", oauth=None, profile=None,
-          adapter_revision: str = "", combination: str = "stack") -> dict[str, Any]:
+          adapter_revision: str = "", combination: str = "stack", session: str | None = None,
+          **form: Any) -> dict[str, Any]:
     prompt = prompt or (app._demo_prompts() or ["Hello"])[0]
-    out = app.merge(adapter, base, adapter_revision, "", dtype, "5GB", FUNCTIONAL_AUTO, combination, None, prompt, 24,
-                    0.0, 0, repo_name,
-                    token, previous, oauth, profile, progress=no_progress)
-    assert len(out) == len(MERGE_OUTPUTS)
-    return dict(zip(MERGE_OUTPUTS, out))
+    values = app.MergeForm(adapter=adapter, base=base, adapter_revision=adapter_revision, dtype=dtype,
+                           functional=FUNCTIONAL_AUTO, combination=combination, prompt=prompt, max_new_tokens=24,
+                           repo_name=repo_name, token=token, state=previous, **form)
+    return view(app.merge(values, oauth, profile, progress=no_progress, session=session))
 
 
 def push(result, repo_name: str, *, token: str = "", mode: str = "Create new repo", oauth=None, profile=None,
          private: bool = False) -> dict[str, Any]:
-    out = app.push(repo_name, private, mode, token, result, oauth, profile, progress=no_progress)
-    assert len(out) == len(PUSH_OUTPUTS)
-    return dict(zip(PUSH_OUTPUTS, out))
+    form = app.PushForm(repo_name=repo_name, private=private, push_mode=mode, token=token, state=result)
+    return view(app.push(form, oauth, profile, progress=no_progress))
 
 
 def lms_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.startswith("lms-"))
+    """The per-request folders; each live one has its lock file beside it, and nothing else is there."""
+    names = sorted(p.name for p in root.iterdir() if p.name.startswith("lms-"))
+    folders = [n for n in names if not n.endswith(".lock")]
+    assert sorted(n for n in names if n.endswith(".lock")) == [f"{n}.lock" for n in folders], names
+    return folders
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,7 +135,7 @@ def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
     assert "identical" in out["gen_note"]
     assert "MB" in out["sizes"] and "GB" in out["sizes"] and "e-" not in out["sizes"]
     assert result.report.summary() == out["summary"]
-    assert out["repo_name"] == result.suggested_repo_name  # no login, no token: no owner prefix
+    assert out["repo_name"] == result.inputs.suggested_name  # no login, no token: no owner prefix
     assert out["push_btn"]["interactive"] is True and out["merge_btn"]["interactive"] is True
 
     # Its own temp folder, holding the merged model and its card.
@@ -233,9 +238,9 @@ def test_hub_adapter_base_from_its_config_then_push_and_pr(tempdir: Path, hub: H
     out = merge("alice/tiny-lora", token=ALICE)  # pasted token; the base comes from the adapter's config
     result = out["state"]
     assert isinstance(result, app.MergeResult), out["error"]
-    assert result.base_id == "acme/tiny-llama" and len(result.adapter_revision or "") == 40  # pinned commit
+    assert result.inputs.base.name == "acme/tiny-llama" and len(result.inputs.adapter_revision or "") == 40  # pinned commit
     assert out["verdict"].startswith("### ✅ All"), out["verdict"]
-    assert out["repo_name"] == f"alice/{result.suggested_repo_name}"  # whoami of the pasted token
+    assert out["repo_name"] == f"alice/{result.inputs.suggested_name}"  # whoami of the pasted token
 
     pushed = push(result, out["repo_name"], token=ALICE)
     assert pushed["error"]["visible"] is False, pushed["error"]
@@ -272,7 +277,7 @@ def test_login_token_and_profile_are_used(tempdir: Path, hub: HubServer, demo_re
     oauth = app.gr.OAuthToken(token=ALICE, scope="openid profile contribute-repos", expires_at=int(time.time()) + 3600)
     profile = app.gr.OAuthProfile({"name": "Alice", "preferred_username": "alice", "profile": "", "picture": ""})
     out = merge("demo/adapter", "demo/base", oauth=oauth, profile=profile)
-    assert out["repo_name"] == f"alice/{out['state'].suggested_repo_name}"
+    assert out["repo_name"] == f"alice/{out['state'].inputs.suggested_name}"
     pushed = push(out["state"], "demo-from-login", oauth=oauth, profile=profile)
     assert pushed["error"]["visible"] is False, pushed["error"]
     assert "model.safetensors" in hub.repo_files("alice/demo-from-login")

@@ -78,7 +78,7 @@ def hub(tmp_path_factory, models):
 def test_merge_by_hub_ids_push_and_load_back(tmp: Path, hub: HubServer, models, caplog, capsys) -> None:
     caplog.set_level(logging.DEBUG)
     result = run_merge(MergeRequest(adapter="alice/tiny-lora", base="", token=ALICE, endpoint=hub.url), tmp / "work")
-    assert result.base_id == "acme/tiny-llama"  # suggested from the adapter's config
+    assert result.inputs.base.name == "acme/tiny-llama"  # suggested from the adapter's config
     assert result.verification.passed, result.verification.to_text()
     pushed = push_merged(result, "tiny-merged", token=ALICE, endpoint=hub.url)
     assert pushed.repo_id == "alice/tiny-merged"

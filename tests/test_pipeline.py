@@ -24,7 +24,7 @@ def test_single_adapter_with_model_checks_and_card(tmp: Path) -> None:
     make_tokenizer(base)
     adapter = make_adapter(base, tmp / "my-lora", target_modules=["q_proj", "v_proj"])
     result = run_merge(MergeRequest(adapter=str(adapter)), tmp / "work")
-    assert result.suggested_repo_name == "my-merged"
+    assert result.inputs.suggested_name == "my-merged"
     checks = model_checks(result.base_dir, result.adapter_dir, result.output_dir,
                           GenerationSettings("w5 w6 w7", max_new_tokens=6), functional="always")
     add_model_checks(result, checks)
@@ -44,8 +44,8 @@ def test_stack_of_two_adapters_equals_peft_with_both_active(tmp: Path) -> None:
     a2 = make_adapter(base, tmp / "a2", seed=2, r=2, target_modules=["v_proj", "down_proj"])
     result = run_merge(MergeRequest(adapter=f"{a1}, {a2}"), tmp / "work")
     assert result.verification.passed
-    assert "stack(" in result.adapter_id
-    recipe = json.loads((result.adapter_dir / "adapter_config.json").read_text())["lora_merge_space"]
+    assert "stack(" in result.inputs.adapter_id
+    recipe = json.loads((result.adapter_dir / "merge_recipe.json").read_text())
     assert recipe["combination_type"] == "stack" and recipe["weights"] == [1.0, 1.0]
 
     model = PeftModel.from_pretrained(load_model(base), a1, adapter_name="one")
