@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .report import MergeReport
 from .verify import VerificationReport
@@ -22,14 +22,14 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def build_model_card(
     report: MergeReport,
-    verification: Optional[VerificationReport],
+    verification: VerificationReport | None,
     *,
-    repo_id: Optional[str],
+    repo_id: str | None,
     base_id: str,
-    base_revision: Optional[str],
+    base_revision: str | None,
     adapter_id: str,
-    adapter_revision: Optional[str],
-    base_card: Optional[dict[str, Any]] = None,
+    adapter_revision: str | None,
+    base_card: dict[str, Any] | None = None,
 ):
     """A huggingface_hub.ModelCard; the caller saves it as README.md beside the weights."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -44,17 +44,9 @@ def build_model_card(
         tags=list(dict.fromkeys([*TAGS])),
         base_model_relation="finetune",
     )
-    scales = sorted({(m.rank, m.alpha, round(m.scale, 6)) for m in report.modules if m.kind != "replaced"})
-    recipe_rows = [
-        ["adapter", f"`{adapter_id}`" + (f" @ `{adapter_revision}`" if adapter_revision else "")],
-        ["base model", f"`{base_id}`" + (f" @ `{base_revision}`" if base_revision else "")],
-        ["merged modules", f"{len(report.modules)} ({', '.join(report.variants)})"],
-        ["rank / alpha / scale", "; ".join(f"r={r}, alpha={a:g}, scale={s:g}" for r, a, s in scales[:6])
-         + (" ..." if len(scales) > 6 else "")],
-        ["output dtype", f"{report.output_dtype} (from {report.base_dtype}; computed in {report.compute_dtype}, rounded once)"],
-        ["tensors changed / copied bit-identically", f"{len(report.changed_tensors)} / {report.copied_tensors}"],
-        ["size", f"{report.output_bytes / 1e9:.3f} GB in {len(report.shards)} shard(s)"],
-    ]
+    recipe_rows = _recipe_rows(
+        report, base_id=base_id, base_revision=base_revision, adapter_id=adapter_id, adapter_revision=adapter_revision
+    )
     title = repo_id.split("/")[-1] if repo_id else Path(report.output_dir).name
     parts = [
         f"# {title}",
@@ -81,8 +73,12 @@ def build_model_card(
             "",
             _table(["group", "check", "value", "threshold", "result"], [r[:5] for r in verification.rows()]),
         ]
-    load_id = repo_id or "path/to/this/model"
-    parts += [
+    parts += _usage(repo_id or "path/to/this/model")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
+
+
+def _usage(load_id: str) -> list[str]:
+    return [
         "",
         "## Use",
         "",
@@ -95,7 +91,59 @@ def build_model_card(
         "",
         "Merged with [LoRA Merge Space](https://huggingface.co/spaces) (`merge_core`).",
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
+
+
+def _recipe_rows(
+    report: MergeReport, *, base_id: str, base_revision: str | None, adapter_id: str, adapter_revision: str | None
+) -> list[list[Any]]:
+    """The "Merge recipe" table: the inputs, how several adapters were combined, and what the merge did."""
+    scales = sorted({(m.rank, m.alpha, round(m.scale, 6)) for m in report.modules if m.kind != "replaced"})
+    rows = [
+        ["adapter", f"`{adapter_id}`" + (f" @ `{adapter_revision}`" if adapter_revision else "")],
+        ["base model", f"`{base_id}`" + (f" @ `{base_revision}`" if base_revision else "")],
+        ["merged modules", f"{len(report.modules)} ({', '.join(report.variants)})"],
+        [
+            "rank / alpha / scale",
+            "; ".join(f"r={r}, alpha={a:g}, scale={s:g}" for r, a, s in scales[:6])
+            + (" ..." if len(scales) > 6 else ""),
+        ],
+        [
+            "output dtype",
+            f"{report.output_dtype} (from {report.base_dtype}; computed in {report.compute_dtype}, rounded once)",
+        ],
+        ["tensors changed / copied bit-identically", f"{len(report.changed_tensors)} / {report.copied_tensors}"],
+        ["size", f"{report.output_bytes / 1e9:.3f} GB in {len(report.shards)} shard(s)"],
+    ]
+    rows[1:1] = _combination_rows(report.recipe)
+    return rows
+
+
+def _combination_rows(recipe: dict[str, Any]) -> list[list[Any]]:
+    """Rows for how several adapters were combined into the merged one (merge_recipe.json); none for one adapter."""
+    if not recipe:
+        return []
+
+    def number(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    ctype = recipe.get("combination_type", "?")
+    effective = recipe.get("effective_combination_type")
+    rows = [
+        [
+            "combination",
+            f"`{ctype}`"
+            + (f" (run as `{effective}`)" if effective else "")
+            + (f": {recipe['semantics']}" if recipe.get("semantics") else ""),
+        ]
+    ]
+    rows += [
+        [f"source {i}", f"`{source.get('name', '?')}` × {number(source.get('weight', '?'))}"]
+        for i, source in enumerate(recipe.get("sources") or [], start=1)
+    ]
+    parameters = recipe.get("parameters") or {}
+    if parameters:
+        rows.append(["combination parameters", ", ".join(f"{k}={number(v)}" for k, v in parameters.items())])
+    return rows
 
 
 def _is_hub_id(text: str) -> bool:
