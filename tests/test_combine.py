@@ -7,7 +7,7 @@ other type against LoraModel.add_weighted_adapter (same inputs, same torch.manua
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,17 +16,17 @@ import torch
 from merge_core import merge_adapter
 from merge_core.combine import (
     COMBINATION_TYPES,
+    RECIPE_FILE,
     AdapterSource,
     CombinationArgumentError,
-    DifferentBaseModelsError,
     IncompatibleAdaptersError,
-    UnknownCombinationTypeError,
     UnsupportedCombinationError,
-    _heuristic_key,
-    _named_modules_of,
     combine_adapters,
-    requirements_text,
+    read_recipe,
 )
+from merge_core.combine.replay import heuristic_key, named_modules_of
+from merge_core.errors import AdapterConfigError, AdapterWeightsError
+from tests.conftest import with_config
 from tests.factories import load_model, logits, make_adapter, make_base, prompt_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
@@ -34,31 +34,10 @@ TOL = 1e-5
 SEED = 1234
 
 
-def _with_config(src: Path, dst: Path, **changes) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "adapter_config.json").read_text())
-    cfg.update(changes)
-    (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    return dst
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, Path]:
-    t = tmp_path_factory.mktemp("combine")
-    base = make_base(t / "base", "llama")
-    e = {"base": base, "root": t}
-    # a1/a2/a3: equal rank 4, partly different targets, different alphas; a2 uses rsLoRA.
-    e["a1"] = make_adapter(base, t / "a1", seed=1, r=4, lora_alpha=8,
-                           target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
-    e["a2"] = make_adapter(base, t / "a2", seed=2, r=4, lora_alpha=16, use_rslora=True,
-                           target_modules=["q_proj", "k_proj", "up_proj"])
-    e["a3"] = make_adapter(base, t / "a3", seed=3, r=4, lora_alpha=4, target_modules=["q_proj", "o_proj", "v_proj"])
-    # d: another rank, partly other targets (and an embedding LoRA: two identical saved base embeddings).
-    e["d"] = make_adapter(base, t / "d", seed=4, r=6, lora_alpha=12, target_modules=["q_proj", "gate_proj", "embed_tokens"])
-    # The same weights, but PEFT initialises the new adapter differently (RNG draws before dare's masks).
-    e["a1_init"] = _with_config(e["a1"], t / "a1_init", init_lora_weights=True)
-    e["a3_gauss"] = _with_config(e["a3"], t / "a3_gauss", init_lora_weights="gaussian")
-    return e
+@pytest.fixture
+def env(adapter_set: dict[str, Path]) -> dict[str, Path]:
+    """conftest's adapter_set (a1/a2/a3 rank 4, d rank 6, a1_init/a3_gauss), read-only."""
+    return adapter_set
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -103,7 +82,8 @@ def test_stack_equals_peft_merging_both_adapters(env, tmp: Path) -> None:
     assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (10, 10, False)
     assert cfg["modules_to_save"] == ["lm_head"]
     assert cfg["target_modules"] == sorted({"q_proj", "v_proj", "down_proj", "embed_tokens", "gate_proj"})
-    recipe = cfg["lora_merge_space"]
+    assert "lora_merge_space" not in cfg  # the recipe lives beside the config, not in it
+    recipe = read_recipe(out)
     assert recipe["combination_type"] == "stack" and recipe["weights"] == [1.0, 1.0]
     assert [s["name"] for s in recipe["sources"]] == ["a", "b"]
 
@@ -133,7 +113,9 @@ def test_picking_one_adapter_of_three_leaves_the_others_out(env, tmp: Path) -> N
     base = env["base"]
     only = _state(_peft_loaded(base, [("a2", env["a2"])]).merge_and_unload())
     picked = combine_adapters(
-        [AdapterSource(env["a1"], 0.0), AdapterSource(env["a2"], 1.0), AdapterSource(env["a3"], 0.0)], "stack", tmp / "p"
+        [AdapterSource(env["a1"], 0.0), AdapterSource(env["a2"], 1.0), AdapterSource(env["a3"], 0.0)],
+        "stack",
+        tmp / "p",
     )
     cfg = json.loads((picked / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["modules_to_save"] is None  # a1's lm_head left out with a1
@@ -177,15 +159,16 @@ def test_every_peft_type_is_covered() -> None:
 @pytest.mark.parametrize("ctype", list(PEFT_CASES))
 def test_matches_peft_add_weighted_adapter(env, tmp: Path, ctype: str) -> None:
     names, weights, kw = PEFT_CASES[ctype]
-    out = combine_adapters([AdapterSource(env[n], w, n) for n, w in zip(names, weights)], ctype, tmp / "c",
-                           seed=SEED, **kw)
+    out = combine_adapters(
+        [AdapterSource(env[n], w, n) for n, w in zip(names, weights, strict=True)], ctype, tmp / "c", seed=SEED, **kw
+    )
     ref = _peft_weighted(env["base"], [(n, env[n]) for n in names], weights, ctype, **kw)
     got = _merge_folder(env["base"], out)
     diff = _max_diff(_state(ref), _state(got))
     assert diff <= TOL, f"{ctype}: merged weights differ from PEFT by {diff}"
     # ...and the combination really changed the model.
     assert _max_diff(_state(load_model(env["base"])), _state(got)) > 1e-2
-    recipe = json.loads((out / "adapter_config.json").read_text())["lora_merge_space"]
+    recipe = read_recipe(out)
     assert recipe["combination_type"] == ctype and recipe["weights"] == weights
     if ctype.startswith("dare"):
         assert recipe["parameters"]["seed"] == SEED
@@ -219,9 +202,9 @@ def test_regex_targets_and_reduced_svd(env, tmp: Path, monkeypatch) -> None:
     ref = _peft_weighted(base, pair, [0.8, 0.8], "cat")
     assert _max_diff(_state(ref), _state(_merge_folder(base, out))) <= TOL
     # Huge layers take the reduced SVD (PEFT's full one would not fit in memory): same result up to rounding.
-    monkeypatch.setattr("merge_core.combine._FULL_SVD_LIMIT", 0)
+    monkeypatch.setattr("merge_core.combine.peft_ops.FULL_SVD_LIMIT", 0)
     out = combine_adapters([AdapterSource(p, 0.8, n) for n, p in pair], "svd", tmp / "svd", svd_rank=3)
-    assert "Reduced SVD" in " ".join(json.loads((out / "adapter_config.json").read_text())["lora_merge_space"]["notes"])
+    assert "Reduced SVD" in " ".join(read_recipe(out)["notes"])
     ref = _peft_weighted(base, pair, [0.8, 0.8], "svd", svd_rank=3)
     assert _max_diff(_state(ref), _state(_merge_folder(base, out))) <= TOL
 
@@ -240,70 +223,147 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp: Path, ctype: str) -> None:
 def test_module_order_matches_named_modules(env, tmp: Path) -> None:
     base_gpt2 = make_base(tmp / "gpt2", "gpt2")
     for base, leaves in ((env["base"], ("_proj",)), (base_gpt2, ("c_attn", "c_proj", "c_fc", "wte"))):
-        order = _named_modules_of(base, "CAUSAL_LM")
+        order = named_modules_of(base, "CAUSAL_LM")
         lora_like = [n for n in order if n.endswith(leaves) or n.endswith(("embed_tokens", "lm_head"))]
         assert len(lora_like) > 5
-        assert sorted(lora_like, key=_heuristic_key) == lora_like  # the fallback agrees on common models
+        assert sorted(lora_like, key=heuristic_key) == lora_like  # the fallback agrees on common models
         assert sorted(lora_like) != lora_like  # ...where file (alphabetical) order does not
 
 
-# --- refusals ----------------------------------------------------------------------------------------
+# --- the combined folder: a plain PEFT adapter, its recipe beside it ---------------------------------
 
 
-def test_refusals(env, tmp: Path) -> None:
-    a1, d = AdapterSource(env["a1"], name="a1"), AdapterSource(env["d"], name="d")
-    with pytest.raises(IncompatibleAdaptersError, match=r"equal rank.*a1: 4, d: 6.*'stack' or 'cat'"):
-        combine_adapters([a1, d], "linear", tmp / "o")
-    with pytest.raises(IncompatibleAdaptersError, match="equal rank"):
-        combine_adapters([a1, d], "dare_ties", tmp / "o", density=0.5)
+def _unexpected_keyword_warnings(base: Path, folder: Path) -> list[str]:
+    from peft import PeftModel
 
-    dora = make_adapter(env["base"], tmp / "dora", seed=5, target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(UnsupportedCombinationError, match="DoRA.*leave it out"):
-        combine_adapters([a1, AdapterSource(dora)], "stack", tmp / "o")
-    with pytest.raises(UnsupportedCombinationError, match="DoRA"):
-        combine_adapters([a1, AdapterSource(env["a2"]), AdapterSource(dora)], "svd", tmp / "o")
-    # weight 0 leaves the DoRA adapter out of a stack altogether
-    combine_adapters([a1, AdapterSource(dora, 0.0)], "stack", tmp / "ok")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(load_model(base), folder)
+    return [str(w.message) for w in caught if "Unexpected keyword" in str(w.message)]
 
-    with pytest.raises(CombinationArgumentError, match="2 weight.*1 adapter.*one weight per adapter"):
-        combine_adapters([a1], "stack", tmp / "o", weights=[1.0, 2.0])
-    with pytest.raises(UnknownCombinationTypeError, match="'average'.*stack, linear, cat, svd"):
-        combine_adapters([a1, d], "average", tmp / "o")
-    with pytest.raises(CombinationArgumentError, match="at least one adapter"):
-        combine_adapters([], "stack", tmp / "o")
-    with pytest.raises(CombinationArgumentError, match="needs density"):
-        combine_adapters([a1, AdapterSource(env["a2"])], "ties", tmp / "o")
-    with pytest.raises(CombinationArgumentError, match="weight 0"):
-        combine_adapters([AdapterSource(env["a1"], 0.0)], "stack", tmp / "o")
-    with pytest.raises(CombinationArgumentError, match="svd_rank <= 16"):
-        combine_adapters([a1, d], "svd", tmp / "o", svd_rank=20)
-    with pytest.raises(CombinationArgumentError, match="output folder"):
-        combine_adapters([a1, d], "stack", env["d"])
 
-    twin = AdapterSource(_with_config(env["a1"], tmp / "twin"), name="twin")
-    with pytest.raises(IncompatibleAdaptersError, match="both replace lm_head.*modules_to_save"):
-        combine_adapters([a1, twin], "stack", tmp / "o")
-    with pytest.raises(IncompatibleAdaptersError, match="both replace lm_head"):
-        combine_adapters([a1, twin], "cat", tmp / "o")
+def test_peft_loads_the_combined_adapter_without_warnings(env, tmp: Path) -> None:
+    out = combine_adapters(
+        [AdapterSource(env["a1"], 0.5, "a1"), AdapterSource(env["a3"], 1.0, "a3")], "ties", tmp / "c", density=0.5
+    )
+    assert _unexpected_keyword_warnings(env["base"], out) == []
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe == read_recipe(out)
+    assert recipe["parameters"] == {"density": 0.5, "majority_sign_method": "total"}
+    assert [(s["name"], s["weight"]) for s in recipe["sources"]] == [("a1", 0.5), ("a3", 1.0)]
+    # The check sees the warning when there is one: the recipe key where it used to be.
+    legacy = with_config(out, tmp / "legacy", lora_merge_space=recipe)
+    assert _unexpected_keyword_warnings(env["base"], legacy)
+    assert read_recipe(env["a1"]) == {}  # a plain adapter has no recipe
 
-    other = _with_config(env["a3"], tmp / "other", base_model_name_or_path="org/another-model")
-    with pytest.raises(DifferentBaseModelsError, match="share the base model"):
-        combine_adapters([a1, AdapterSource(other)], "stack", tmp / "o")
-    small = make_base(tmp / "small", "llama", vocab=80)
-    small_adapter = _with_config(make_adapter(small, tmp / "small_a0", target_modules=["embed_tokens"]), tmp / "small_a",
-                                 base_model_name_or_path=None)
-    with pytest.raises(DifferentBaseModelsError, match="embed_tokens.*different base models"):
-        combine_adapters([AdapterSource(_with_config(env["a1"], tmp / "nobase", base_model_name_or_path=None)),
-                          AdapterSource(small_adapter)], "stack", tmp / "o")
 
-    regex = _with_config(env["a3"], tmp / "regex", target_modules=r".*\.o_proj")
-    with pytest.raises(IncompatibleAdaptersError, match="different kinds"):
-        combine_adapters([a1, AdapterSource(regex)], "cat", tmp / "o")
+def _card(report, adapter_id: str) -> str:
+    from merge_core.card import build_model_card
+
+    card = build_model_card(
+        report, None, repo_id=None, base_id="org/base", base_revision=None, adapter_id=adapter_id, adapter_revision=None
+    )
+    return str(card)
+
+
+def test_the_model_card_shows_the_recipe(env, tmp: Path) -> None:
+    out = combine_adapters(
+        [AdapterSource(env["a2"], 0.7, "org/a2"), AdapterSource(env["d"], -0.25, "org/d")], "svd", tmp / "c", svd_rank=3
+    )
+    report = merge_adapter(env["base"], out, tmp / "merged")
+    assert report.recipe == read_recipe(out)  # the executor records the recipe beside the adapter
+    recipe_section = _card(report, "svd(org/a2, org/d)").split("## Merge recipe", 1)[1]
+    for words in ("`svd`", "`org/a2` × 0.7", "`org/d` × -0.25", "svd_rank=3"):
+        assert words in recipe_section
+    report.recipe = {}
+    assert "combination" not in _card(report, "org/a2")
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+# The refusals shared with merges (ranks, DoRA, weights, bases, modules_to_save, ...) are one case each
+# in tests/test_bad_inputs.py (COMBINE_REFUSALS); these are the combination's own rules and parameters.
+
+
+def _edited_weights(env: dict[str, Path], tmp: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = with_config(env["a3"], tmp / "cut")
+    state = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("o_proj.lora_B.weight"))
+    state[key] = state[key][:, :3].contiguous()
+    save_file(state, folder / "adapter_model.safetensors")
+    return folder
+
+
+REFUSALS = {
+    # id: (first adapter or a builder, combination type, options, error, words)
+    "svd-clamp-above-1": ("a1", "svd", dict(svd_clamp=1.5), CombinationArgumentError, "svd_clamp is a quantile"),
+    "unknown-sign-method": (
+        "a1",
+        "ties",
+        dict(density=0.5, majority_sign_method="median"),
+        CombinationArgumentError,
+        "majority_sign_method must be 'total' or 'frequency'",
+    ),
+    "density-above-1": ("a1", "dare_linear", dict(density=1.5), CombinationArgumentError, "between 0 and 1"),
+    "negative-svd-rank": ("a1", "svd", dict(svd_rank=-1), CombinationArgumentError, "svd_rank must be a positive"),
+    "first-trains-base-biases": (
+        lambda e, t: with_config(e["a1"], t / "x", bias="all"),
+        "linear",
+        {},
+        IncompatibleAdaptersError,
+        "bias != 'none'",
+    ),
+    "first-rewrites-the-base": (
+        lambda e, t: with_config(e["a1"], t / "x", init_lora_weights="olora"),
+        "linear",
+        {},
+        UnsupportedCombinationError,
+        "init_lora_weights='olora'",
+    ),
+    "other-layers-to-transform": (
+        lambda e, t: with_config(e["a1"], t / "x", layers_to_transform=[0]),
+        "cat",
+        {},
+        IncompatibleAdaptersError,
+        "layers_to_transform",
+    ),
+    "fan-in-fan-out-disagrees": (
+        lambda e, t: with_config(e["a1"], t / "x", fan_in_fan_out=True),
+        "stack",
+        {},
+        IncompatibleAdaptersError,
+        "fan_in_fan_out",
+    ),
+    "weight-tying": (
+        lambda e, t: with_config(e["a1"], t / "x", ensure_weight_tying=True),
+        "stack",
+        {},
+        UnsupportedCombinationError,
+        "ensure_weight_tying",
+    ),
+    "config-rank-not-the-weights": (
+        lambda e, t: with_config(e["a1"], t / "x", r=8),
+        "stack",
+        {},
+        AdapterConfigError,
+        r"Adapter 'first': .*says rank 8 .* weights have rank 4",
+    ),
+    "a-and-b-ranks-differ": (
+        _edited_weights,
+        "stack",
+        {},
+        AdapterWeightsError,
+        r"Adapter 'first': .*o_proj: lora_A has rank 4 but lora_B",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusal(env, tmp: Path, case: str) -> None:
+    first, ctype, options, error, words = REFUSALS[case]
+    first_dir = env[first] if isinstance(first, str) else first(env, tmp)
+    sources = [AdapterSource(first_dir, 1.0, "first"), AdapterSource(env["a3"], 0.5, "second")]
+    with pytest.raises(error, match=words):
+        combine_adapters(sources, ctype, tmp / "o", **options)
     assert not (tmp / "o").exists()  # nothing is written when a combination is refused
-
-
-def test_requirements_text_names_every_type() -> None:
-    text = requirements_text()
-    for ctype in COMBINATION_TYPES:
-        assert ctype in text
-    assert "EQUAL ranks" in text and "Different ranks AND different target modules" in text
