@@ -160,3 +160,18 @@ class QuantizationStateError(BaseCheckpointError):
 
 class AdapterTargetError(AdapterConfigError):
     """PEFT would refuse the adapter's targeting (no module matched, no default targets, unsupported layer)."""
+
+
+# --- GGUF export --------------------------------------------------------------------------------
+
+
+class GgufError(MergeError):
+    """The merged model could not be written as GGUF."""
+
+
+class GgufUnsupportedError(GgufError):
+    """The architecture, quantization type or rope scaling has no exact GGUF form here."""
+
+
+class GgufTokenizerError(GgufError):
+    """The tokenizer cannot be described in GGUF metadata (missing, not BPE, unknown split rule)."""
