@@ -103,7 +103,8 @@ def tiny_config(arch: str, *, vocab: int, tie: bool, layers: int = LAYERS):
     extra = {
         "qwen2": {},
         "qwen3": {"head_dim": 128},  # transformers' GGUF reader assumes Qwen3's default head_dim
-        "gemma2": {"head_dim": 16, "sliding_window": 64},
+        # Gemma's own head_dim (256): llama.cpp scales queries by it and transformers' reader assumes it
+        "gemma2": {"head_dim": 256, "sliding_window": 64},
         "gemma3_text": {"head_dim": 256, "sliding_window": 64},
         "phi3": {},
     }.get(arch, {})

@@ -205,3 +205,12 @@ def test_write_failure_is_one_sentence(merged, tmp_path: Path) -> None:
         export_gguf(merged[CASES[0]], tmp_path / "missing" / "m.gguf", qtype="F16")
     assert "\n" not in str(info.value)
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_gemma_query_scale_llama_cpp_cannot_keep_is_refused(merged, tmp_path: Path) -> None:
+    folder = shutil.copytree(merged[("gemma2", True, False)], tmp_path / "copy")
+    config = json.loads((folder / "config.json").read_text())
+    config["query_pre_attn_scalar"] = 144
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GgufUnsupportedError, match="query_pre_attn_scalar=144"):
+        export_gguf(folder, tmp_path / "m.gguf", qtype="F16")

@@ -53,6 +53,27 @@ def arch_spec(config: Any) -> ArchSpec:
     return ARCHS[model_type]
 
 
+def check_exportable(config: Any, spec: ArchSpec) -> None:
+    """Refuse what llama.cpp would compute differently from transformers."""
+    if not spec.norm_plus_one:
+        return
+    # llama.cpp scales Gemma queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 27B shapes only
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    per_head = config.hidden_size // config.num_attention_heads
+    is_27b = config.num_hidden_layers == {"gemma2": 46, "gemma3": 62}[spec.gguf_arch]
+    if scalar is not None and scalar != head_dim(config) and not (is_27b and scalar == per_head):
+        raise GgufUnsupportedError(
+            f"GGUF export cannot keep query_pre_attn_scalar={scalar} of this {spec.model_type} model "
+            f"(llama.cpp uses head_dim={head_dim(config)}); export only models where they agree."
+        )
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {}).get("rope_theta")
+    if spec.gguf_arch == "gemma3" and local not in (None, 10000.0):
+        raise GgufUnsupportedError(
+            f"GGUF export cannot keep the sliding-layer rope base {local} (llama.cpp fixes it at 10000); "
+            "export only Gemma 3 models with the standard base."
+        )
+
+
 def permute_qk(weights: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     """llama.cpp's ``LlamaModel.permute``: rows of each head regrouped from halves to interleaved pairs."""
     heads = n_head_kv if n_head_kv != n_head else n_head

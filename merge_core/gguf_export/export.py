@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from merge_core.errors import GgufError, GgufUnsupportedError, explain_os_error
-from merge_core.gguf_export.arch import ArchSpec, arch_spec, permute_qk, write_arch_metadata
+from merge_core.gguf_export.arch import ArchSpec, arch_spec, check_exportable, permute_qk, write_arch_metadata
 from merge_core.gguf_export.rope import rope_extra_tensors
 from merge_core.gguf_export.vocab import GgufVocab, read_vocab
 from merge_core.progress import ProgressCallback, ProgressUpdate, no_progress
@@ -74,6 +74,7 @@ def export_gguf(
         raise GgufError(f"No config.json in {merged_dir}; export a merged model folder.")
     config = AutoConfig.from_pretrained(merged_dir)
     spec = arch_spec(config)
+    check_exportable(config, spec)
     vocab = read_vocab(merged_dir, int(config.vocab_size))
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
     _write_general(writer, merged_dir, qtype)

@@ -22,7 +22,7 @@ def rope_extra_tensors(writer: Any, config: Any, spec: ArchSpec) -> dict[str, np
     if kind == "default":
         return {}
     rope = rope_parameters(config)
-    if spec.gguf_arch == "llama" and kind == "linear":
+    if kind == "linear":  # llama.cpp reads the linear keys for every architecture (Gemma 3 4B+ ships with it)
         import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -32,7 +32,7 @@ def rope_extra_tensors(writer: Any, config: Any, spec: ArchSpec) -> dict[str, np
         return {"rope_freqs.weight": llama3_rope_factors(config)}
     raise GgufUnsupportedError(
         f"GGUF export cannot write rope scaling {kind!r} for {spec.model_type}; "
-        "export a model without rope scaling (or Llama with linear/llama3 scaling)."
+        "supported: linear (any architecture) and llama3 (Llama)."
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from merge_core.gguf_export.export import GGUF_TYPES
 from merge_core.verify_report import Check
 
 # Largest |logit difference| allowed, as a share of the merged model's largest |logit| (so one table serves
@@ -35,7 +36,7 @@ def verify_gguf(merged_dir: Path, gguf_file: Path, *, qtype: str) -> list[Check]
     """Metadata, token-id and logit rows for ``gguf_file`` against the merged folder it was exported from."""
     merged_dir, gguf_file = Path(merged_dir), Path(gguf_file)
     return [
-        _guarded("gguf metadata", "structure", lambda: _metadata_row(merged_dir, gguf_file)),
+        _guarded("gguf metadata", "structure", lambda: _metadata_row(merged_dir, gguf_file, qtype)),
         _guarded("gguf token ids", "function", lambda: _token_row(merged_dir, gguf_file)),
         _guarded(f"gguf logits ({qtype})", "function", lambda: _logits_row(merged_dir, gguf_file, qtype)),
     ]
@@ -54,7 +55,7 @@ def _guarded(name: str, group: str, row: Callable[[], Check]) -> Check:
         )
 
 
-def _metadata_row(merged_dir: Path, gguf_file: Path) -> Check:
+def _metadata_row(merged_dir: Path, gguf_file: Path, qtype: str) -> Check:
     from gguf import GGUFReader
     from transformers import AutoConfig
 
@@ -68,12 +69,19 @@ def _metadata_row(merged_dir: Path, gguf_file: Path) -> Check:
     context = _field(reader, f"{arch}.context_length")
     tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
     expected = _expected_tensor_count(merged_dir, config) + (rope_type(config) == "llama3")
-    found = {"architecture": arch, "tensors": len(reader.tensors), "context": context, "vocab": tokens}
+    found = {
+        "architecture": arch,
+        "tensors": len(reader.tensors),
+        "context": context,
+        "vocab": tokens,
+        "file type": _field(reader, "general.file_type"),
+    }
     want = {
         "architecture": spec.gguf_arch,
         "tensors": expected,
         "context": config.max_position_embeddings,
         "vocab": config.vocab_size,
+        "file type": GGUF_TYPES[qtype][1],
     }
     wrong = [f"{k} {found[k]} != {want[k]}" for k in want if found[k] != want[k]]
     value = f"{arch}, {len(reader.tensors)} tensors, context {context}, vocab {tokens}"

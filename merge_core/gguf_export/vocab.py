@@ -103,8 +103,13 @@ def _tokens_and_types(data: dict[str, Any], vocab_size: int, *, sentencepiece_st
 
 
 def _tokenizer_config(merged_dir: Path) -> dict[str, Any]:
-    path = merged_dir / "tokenizer_config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """tokenizer_config.json, with special_tokens_map.json (older saves) filling the token names it lacks."""
+    merged: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = merged_dir / name
+        if path.is_file():
+            merged |= {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if v is not None}
+    return merged
 
 
 def _special_ids(config: dict[str, Any], tokens: list[str]) -> dict[str, int]:
