@@ -308,11 +308,7 @@ def execute_plan(
 
 
 def _report(plan: MergePlan, output_dir: Path, shards: list[str], timings: Timings, elapsed: float) -> MergeReport:
-    try:  # TEMP until the combine package lands
-        from .combine import read_recipe
-    except ImportError:
-        def read_recipe(_path):  # type: ignore[no-redef]
-            return {}
+    from .combine import read_recipe
 
     modules = [
         ModuleReport(module=m.module, tensor=m.tensor, kind=m.kind, variant=m.variant, shape=tuple(m.shape),

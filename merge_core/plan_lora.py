@@ -12,12 +12,12 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from .adapter import AdapterConfig, AdapterWeights, LoraModule
-from .errors import AdapterConfigError, AdapterWeightsError, UnsupportedAdapterError
+from .errors import AdapterWeightsError, UnsupportedAdapterError
+from .factors import CONV1D_MODEL_TYPES, FactorShapes, checked_factors, delta_transposed, model_stores_transposed
 from .mismatch import Blame
 from .plan_types import DoraSpec, LowRankDelta, ModulePlan, OutputTensorPlan
 
-# Models whose linear layers are transformers' Conv1D, stored (in_features, out_features).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
+__all__ = ["CONV1D_MODEL_TYPES", "BiasDelta", "LoraTarget", "plan_lora_module", "weights_transposed"]
 
 
 @dataclass(frozen=True)
@@ -42,52 +42,8 @@ def weights_transposed(
     *, model_type: str,
 ) -> bool:
     """Whether square Linear-like weights are stored (in, out), as transformers' Conv1D does."""
-    if config.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES:
-        return True
-    for target in targets:
-        if target.module.is_embedding:
-            continue
-        b = adapter.specs[target.module.b].shape
-        a = adapter.specs[target.module.a].shape
-        if b[0] != a[1] and shapes[target.tensor] == (a[1], b[0]):
-            return True
-    return False
-
-
-def checked_rank(config: AdapterConfig, adapter: AdapterWeights, module: LoraModule) -> int:
-    """The rank shared by A, B and the config, or an error naming which disagrees."""
-    a_shape, b_shape = adapter.specs[module.a].shape, adapter.specs[module.b].shape
-    if len(a_shape) != 2 or len(b_shape) != 2:
-        raise UnsupportedAdapterError(
-            f"{module.module}: LoRA on layers with {len(a_shape)}-D weights (convolutions) is not supported; "
-            "this tool merges LoRA on Linear, Conv1D and Embedding layers."
-        )
-    rank = a_shape[0]
-    if b_shape[1] != rank:
-        raise AdapterWeightsError(
-            f"{module.module}: lora_A has rank {rank} but lora_B has rank {b_shape[1]}; the adapter file is inconsistent."
-        )
-    configured = config.rank_for(module.module)
-    if configured != rank:
-        raise AdapterConfigError(
-            f"{module.module}: adapter_config.json says rank {configured} (r / rank_pattern) but the weights have rank "
-            f"{rank}. The config does not belong to these weights; save the adapter again with PEFT."
-        )
-    return rank
-
-
-def _orientation(module: LoraModule, a_shape, b_shape, w_shape, *, transposed_model: bool, blame: Blame, target: str):
-    """(stored transposed?, length of DoRA's magnitude) for a Linear-like module."""
-    out_f, in_f = b_shape[0], a_shape[1]
-    if (out_f, in_f) == (in_f, out_f) and w_shape == (out_f, in_f):
-        return transposed_model, out_f
-    if w_shape == (out_f, in_f):
-        return False, out_f
-    if w_shape == (in_f, out_f):
-        return True, out_f
-    raise blame.mismatch(
-        f"{module.module}: LoRA maps {in_f} -> {out_f} features but the base tensor {target} has shape {list(w_shape)}."
-    )
+    stored = [(checked_factors(config, adapter, t.module), shapes[t.tensor]) for t in targets]
+    return model_stores_transposed(fan_in_fan_out=config.fan_in_fan_out, model_type=model_type, stored=stored)
 
 
 def _delta(module: LoraModule, *, transposed: bool, scale: float, rank: int, alpha: float) -> LowRankDelta:
@@ -102,25 +58,18 @@ def plan_lora_module(
 ) -> tuple[ModulePlan, list[BiasDelta]]:
     """Add the module's delta (and DoRA) to ``plan``; returns its report row and its bias deltas."""
     module, name, w_shape = target.module, target.module.module, plan.shape
-    rank = checked_rank(config, adapter, module)
-    a_shape, b_shape = adapter.specs[module.a].shape, adapter.specs[module.b].shape
+    factors = checked_factors(config, adapter, module)
+    rank = factors.rank
     if len(w_shape) != 2:
         raise blame.mismatch(f"{name}: the base tensor {target.tensor} has shape {list(w_shape)}, not a 2-D weight matrix.")
     alpha, scale = config.alpha_for(name), config.scale_for(name)
+    transposed = delta_transposed(factors, w_shape, model_transposed=transposed_model)
+    if transposed is None:
+        raise blame.mismatch(_misfit(factors, target.tensor, w_shape))
     if module.is_embedding:
-        # PEFT: delta = (B @ A).T with A (r, num_embeddings), B (dim, r).
-        expected = (a_shape[1], b_shape[0])
-        if w_shape != expected:
-            raise blame.mismatch(
-                f"{name}: embedding LoRA of shape {list(expected)} does not fit the base embedding {target.tensor} "
-                f"{list(w_shape)}."
-            )
-        transposed, mag_len, kind = True, w_shape[1], "embedding"
-        fifo, dora_axis = False, "col"
+        kind, fifo, dora_axis, mag_len = "embedding", False, "col", w_shape[1]
     else:
-        transposed, mag_len = _orientation(module, a_shape, b_shape, w_shape, transposed_model=transposed_model,
-                                           blame=blame, target=target.tensor)
-        kind, fifo, dora_axis = "linear", transposed, ("col" if transposed else "row")
+        kind, fifo, dora_axis, mag_len = "linear", transposed, ("col" if transposed else "row"), factors.out_features
     plan.deltas.append(_delta(module, transposed=transposed, scale=scale, rank=rank, alpha=alpha))
     variant = _plan_dora(module, plan, config=config, adapter=adapter, axis=dora_axis, length=mag_len)
     biases: list[BiasDelta] = []
@@ -133,6 +82,15 @@ def plan_lora_module(
     if kind == "embedding":
         variant = "embedding-" + variant
     return ModulePlan(name, target.tensor, kind, variant, w_shape, rank, alpha, scale, fifo), biases
+
+
+def _misfit(factors: FactorShapes, tensor: str, shape: tuple[int, ...]) -> str:
+    if factors.is_embedding:
+        expected = [factors.in_features, factors.out_features]
+        return (f"{factors.module}: embedding LoRA of shape {expected} does not fit the base embedding {tensor} "
+                f"{list(shape)}.")
+    return (f"{factors.module}: LoRA maps {factors.in_features} -> {factors.out_features} features but the base "
+            f"tensor {tensor} has shape {list(shape)}.")
 
 
 def _plan_dora(module: LoraModule, plan: OutputTensorPlan, *, config: AdapterConfig, adapter: AdapterWeights,
