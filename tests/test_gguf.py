@@ -214,3 +214,17 @@ def test_gemma_query_scale_llama_cpp_cannot_keep_is_refused(merged, tmp_path: Pa
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(GgufUnsupportedError, match="query_pre_attn_scalar=144"):
         export_gguf(folder, tmp_path / "m.gguf", qtype="F16")
+
+
+def test_f16_straight_from_bfloat16_rounds_like_numpy_through_float32() -> None:
+    """The exporter converts bfloat16 shards to F16 in torch, skipping the float32 copy: same bits."""
+    import numpy as np
+    import torch
+
+    values = torch.randn(200_000) * torch.logspace(-10, 6, 200_000)
+    values = torch.cat([values, torch.tensor([65504.0, 65520.0, 1e-8, -0.0, float("inf"), -float("inf")])])
+    source = values.to(torch.bfloat16)
+    direct = source.to(torch.float16).numpy().view(np.uint16)
+    with np.errstate(over="ignore"):
+        through_float32 = source.float().numpy().astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(direct, through_float32)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +91,11 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         done = 0
-        for p, data in zip(plan, _tensor_data(plan, sources, extra, config, spec), strict=True):
+        for p in plan:
+            data = _tensor_bytes(p, sources, extra, config, spec)
             writer.write_tensor_data(data)
             done += data.nbytes
+            del data  # before the next tensor is read: one tensor in memory at a time
             progress(ProgressUpdate("gguf", done, total, "B", p.gguf_name))
         writer.close()
         os.replace(partial, out_file)
@@ -213,20 +214,23 @@ def _nbytes(p: _Planned) -> int:
     return int(np.prod(p.shape[:-1], dtype=np.int64)) * (p.shape[-1] // block) * type_size
 
 
-def _tensor_data(plan: list, sources: dict, extra: dict, config: Any, spec: ArchSpec) -> Iterator[np.ndarray]:
-    """Each tensor read from its shard only when it is its turn, converted, and dropped after writing."""
+def _tensor_bytes(p: _Planned, sources: dict, extra: dict, config: Any, spec: ArchSpec) -> np.ndarray:
+    """One tensor, read from its shard only now, converted and quantized; the caller drops it after writing."""
     import gguf
+    import torch
     from safetensors import safe_open
 
-    for p in plan:
-        if p.source is None:
-            data = extra[p.gguf_name]
-        else:
-            with safe_open(str(sources[p.source][0]), framework="pt") as f:
-                data = f.get_tensor(p.source).float().numpy()
-            data = _transform(p, data, config, spec)
-        # gguf-py's own quantizers, so Q8_0/BF16 blocks equal llama.cpp's
-        yield gguf.quants.quantize(data, p.ggml_type)
+    if p.source is None:
+        return extra[p.gguf_name]
+    with safe_open(str(sources[p.source][0]), framework="pt") as f:
+        tensor = f.get_tensor(p.source)
+    # F16 straight from the source dtype (the same single rounding as through float32, without that copy)
+    as_f16 = p.ggml_type == gguf.GGMLQuantizationType.F16
+    data = tensor.to(torch.float16 if as_f16 else torch.float32).numpy()
+    del tensor
+    data = _transform(p, data, config, spec)
+    # gguf-py's own quantizers, so Q8_0/BF16 blocks equal llama.cpp's
+    return gguf.quants.quantize(data, p.ggml_type)
 
 
 def _transform(p: _Planned, data: np.ndarray, config: Any, spec: ArchSpec) -> np.ndarray:
