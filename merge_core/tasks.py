@@ -159,28 +159,42 @@ def _detail(models: LoadedModels, text: str) -> str:
     return "; ".join([f"{models.task} as {models.model_class}{why}, {text}", *models.notes])
 
 
+@dataclass(frozen=True)
+class _Compared:
+    """The three outputs of one task reduced to what its first and last rows read."""
+
+    tol: Tolerance
+    diff: float  # max |base + adapter - merged|
+    scale: float  # max |base + adapter|, the yardstick of the tolerance
+    effect: float  # max |base - (base + adapter)|: the adapter must change something
+
+    @classmethod
+    def of(cls, models: LoadedModels, ref: torch.Tensor, got: torch.Tensor, base: torch.Tensor) -> _Compared:
+        tol = Tolerance(models.merged_dtype in (torch.float16, torch.bfloat16))
+        diff, scale = float((ref - got).abs().max()), float(ref.abs().max()) or 1.0
+        return cls(tol, diff, scale, float((base - ref).abs().max()))
+
+    def diff_check(self, row: str, models: LoadedModels, text: str) -> Check:
+        limit = self.tol.limit(self.scale)
+        return Check(row, "function", self.diff <= limit, f"{self.diff:.3e}", f"<= {limit:.3e}", _detail(models, text))
+
+    def effect_check(self, row: str, what: str) -> Check:
+        detail = f"max |{what}(base) - {what}(base+adapter)|"
+        return Check(row, "function", self.effect > 0, f"{self.effect:.3e}", "> 0", detail)
+
+
 def logit_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Causal LM, VLM (text only) and seq2seq: logits, top-1 tokens, greedy decoding, adapter effect."""
     ref, got, base = (out.logits.float() for out in _three_ways(models, inputs))
-    tol = Tolerance(models.merged_dtype in (torch.float16, torch.bfloat16))
-    diff, scale = float((ref - got).abs().max()), float(ref.abs().max()) or 1.0
+    compared = _Compared.of(models, ref, got, base)
+    tol = compared.tol
     top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
-    effect = float((base - ref).abs().max())
     shape = " x ".join(str(n) for n in next(iter(inputs.values())).shape)
     return [
-        Check(
-            LOGIT_ROWS[0],
-            "function",
-            diff <= tol.limit(scale),
-            f"{diff:.3e}",
-            f"<= {tol.limit(scale):.3e}",
-            _detail(models, f"random input {shape}, logits up to {scale:.2f}"),
-        ),
+        compared.diff_check(LOGIT_ROWS[0], models, f"random input {shape}, logits up to {compared.scale:.2f}"),
         Check(LOGIT_ROWS[1], "function", top1 >= tol.agreement, f"{top1:.2%}", f">= {tol.agreement:.0%}"),
         _greedy_row(models, inputs, tol),
-        Check(
-            LOGIT_ROWS[3], "function", effect > 0, f"{effect:.3e}", "> 0", "max |logits(base) - logits(base+adapter)|"
-        ),
+        compared.effect_check(LOGIT_ROWS[3], "logits"),
     ]
 
 
@@ -231,22 +245,14 @@ def _head_logits(out: Any) -> torch.Tensor:
 def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Classification heads (sequence, token, image, audio, QA, masked LM): logits and predicted labels."""
     ref, got, base = (_head_logits(out) for out in _three_ways(models, inputs))
-    tol = Tolerance(models.merged_dtype in (torch.float16, torch.bfloat16))
-    diff, scale = float((ref - got).abs().max()), float(ref.abs().max()) or 1.0
+    compared = _Compared.of(models, ref, got, base)
+    tol = compared.tol
     dim = -2 if models.task == "QUESTION_ANS" else -1  # answer span: argmax over positions
     agree = float((ref.argmax(dim) == got.argmax(dim)).float().mean())
-    effect = float((base - ref).abs().max())
+    over = ref.shape[-1] if models.task != "QUESTION_ANS" else "positions"
     return [
-        Check(
-            HEAD_ROWS[0],
-            "function",
-            diff <= tol.limit(scale),
-            f"{diff:.3e}",
-            f"<= {tol.limit(scale):.3e}",
-            _detail(
-                models,
-                f"{BATCH} random inputs, logits {list(ref.shape)} up to {scale:.2f}",
-            ),
+        compared.diff_check(
+            HEAD_ROWS[0], models, f"{BATCH} random inputs, logits {list(ref.shape)} up to {compared.scale:.2f}"
         ),
         Check(
             HEAD_ROWS[1],
@@ -254,11 +260,9 @@ def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[C
             agree >= tol.agreement,
             f"{agree:.2%}",
             f">= {tol.agreement:.0%}",
-            f"argmax over {ref.shape[-1] if models.task != 'QUESTION_ANS' else 'positions'}",
+            f"argmax over {over}",
         ),
-        Check(
-            HEAD_ROWS[2], "function", effect > 0, f"{effect:.3e}", "> 0", "max |logits(base) - logits(base+adapter)|"
-        ),
+        compared.effect_check(HEAD_ROWS[2], "logits"),
     ]
 
 
@@ -275,20 +279,11 @@ def _features(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def feature_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Feature extraction: hidden states / embeddings, their max difference and cosine similarity."""
     (ref, ref_emb), (got, got_emb), (base, _) = (_features(out) for out in _three_ways(models, inputs))
-    tol = Tolerance(models.merged_dtype in (torch.float16, torch.bfloat16))
-    diff, scale = float((ref - got).abs().max()), float(ref.abs().max()) or 1.0
+    compared = _Compared.of(models, ref, got, base)
     cosine = float(torch.nn.functional.cosine_similarity(ref_emb, got_emb, dim=-1).min())
-    cos_needed = 0.999 if tol.low_precision else 0.99999
-    effect = float((base - ref).abs().max())
+    cos_needed = 0.999 if compared.tol.low_precision else 0.99999
     return [
-        Check(
-            FEATURE_ROWS[0],
-            "function",
-            diff <= tol.limit(scale),
-            f"{diff:.3e}",
-            f"<= {tol.limit(scale):.3e}",
-            _detail(models, f"{BATCH} random inputs, values up to {scale:.2f}"),
-        ),
+        compared.diff_check(FEATURE_ROWS[0], models, f"{BATCH} random inputs, values up to {compared.scale:.2f}"),
         Check(
             FEATURE_ROWS[1],
             "function",
@@ -297,14 +292,7 @@ def feature_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> lis
             f">= {cos_needed}",
             "worst sample, pooled embedding",
         ),
-        Check(
-            FEATURE_ROWS[2],
-            "function",
-            effect > 0,
-            f"{effect:.3e}",
-            "> 0",
-            "max |features(base) - features(base+adapter)|",
-        ),
+        compared.effect_check(FEATURE_ROWS[2], "features"),
     ]
 
 
