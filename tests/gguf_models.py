@@ -83,7 +83,7 @@ def sentencepiece_style_tokenizer():
     return tokenizer
 
 
-def tiny_config(arch: str, *, vocab: int, tie: bool, layers: int = LAYERS):
+def tiny_config(arch: str, *, vocab: int, tie: bool, layers: int = LAYERS, overrides: dict | None = None):
     from transformers import AutoConfig
 
     common = dict(
@@ -108,7 +108,7 @@ def tiny_config(arch: str, *, vocab: int, tie: bool, layers: int = LAYERS):
         "gemma3_text": {"head_dim": 256, "sliding_window": 64},
         "phi3": {},
     }.get(arch, {})
-    return AutoConfig.for_model(arch, **common, **extra)
+    return AutoConfig.for_model(arch, **common, **extra | (overrides or {}))
 
 
 def make_merged_folder(
@@ -120,12 +120,15 @@ def make_merged_folder(
     seed: int = 0,
     sentencepiece: bool = False,
     layers: int = LAYERS,
+    overrides: dict | None = None,
 ) -> Path:
     """A random model of ``arch`` and its tokenizer, saved like a merged folder (float32 safetensors)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab=vocab, tie=tie, layers=layers)).to(torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(arch, vocab=vocab, tie=tie, layers=layers, overrides=overrides)
+    ).to(torch.float32)
     with torch.no_grad():  # random norms, so a wrong norm convention shows in the logits
         centre = 0.0 if arch.startswith("gemma") else 1.0  # Gemma computes with 1 + w
         for name, param in model.named_parameters():

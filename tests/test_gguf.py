@@ -228,3 +228,11 @@ def test_f16_straight_from_bfloat16_rounds_like_numpy_through_float32() -> None:
     with np.errstate(over="ignore"):
         through_float32 = source.float().numpy().astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(direct, through_float32)
+
+
+def test_setting_transformers_cannot_read_back_skips_the_logits_row(tmp_path: Path) -> None:
+    # the file states head_dim (llama.cpp reads it); transformers' reader takes Qwen3's default 128 instead
+    folder = make_merged_folder(tmp_path / "m", "qwen3", tie=False, overrides={"head_dim": 32})
+    rows = _rows(folder, tmp_path / "m.gguf", "F16")
+    assert rows["gguf logits"].passed is None and "head_dim=128" in rows["gguf logits"].detail
+    assert rows["gguf metadata"].passed and rows["gguf token ids"].passed

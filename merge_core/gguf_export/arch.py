@@ -23,7 +23,6 @@ class ArchSpec:
     gguf_arch: str
     permute_qk: bool = False
     norm_plus_one: bool = False
-    explicit_head_dim: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -31,9 +30,9 @@ ARCHS: dict[str, ArchSpec] = {
     # llama.cpp converts Mistral as its Llama architecture (sliding window not used by either reader)
     "mistral": ArchSpec("mistral", "llama", permute_qk=True),
     "qwen2": ArchSpec("qwen2", "qwen2"),
-    "qwen3": ArchSpec("qwen3", "qwen3", explicit_head_dim=True),
-    "gemma2": ArchSpec("gemma2", "gemma2", norm_plus_one=True, explicit_head_dim=True),
-    "gemma3_text": ArchSpec("gemma3_text", "gemma3", norm_plus_one=True, explicit_head_dim=True),
+    "qwen3": ArchSpec("qwen3", "qwen3"),
+    "gemma2": ArchSpec("gemma2", "gemma2", norm_plus_one=True),
+    "gemma3_text": ArchSpec("gemma3_text", "gemma3", norm_plus_one=True),
     "phi3": ArchSpec("phi3", "phi3"),
 }
 
@@ -112,9 +111,9 @@ def write_arch_metadata(writer: Any, config: Any, spec: ArchSpec) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     rope = rope_parameters(config)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    if spec.explicit_head_dim:
-        writer.add_key_length(head_dim(config))
-        writer.add_value_length(head_dim(config))
+    # written for every architecture, as llama.cpp's converter does whenever config.json states head_dim
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
     if spec.gguf_arch == "llama":
         writer.add_rope_dimension_count(head_dim(config))
         writer.add_vocab_size(int(config.vocab_size))

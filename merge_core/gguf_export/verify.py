@@ -125,16 +125,34 @@ def _special_probes(merged_dir: Path) -> list[str]:
     return [f"{s}Hi{s} 42" for s in specials]
 
 
+# Settings transformers 5.24's GGUF reader does not read back: it takes its config class's default instead
+_READER_DEFAULTS = {
+    "qwen3": {"head_dim": 128},
+    "gemma2": {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"query_pre_attn_scalar": 256},
+}
+
+
+def _reader_blind_spot(config: Any) -> str | None:
+    """Why transformers cannot rebuild this model from the GGUF alone, or None."""
+    from merge_core.gguf_export.rope import rope_type
+
+    if rope_type(config) != "default":
+        return "ignores rope scaling"
+    for key, default in _READER_DEFAULTS.get(config.model_type, {}).items():
+        if getattr(config, key, default) != default:
+            return f"assumes {key}={default} (this model has {getattr(config, key)})"
+    return None
+
+
 def _logits_row(merged_dir: Path, gguf_file: Path, qtype: str) -> Check:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from merge_core.gguf_export.rope import rope_type
-
     name = f"gguf logits ({qtype})"
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    if rope_type(merged.config) != "default":
-        return Check(name, "function", None, "-", "-", "skipped: transformers ignores rope scaling when reading GGUF")
+    if blind_spot := _reader_blind_spot(merged.config):
+        return Check(name, "function", None, "-", "-", f"skipped: transformers' GGUF reader {blind_spot}")
     threshold = LOGIT_THRESHOLDS[qtype]
     gguf_model = AutoModelForCausalLM.from_pretrained(
         str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
