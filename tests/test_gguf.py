@@ -236,3 +236,14 @@ def test_setting_transformers_cannot_read_back_skips_the_logits_row(tmp_path: Pa
     rows = _rows(folder, tmp_path / "m.gguf", "F16")
     assert rows["gguf logits"].passed is None and "head_dim=128" in rows["gguf logits"].detail
     assert rows["gguf metadata"].passed and rows["gguf token ids"].passed
+
+
+def test_row_blocks_quantize_to_the_same_bytes(merged, tmp_path: Path, monkeypatch) -> None:
+    whole = {}
+    for qtype in ("Q8_0", "BF16"):
+        export_gguf(merged[CASES[0]], tmp_path / f"whole-{qtype}.gguf", qtype=qtype)
+        whole[qtype] = (tmp_path / f"whole-{qtype}.gguf").read_bytes()
+    monkeypatch.setattr(export_module, "ROW_CHUNK_ELEMENTS", 64 * 3)  # three rows of 64 at a time
+    for qtype in ("Q8_0", "BF16"):
+        export_gguf(merged[CASES[0]], tmp_path / f"rows-{qtype}.gguf", qtype=qtype)
+        assert (tmp_path / f"rows-{qtype}.gguf").read_bytes() == whole[qtype]

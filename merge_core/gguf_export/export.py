@@ -223,21 +223,38 @@ def _tensor_bytes(p: _Planned, sources: dict, extra: dict, config: Any, spec: Ar
     if p.source is None:
         return extra[p.gguf_name]
     with safe_open(str(sources[p.source][0]), framework="pt") as f:
-        tensor = f.get_tensor(p.source)
+        tensor = _permuted(p, f.get_tensor(p.source), config, spec)
+    if p.ggml_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return _quantize_by_rows(tensor, p.ggml_type)
     # F16 straight from the source dtype (the same single rounding as through float32, without that copy)
     as_f16 = p.ggml_type == gguf.GGMLQuantizationType.F16
     data = tensor.to(torch.float16 if as_f16 else torch.float32).numpy()
     del tensor
-    data = _transform(p, data, config, spec)
-    # gguf-py's own quantizers, so Q8_0/BF16 blocks equal llama.cpp's
-    return gguf.quants.quantize(data, p.ggml_type)
-
-
-def _transform(p: _Planned, data: np.ndarray, config: Any, spec: ArchSpec) -> np.ndarray:
-    if spec.permute_qk and ".attn_q." in p.gguf_name:
-        data = permute_qk(data, config.num_attention_heads, config.num_attention_heads)
-    elif spec.permute_qk and ".attn_k." in p.gguf_name:
-        data = permute_qk(data, config.num_attention_heads, config.num_key_value_heads)
     if spec.norm_plus_one and p.gguf_name.endswith("norm.weight"):
         data = data + np.float32(1)
-    return np.ascontiguousarray(data)
+    return gguf.quants.quantize(np.ascontiguousarray(data), p.ggml_type)
+
+
+def _permuted(p: _Planned, tensor: Any, config: Any, spec: ArchSpec) -> Any:
+    if spec.permute_qk and ".attn_q." in p.gguf_name:
+        return permute_qk(tensor, config.num_attention_heads, config.num_attention_heads)
+    if spec.permute_qk and ".attn_k." in p.gguf_name:
+        return permute_qk(tensor, config.num_attention_heads, config.num_key_value_heads)
+    return tensor
+
+
+# Rows are quantized this many source elements at a time (64 MiB of float32), into the one output array
+ROW_CHUNK_ELEMENTS = 1 << 24
+
+
+def _quantize_by_rows(tensor: Any, ggml_type: Any) -> np.ndarray:
+    """gguf-py's quantizer (so blocks equal llama.cpp's) applied to row blocks: blocks never span rows,
+    so the bytes equal quantizing the whole tensor, without a float32 copy of all of it."""
+    import gguf
+
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    step = max(1, ROW_CHUNK_ELEMENTS // rows.shape[1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(tuple(rows.shape), ggml_type), dtype=np.uint8)
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = gguf.quants.quantize(rows[start : start + step].float().numpy(), ggml_type)
+    return out.reshape(gguf.quants.quant_shape_to_byte_shape(tuple(tensor.shape), ggml_type))
