@@ -72,7 +72,6 @@ def test_bfloat16_output_is_rounded_once_and_verified(name: str, tmp: Path) -> N
         pytest.fail(f"case {name} is not in tests/test_peft_types.py any more: {CASES}")
     base, adapter = _build(tmp, name)
     merge_adapter(base, adapter, tmp / "merged", MergeOptions(dtype="bfloat16"))
-    report = verify_merge(build_plan(base, adapter, MergeOptions(dtype="bfloat16")), tmp / "merged",
-                          functional="never")
+    report = verify_merge(build_plan(base, adapter, MergeOptions(dtype="bfloat16")), tmp / "merged", functional="never")
     assert report.passed, report.to_text()
     assert report.check("merged = float64 reference rounded once").value.startswith("100.000000%")

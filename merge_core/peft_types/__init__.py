@@ -79,14 +79,8 @@ def load_ops(
     dtype: torch.dtype = torch.float64,
     read_base: Callable[[], Tensor] | None = None,
 ) -> list[RowOp]:
-    """Load specs into row ops; ``read_base`` (the whole stored tensor) only for specs that ``needs_base``."""
-    ops: list[RowOp] = []
-    for spec in specs:
-        if needs_base(spec):
-            ops.append(spec.load(read_tensor, device=device, dtype=dtype, read_base=read_base))  # type: ignore[call-arg]
-        else:
-            ops.append(spec.load(read_tensor, device=device, dtype=dtype))
-    return ops
+    """Load specs into row ops; ``read_base`` (the whole stored tensor) is read only by specs that ``needs_base``."""
+    return [spec.load(read_tensor, device=device, dtype=dtype, read_base=read_base) for spec in specs]
 
 
 __all__ = [

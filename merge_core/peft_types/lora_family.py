@@ -299,8 +299,10 @@ def needs_lora_variants(config: Mapping[str, Any]) -> bool:
     domain): a LoRA variant, LoRA on parameters, trainable tokens, a structural option, or a base-changing init."""
     if [v for v in requested_variants(config) if v != "use_dora"]:
         return True
-    if any(config.get(k) not in (None, False, {}, [], "") for k in (*_STRUCTURAL, "target_parameters",
-                                                                      "trainable_token_indices")):
+    if any(
+        config.get(k) not in (None, False, {}, [], "")
+        for k in (*_STRUCTURAL, "target_parameters", "trainable_token_indices")
+    ):
         return True
     init = config.get("init_lora_weights")
     return isinstance(init, str) and init.lower().startswith((*_RESIDUAL_INITS, *_BASE_CHANGING_INITS))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
 
 from .common import (
     AdapterContext,
@@ -19,18 +18,16 @@ from .common import (
     require,
 )
 from .ops import HadamardRows, KroneckerRows, RowOp
-from .specs import ReadTensor, Spec, TensorLoader, fmt_number
+from .specs import Reader, Spec, TensorSpec, fmt_number
 
 LOHA_TOKENS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_TOKENS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 @dataclass(frozen=True)
-class HadamardSpec(TensorLoader):
+class HadamardSpec(TensorSpec):
     """LoHa: tensor += scale * (w1a @ w1b) * (w2a @ w2b)."""
 
-    module: str
-    tensor: str
     w1a: str
     w1b: str
     w2a: str
@@ -39,34 +36,26 @@ class HadamardSpec(TensorLoader):
     rank: int
     alpha: float
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        w = [self._read(read_tensor, k, device, dtype) for k in (self.w1a, self.w1b, self.w2a, self.w2b)]
-        return HadamardRows(*w, scale=self.scale)
+    def row_op(self, read: Reader) -> RowOp:
+        return HadamardRows(*(read(k) for k in (self.w1a, self.w1b, self.w2a, self.w2b)), scale=self.scale)
 
     def describe(self) -> str:
         return f"loha r={self.rank} alpha={fmt_number(self.alpha)}"
 
 
 @dataclass(frozen=True)
-class KroneckerSpec(TensorLoader):
+class KroneckerSpec(TensorSpec):
     """LoKr: tensor += scale * kron(w1, w2), each side a full matrix (key) or a product of two (key_a @ key_b)."""
 
-    module: str
-    tensor: str
     w1: tuple[str, ...]  # (w1,) or (w1_a, w1_b)
     w2: tuple[str, ...]
     scale: float
     rank: int
     alpha: float
 
-    def _side(self, keys: tuple[str, ...], read_tensor: ReadTensor, device, dtype) -> Tensor:
-        parts = [self._read(read_tensor, k, device, dtype) for k in keys]
-        return parts[0] if len(parts) == 1 else parts[0] @ parts[1]
-
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        return KroneckerRows(
-            self._side(self.w1, read_tensor, device, dtype), self._side(self.w2, read_tensor, device, dtype), self.scale
-        )
+    def row_op(self, read: Reader) -> RowOp:
+        w1, w2 = (functools.reduce(operator.matmul, [read(k) for k in keys]) for keys in (self.w1, self.w2))
+        return KroneckerRows(w1, w2, self.scale)
 
     def describe(self) -> str:
         return f"lokr r={self.rank} alpha={fmt_number(self.alpha)}"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .ops import ColumnRotation, ReflectRows, RowOp
-from .specs import ReadTensor, TensorLoader
+from .specs import Reader, TensorSpec
 
 
 def oft_blocks(spec: OftSpec, weight: Tensor) -> Tensor:
@@ -60,11 +60,9 @@ def boft_factors(spec: BoftSpec, weight: Tensor) -> list[tuple[Tensor | None, Te
 
 
 @dataclass(frozen=True)
-class OftSpec(TensorLoader):
+class OftSpec(TensorSpec):
     """OFT: the stored tensor times a block-diagonal rotation from the right (R^T for Linear, R for Embedding)."""
 
-    module: str
-    tensor: str
     key: str
     block_size: int
     n_blocks: int
@@ -75,8 +73,8 @@ class OftSpec(TensorLoader):
     num_cayley_neumann_terms: int
     transpose: bool  # Linear: block @ R^T; Embedding: block @ R
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        blocks = oft_blocks(self, self._read(read_tensor, self.key, device, dtype))
+    def row_op(self, read: Reader) -> RowOp:
+        blocks = oft_blocks(self, read(self.key))
         return ColumnRotation([(None, blocks.transpose(1, 2).contiguous() if self.transpose else blocks)])
 
     def describe(self) -> str:
@@ -85,34 +83,30 @@ class OftSpec(TensorLoader):
 
 
 @dataclass(frozen=True)
-class BoftSpec(TensorLoader):
+class BoftSpec(TensorSpec):
     """BOFT: the stored (out, in) weight times the butterfly rotation's transpose from the right."""
 
-    module: str
-    tensor: str
     key: str
     block_size: int
     block_num: int
     n_factors: int
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        return ColumnRotation(boft_factors(self, self._read(read_tensor, self.key, device, dtype)))
+    def row_op(self, read: Reader) -> RowOp:
+        return ColumnRotation(boft_factors(self, read(self.key)))
 
     def describe(self) -> str:
         return f"boft blocks={self.block_num}x{self.block_size} butterfly={self.n_factors}"
 
 
 @dataclass(frozen=True)
-class HraSpec(TensorLoader):
+class HraSpec(TensorSpec):
     """HRA: the stored (out, in) weight times r Householder reflections from the right."""
 
-    module: str
-    tensor: str
     key: str
     apply_gs: bool
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        u = self._read(read_tensor, self.key, device, dtype)
+    def row_op(self, read: Reader) -> RowOp:
+        u = read(self.key)
         if not self.apply_gs:
             return ReflectRows(u / u.norm(dim=0), sequential=True)
         # PEFT's Gram-Schmidt: each column made orthogonal to the previous ones, then normalised.

@@ -7,7 +7,9 @@ compute dtype, and says in a few words what it is (``describe``) for the report.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,13 +32,6 @@ ReadTensor = Callable[[str], Tensor]
 
 def fmt_number(x: float) -> str:
     return f"{x:g}"
-
-
-class TensorLoader:
-    """Mixin of the specs: an adapter tensor read and widened to the compute dtype on the compute device."""
-
-    def _read(self, read_tensor: ReadTensor, key: str, device, dtype) -> Tensor:
-        return read_tensor(key).to(device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -71,6 +66,10 @@ class Factor:
             t = torch.block_diag(*torch.chunk(t, self.block_diag, dim=0))
         return t.T.contiguous() if self.transpose else t.contiguous()
 
+    def flipped(self) -> Factor:
+        """The same factor transposed: (left @ right)^T is right.flipped() @ left.flipped()."""
+        return dataclasses.replace(self, transpose=not self.transpose)
+
 
 def _vera_projection(generated: tuple) -> Tensor:
     kind, seed, a_rows, b_cols, max_in, max_out, which = generated
@@ -92,89 +91,120 @@ def _vera_pair(kind: str, seed: int, a_rows: int, b_cols: int, max_in: int, max_
 
 
 @dataclass(frozen=True)
-class LowRankSpec(TensorLoader):
-    """tensor += scale * left @ right in the stored orientation."""
+class Reader:
+    """The adapter as a spec's ``row_op`` reads it: tensors widened to the compute dtype on the compute device."""
+
+    read_tensor: ReadTensor
+    device: torch.device | str | None
+    dtype: torch.dtype
+    read_base: Callable[[], Tensor] | None = None  # the whole stored base tensor, for specs that ``needs_base``
+
+    def __call__(self, key: str) -> Tensor:
+        return self.read_tensor(key).to(device=self.device, dtype=self.dtype)
+
+    def vector(self, key: str) -> Tensor:
+        return self(key).reshape(-1)
+
+    def factor(self, factor: Factor) -> Tensor:
+        return factor.build(self.read_tensor, device=self.device, dtype=self.dtype)
+
+
+@dataclass(frozen=True)
+class TensorSpec(ABC):
+    """The base of every spec: the module and its tensor that the spec changes.
+
+    A spec adds its adapter keys and scalars as fields, forms its row op from a ``Reader`` (``row_op``) and
+    says what it is in a few words (``describe``); ``load`` is the same for all.
+    """
 
     module: str
     tensor: str
+
+    def load(
+        self,
+        read_tensor: ReadTensor,
+        *,
+        device=None,
+        dtype: torch.dtype = torch.float64,
+        read_base: Callable[[], Tensor] | None = None,
+    ) -> RowOp:
+        return self.row_op(Reader(read_tensor, device, dtype, read_base))
+
+    @abstractmethod
+    def row_op(self, read: Reader) -> RowOp: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class LowRankSpec(TensorSpec):
+    """tensor += scale * left @ right in the stored orientation."""
+
     left: Factor
     right: Factor
     scale: float
     label: str
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        return LowRankRows(
-            self.left.build(read_tensor, device=device, dtype=dtype),
-            self.right.build(read_tensor, device=device, dtype=dtype),
-            self.scale,
-        )
+    def row_op(self, read: Reader) -> RowOp:
+        return LowRankRows(read.factor(self.left), read.factor(self.right), self.scale)
 
     def describe(self) -> str:
         return self.label
 
 
 @dataclass(frozen=True)
-class ScaleSpec(TensorLoader):
+class ScaleSpec(TensorSpec):
     """IA3: the stored rows (axis 0) or columns (axis 1) are multiplied by the adapter's vector."""
 
-    module: str
-    tensor: str
     key: str
     axis: int
     label: str = "ia3"
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        vector = self._read(read_tensor, self.key, device, dtype).reshape(-1)
-        return RowScale(vector) if self.axis == 0 else ColumnScale(vector)
+    def row_op(self, read: Reader) -> RowOp:
+        return RowScale(read.vector(self.key)) if self.axis == 0 else ColumnScale(read.vector(self.key))
 
     def describe(self) -> str:
         return f"{self.label} ({'rows' if self.axis == 0 else 'columns'})"
 
 
 @dataclass(frozen=True)
-class AddSpec(TensorLoader):
+class AddSpec(TensorSpec):
     """tensor += scale * vector (LoRA's lora_bias on the layer's bias)."""
 
-    module: str
-    tensor: str
     key: str
     scale: float
     label: str = "lora bias"
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        return RowAdd(self._read(read_tensor, self.key, device, dtype).reshape(-1), self.scale)
+    def row_op(self, read: Reader) -> RowOp:
+        return RowAdd(read.vector(self.key), self.scale)
 
     def describe(self) -> str:
         return self.label
 
 
 @dataclass(frozen=True)
-class ReplaceRowsSpec(TensorLoader):
+class ReplaceRowsSpec(TensorSpec):
     """Trainable tokens: the rows ``indices`` of the stored tensor take the adapter's values."""
 
-    module: str
-    tensor: str
     key: str
     indices: tuple[int, ...]
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        values = self._read(read_tensor, self.key, device, dtype)
-        return RowReplace(torch.tensor(self.indices, dtype=torch.long, device=device), values)
+    def row_op(self, read: Reader) -> RowOp:
+        return RowReplace(torch.tensor(self.indices, dtype=torch.long, device=read.device), read(self.key))
 
     def describe(self) -> str:
         return f"trainable tokens ({len(self.indices)} rows)"
 
 
 @dataclass(frozen=True)
-class ReplaceSpec(TensorLoader):
+class ReplaceSpec(TensorSpec):
     """LN tuning: the tensor is replaced by the trained copy saved in the adapter."""
 
-    module: str
-    tensor: str
     key: str
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        return CopyRows(self._read(read_tensor, self.key, device, dtype))
+    def row_op(self, read: Reader) -> RowOp:
+        return CopyRows(read(self.key))
 
     def describe(self) -> str:
         return "ln tuning (replaced)"
@@ -189,7 +219,14 @@ class Spec(Protocol):
     @property
     def tensor(self) -> str: ...
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype: torch.dtype = torch.float64) -> RowOp: ...
+    def load(
+        self,
+        read_tensor: ReadTensor,
+        *,
+        device=None,
+        dtype: torch.dtype = torch.float64,
+        read_base: Callable[[], Tensor] | None = None,
+    ) -> RowOp: ...
 
     def describe(self) -> str: ...
 

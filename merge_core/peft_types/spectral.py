@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .common import AdapterContext, ModuleInput, linear_features, mismatch, number, require
 from .ops import RowOp
-from .specs import ReadTensor, Spec
+from .specs import Reader, Spec, TensorSpec
 
 FOURIERFT_TOKENS = ("fourierft_spectrum",)
 
@@ -43,11 +43,9 @@ class SparseSpectrumRows:
 
 
 @dataclass(frozen=True)
-class FourierSpec:
+class FourierSpec(TensorSpec):
     """FourierFT's spectrum on the (out, in) delta, its entry locations drawn from ``seed`` as PEFT draws them."""
 
-    module: str
-    tensor: str
     key: str
     seed: int
     out_features: int
@@ -55,11 +53,11 @@ class FourierSpec:
     scale: float
     transposed: bool  # stored (in, out): the delta's transpose
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        spectrum = read_tensor(self.key).to(device=device, dtype=dtype).reshape(-1)
+    def row_op(self, read: Reader) -> RowOp:
+        spectrum = read.vector(self.key)
         generator = torch.Generator().manual_seed(self.seed)
         flat = torch.randperm(self.out_features * self.in_features, generator=generator)[: spectrum.numel()]
-        u, v = (flat // self.in_features).to(device), (flat % self.in_features).to(device)
+        u, v = (flat // self.in_features).to(read.device), (flat % self.in_features).to(read.device)
         values = (spectrum * self.scale).to(torch.complex128)
         if self.transposed:
             return SparseSpectrumRows(v, u, values, self.in_features)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .common import AdapterContext, ModuleInput, linear_features, mismatch, number, require
 from .ops import LowRankRows, RowOp
-from .specs import ReadTensor, Spec
+from .specs import Reader, ReadTensor, Spec, TensorSpec
 
 VBLORA_TOKENS = (
     "vblora_logits_A",
@@ -36,19 +36,17 @@ def _mixture(keys: tuple[str, ...], bank: Tensor, topk: int, read_tensor: ReadTe
 
 
 @dataclass(frozen=True)
-class VbloraSpec:
-    module: str
-    tensor: str
+class VbloraSpec(TensorSpec):
     a_keys: tuple[str, ...]  # (logits,) or (topk indices, topk weights)
     b_keys: tuple[str, ...]
     bank_key: str
     topk: int
     transposed: bool
 
-    def load(self, read_tensor: ReadTensor, *, device=None, dtype=torch.float64) -> RowOp:
-        bank = read_tensor(self.bank_key).to(device=device, dtype=dtype)
-        a = _mixture(self.a_keys, bank, self.topk, read_tensor)  # (r, in / L, L)
-        b = _mixture(self.b_keys, bank, self.topk, read_tensor)  # (out / L, r, L)
+    def row_op(self, read: Reader) -> RowOp:
+        bank = read(self.bank_key)
+        a = _mixture(self.a_keys, bank, self.topk, read.read_tensor)  # (r, in / L, L)
+        b = _mixture(self.b_keys, bank, self.topk, read.read_tensor)  # (out / L, r, L)
         a = a.reshape(a.shape[0], -1)
         b = b.transpose(1, 2).reshape(-1, b.shape[1])
         if self.transposed:
