@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import MergeError, explain_os_error
 from .outputs import check_output_target
@@ -29,12 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a LoRA adapter into its base model, streaming shard by shard (W' = W + scale * B @ A).",
     )
     p.add_argument("base", help="base model: local folder or Hub ID (owner/name[@revision]); '-' = the adapter's base")
-    p.add_argument("adapter", help="LoRA adapter: local folder or Hub ID (owner/name[/subfolder][@revision]); "
-                   "several: 'a/x,b/y:0.5' (comma-separated, optional :weight), combined with --combine")
+    p.add_argument(
+        "adapter",
+        help="LoRA adapter: local folder or Hub ID (owner/name[/subfolder][@revision]); "
+        "several: 'a/x,b/y:0.5' (comma-separated, optional :weight), combined with --combine",
+    )
     p.add_argument("output", help="folder to write the merged model into (must not exist unless --overwrite)")
     p.add_argument("--base-revision", help="branch, tag or commit of the base repo")
     p.add_argument("--adapter-revision", help="branch, tag or commit of the adapter repo")
-    p.add_argument("--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="output dtype (default: the base's)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *OUTPUT_DTYPES], help="output dtype (default: the base's)"
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--device", default="cpu", help="where the merge math runs: cpu or cuda (default cpu)")
     p.add_argument(
@@ -43,14 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(COMPUTE_DTYPES),
         help="precision of W + scale*B@A before rounding once to the output dtype (default float64)",
     )
-    p.add_argument("--combine", default="stack", help="how several adapters combine: stack (sum of weighted deltas, "
-                   "default) or a PEFT add_weighted_adapter type: linear, cat, svd, ties, ties_svd, dare_linear, "
-                   "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd")
+    p.add_argument(
+        "--combine",
+        default="stack",
+        help="how several adapters combine: stack (sum of weighted deltas, "
+        "default) or a PEFT add_weighted_adapter type: linear, cat, svd, ties, ties_svd, dare_linear, "
+        "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd",
+    )
     p.add_argument("--density", type=float, help="with ties/dare/magnitude_prune combinations")
     p.add_argument("--svd-rank", type=int, help="with *_svd combinations")
     p.add_argument("--seed", type=int, default=0, help="with dare combinations (reproducible masks)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (atomically)")
-    p.add_argument("--verify", action="store_true", help="verify the merged files afterwards; exit code 1 if a check fails")
+    p.add_argument(
+        "--verify", action="store_true", help="verify the merged files afterwards; exit code 1 if a check fails"
+    )
     p.add_argument(
         "--functional",
         default="auto",
@@ -59,15 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--push", metavar="REPO_ID", help="push the merged model to this Hub repo in one commit")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
-    p.add_argument("--push-mode", default="new", choices=["new", "update", "pr"],
-                   help="with --push: new repo (default), update an existing repo, or open a pull request")
+    p.add_argument(
+        "--push-mode",
+        default="new",
+        choices=["new", "update", "pr"],
+        help="with --push: new repo (default), update an existing repo, or open a pull request",
+    )
     p.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--json", action="store_true", help="print the merge report (and verification) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def _token() -> Optional[str]:
+def _token() -> str | None:
     # HF_TOKEN or the token saved by `hf auth login`; passed explicitly, never printed.
     token = os.environ.get("HF_TOKEN")
     if token:
@@ -80,15 +96,24 @@ def _token() -> Optional[str]:
         return None
 
 
-def _request(args: argparse.Namespace, token: Optional[str]) -> MergeRequest:
+def _request(args: argparse.Namespace, token: str | None) -> MergeRequest:
     from .pipeline import MergeRequest
 
     request = MergeRequest(
-        adapter=args.adapter, base="" if args.base == "-" else args.base,
-        adapter_revision=args.adapter_revision, base_revision=args.base_revision, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, compute_dtype=args.compute_dtype, device=args.device,
-        token=token, endpoint=args.endpoint, combination=args.combine, density=args.density,
-        svd_rank=args.svd_rank, seed=args.seed,
+        adapter=args.adapter,
+        base="" if args.base == "-" else args.base,
+        adapter_revision=args.adapter_revision,
+        base_revision=args.base_revision,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        compute_dtype=args.compute_dtype,
+        device=args.device,
+        token=token,
+        endpoint=args.endpoint,
+        combination=args.combine,
+        density=args.density,
+        svd_rank=args.svd_rank,
+        seed=args.seed,
     )
     request.options()  # a bad option (shard size, device, dtype) is refused before any work
     return request
@@ -113,7 +138,9 @@ def _protected(request: MergeRequest) -> list[tuple[str, Path]]:
     return protected
 
 
-def _merge(args: argparse.Namespace, token: Optional[str], progress: TqdmProgress) -> tuple[MergeResult, Optional[PushResult]]:
+def _merge(
+    args: argparse.Namespace, token: str | None, progress: TqdmProgress
+) -> tuple[MergeResult, PushResult | None]:
     """Output guard and push preflight first (nothing read, downloaded or written yet), then
     the merge, then the push."""
     from .pipeline import preflight_push, push_merged, run_merge
@@ -122,24 +149,39 @@ def _merge(args: argparse.Namespace, token: Optional[str], progress: TqdmProgres
     output = check_output_target(args.output, protected=_protected(request), overwrite=args.overwrite)
     target = None
     if args.push:
-        target = preflight_push(args.push, token=token, mode=args.push_mode, private=args.private,
-                                endpoint=args.endpoint)
-    result = run_merge(request, output.parent, progress, output_dir=output, overwrite=args.overwrite,
-                       verify=args.verify, functional=args.functional)
+        target = preflight_push(
+            args.push, token=token, mode=args.push_mode, private=args.private, endpoint=args.endpoint
+        )
+    result = run_merge(
+        request,
+        output.parent,
+        progress,
+        output_dir=output,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        functional=args.functional,
+    )
     try:
         if target is None:
             return result, None
         if result.verification is not None and not result.verification.passed:
             print(result.verification.to_text())
             raise MergeError("Verification failed, so nothing was pushed. See the table above.")
-        pushed = push_merged(result, target.repo_id, token=token or "", private=args.private, mode=target.mode,
-                             endpoint=args.endpoint, progress=progress)
+        pushed = push_merged(
+            result,
+            target.repo_id,
+            token=token or "",
+            private=args.private,
+            mode=target.mode,
+            endpoint=args.endpoint,
+            progress=progress,
+        )
         return result, pushed
     finally:
         result.inputs.release()
 
 
-def _print(args: argparse.Namespace, result: MergeResult, pushed: Optional[PushResult]) -> None:
+def _print(args: argparse.Namespace, result: MergeResult, pushed: PushResult | None) -> None:
     report, verification = result.report, result.verification
     if args.json:
         data = report.to_dict()
@@ -158,11 +200,11 @@ def _print(args: argparse.Namespace, result: MergeResult, pushed: Optional[PushR
         print(f"\npushed: {pushed.repo_url} (commit {pushed.commit_oid[:12]}){pr}")
 
 
-def _passed(verification: Optional[VerificationReport]) -> bool:
+def _passed(verification: VerificationReport | None) -> bool:
     return verification is None or verification.passed
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0: merged (and verified/pushed when asked); 1: a verification check failed;
     2: refused or failed, with one sentence on stderr and nothing left behind."""
     args = build_parser().parse_args(argv)

@@ -7,15 +7,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidOptionError
 from .progress import ProgressCallback, ProgressUpdate
 from .verify import VerificationReport
 
 if TYPE_CHECKING:
-    from .pipeline import MergeResult
+    from .pipeline import MergeRequest, MergeResult
 
 STAGES = {"resolve": "Resolving inputs", "merge": "Merging", "verify": "Verifying", "upload": "Uploading"}
 
@@ -36,14 +37,16 @@ _running_lock = threading.Lock()
 
 
 @contextmanager
-def session_slot(session: Optional[str], limits: Limits = LIMITS) -> Iterator[None]:
+def session_slot(session: str | None, limits: Limits = LIMITS) -> Iterator[None]:
     """At most ``limits.merges_per_session`` merges of one session at a time (a second click
     while one runs would hold a second model on the disk and the CPU); no session: no limit."""
     key = session or ""
     with _running_lock:
         if session and _running.get(key, 0) >= limits.merges_per_session:
-            raise SessionBusyError(f"A merge is already running in this session (limit: {limits.merges_per_session} "
-                                   "at a time); wait for it to finish, then merge again.")
+            raise SessionBusyError(
+                f"A merge is already running in this session (limit: {limits.merges_per_session} "
+                "at a time); wait for it to finish, then merge again."
+            )
         _running[key] = _running.get(key, 0) + 1
     try:
         yield
@@ -61,15 +64,195 @@ class SessionBusyError(InvalidOptionError):
 def check_limits(*, prompt: str, max_new_tokens: float, fields: dict[str, str], limits: Limits = LIMITS) -> None:
     """Refuse a request over a limit, naming the limit (InvalidOptionError)."""
     if len(prompt or "") > limits.prompt_chars:
-        raise InvalidOptionError(f"The prompt has {len(prompt):,} characters; the limit is {limits.prompt_chars:,}. "
-                                 "Shorten it.")
+        raise InvalidOptionError(
+            f"The prompt has {len(prompt):,} characters; the limit is {limits.prompt_chars:,}. Shorten it."
+        )
     tokens = int(max_new_tokens or 0)
     if not 1 <= tokens <= limits.max_new_tokens:
         raise InvalidOptionError(f"Max new tokens is {tokens}; choose between 1 and {limits.max_new_tokens}.")
     for label, value in fields.items():
         if len(value or "") > limits.field_chars:
-            raise InvalidOptionError(f"The field '{label}' has {len(value):,} characters; the limit is "
-                                     f"{limits.field_chars:,}. Enter a Hub ID like owner/name.")
+            raise InvalidOptionError(
+                f"The field '{label}' has {len(value):,} characters; the limit is "
+                f"{limits.field_chars:,}. Enter a Hub ID like owner/name."
+            )
+
+
+DTYPES = ["auto", "float16", "bfloat16", "float32"]
+FUNCTIONAL = {"auto (when it fits in memory)": "auto", "always": "always", "never": "never"}
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()  # a view field left as it is on the page
+
+
+@dataclass
+class MergeForm:
+    """What the merge button sends; each field is the app's component of the same name."""
+
+    adapter: str = ""
+    base: str = ""
+    adapter_revision: str = ""
+    base_revision: str = ""
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    functional: str = next(iter(FUNCTIONAL))
+    combination: str = "stack"
+    density: float | None = None
+    prompt: str = ""
+    max_new_tokens: float = 48
+    temperature: float = 0.0
+    seed: float = 0
+    repo_name: str = ""
+    token: str = field(default="", repr=False)  # the pasted token; never stored, logged or returned
+    state: MergeResult | None = None  # the session's previous result
+
+
+@dataclass
+class PushForm:
+    repo_name: str = ""
+    private: bool = False
+    push_mode: str = "Create new repo"
+    token: str = field(default="", repr=False)
+    state: MergeResult | None = None
+
+
+@dataclass
+class MergeView:
+    """What a merge shows, one field per component of the same name; KEEP leaves it as it is."""
+
+    state: Any = None
+    error: Any = None
+    verdict: Any = ""
+    table: Any = None
+    gen_base: Any = ""
+    gen_adapter: Any = ""
+    gen_merged: Any = ""
+    gen_note: Any = ""
+    sizes: Any = ""
+    summary: Any = ""
+    repo_name: Any = KEEP
+    push_btn: Any = None
+    merge_btn: Any = None
+
+
+@dataclass
+class PushView:
+    push_result: Any = None
+    error: Any = None
+    merge_btn: Any = None
+    push_btn: Any = None
+
+
+def view_updates(view: Any, ui: dict[str, Any]) -> dict[Any, Any]:
+    """A view as gradio's {component: value}, leaving out the fields kept as they are."""
+    names = field_names(type(view))
+    return {ui[name]: getattr(view, name) for name in names if getattr(view, name) is not KEEP}
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def form_from(cls: type, values: dict[Any, Any], ui: dict[str, Any]) -> Any:
+    """A form dataclass from gradio's {component: value}, by field name."""
+    return cls(**{name: values[ui[name]] for name in field_names(cls)})
+
+
+def merge_request(form: MergeForm, token: str | None, local: LocalPaths) -> MergeRequest:
+    """The form as a MergeRequest, refused (one sentence) when over a limit or invalid."""
+    from .pipeline import MergeRequest
+
+    check_limits(
+        prompt=form.prompt,
+        max_new_tokens=form.max_new_tokens,
+        fields={
+            "Adapter": form.adapter,
+            "Base model": form.base,
+            "Adapter revision": form.adapter_revision,
+            "Base revision": form.base_revision,
+            "Max shard size": form.max_shard_size,
+            "Target repo": form.repo_name,
+        },
+    )
+    if (form.dtype or "auto") not in DTYPES:
+        raise ValueError(f"Unknown dtype {form.dtype!r}; choose one of {', '.join(DTYPES)}.")
+    request = MergeRequest(
+        adapter=local.adapters(form.adapter),
+        base=local.source(form.base, "Base model"),
+        adapter_revision=(form.adapter_revision or "").strip() or None,
+        base_revision=(form.base_revision or "").strip() or None,
+        dtype=form.dtype or "auto",
+        max_shard_size=(form.max_shard_size or "").strip() or "5GB",
+        token=token,
+        functional=FUNCTIONAL.get(form.functional, form.functional or "auto"),
+        combination=form.combination or "stack",
+        density=float(form.density) if form.density else None,
+        local_roots=local.roots,  # defence in depth: merge_core itself refuses folders outside the demo
+    )
+    request.options()  # a bad shard size or dtype is refused before a folder is made
+    return request
+
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the filesystem is no folder: the Hub ID rules refuse it
+        return False
+
+
+@dataclass(frozen=True)
+class LocalPaths:
+    """Which local folders a public app may read: the bundled demo only (the server's own
+    folders, such as the HF cache, hold other users' gated downloads), or any with allow_any."""
+
+    demo_dir: Path
+    allow_any: bool = False
+
+    @property
+    def roots(self) -> list[Path] | None:
+        return None if self.allow_any else [self.demo_dir]
+
+    def source(self, text: str, what: str) -> str:
+        """A Hub ID as typed, or an absolute path for the bundled demo ("demo/base"); other
+        local folders are refused unless allow_any."""
+        text = (text or "").strip()
+        if not text:
+            return ""
+        rel = text.removeprefix("./")
+        candidate = self.demo_dir / rel[len("demo/") :]
+        if rel.startswith("demo/") and _is_dir(candidate) and _within(candidate, self.demo_dir):
+            return str(candidate.resolve())
+        path = Path(text).expanduser()
+        looks_local = text.startswith((".", "/", "~", "\\")) or (len(text) > 1 and text[1] == ":") or _is_dir(path)
+        if not looks_local:
+            return text
+        if self.allow_any or (_within(path, self.demo_dir) and _is_dir(path)):
+            return str(path.resolve()) if _is_dir(path) else text
+        raise ValueError(
+            f"{what} {text!r} is a local path. This app reads models from the Hub only (plus the "
+            "bundled demo, demo/base and demo/adapter): enter a Hub ID like owner/name."
+        )
+
+    def adapters(self, text: str) -> str:
+        """The adapter field (one adapter, or several as "a/b, c/d:0.5"), every entry checked."""
+        from .pipeline import parse_adapter_list
+
+        entries = parse_adapter_list(text or "")
+        if len(entries) == 1 and entries[0][1] == 1.0:
+            return self.source(entries[0][0], "Adapter")
+        return ", ".join(f"{self.source(spec, 'Adapter')}:{weight!r}" for spec, weight in entries)
 
 
 def _amount(n: float, unit: str) -> str:
@@ -121,8 +304,10 @@ def _num(x: float) -> str:  # 3 significant digits, never scientific notation
 
 def sizes_markdown(result: MergeResult) -> str:
     s = result.sizes()
-    return (f"**Adapter** {_num(s['adapter_mb'])} MB · **Base** {_num(s['base_gb'])} GB · "
-            f"**Merged** {_num(s['merged_gb'])} GB")
+    return (
+        f"**Adapter** {_num(s['adapter_mb'])} MB · **Base** {_num(s['base_gb'])} GB · "
+        f"**Merged** {_num(s['merged_gb'])} GB"
+    )
 
 
 def sample_note(result: MergeResult, prompt: str) -> str:
@@ -130,13 +315,37 @@ def sample_note(result: MergeResult, prompt: str) -> str:
     if sample is None:
         if not prompt.strip():
             return "No prompt given, so no sample generation."
-        skipped = [c.detail for c in (result.verification.checks if result.verification else [])
-                   if c.group == "function" and c.passed is None]
+        skipped = [
+            c.detail
+            for c in (result.verification.checks if result.verification else [])
+            if c.group == "function" and c.passed is None
+        ]
         return "No sample generation: " + (skipped[0] if skipped else "the merged model has no tokenizer.")
-    same = ("✅ merged output is identical to base + adapter" if sample.merged_equals_adapter
-            else "⚠️ merged output differs from base + adapter")
+    same = (
+        "✅ merged output is identical to base + adapter"
+        if sample.merged_equals_adapter
+        else "⚠️ merged output differs from base + adapter"
+    )
     return f"{same} · {sample.max_new_tokens} new tokens max on {sample.device} in {sample.seconds:.1f}s"
 
 
-__all__ = ["LIMITS", "Limits", "SessionBusyError", "check_limits", "progress_adapter", "sample_note", "session_slot",
-           "sizes_markdown", "verdict_markdown"]
+__all__ = [
+    "DTYPES",
+    "FUNCTIONAL",
+    "KEEP",
+    "MergeForm",
+    "PushForm",
+    "field_names",
+    "form_from",
+    "merge_request",
+    "LIMITS",
+    "Limits",
+    "LocalPaths",
+    "SessionBusyError",
+    "check_limits",
+    "progress_adapter",
+    "sample_note",
+    "session_slot",
+    "sizes_markdown",
+    "verdict_markdown",
+]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, TypeVar
 
 from .errors import (
     AdapterConfigError,
@@ -33,18 +34,42 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The Hub's own limit on a user, organisation or repository name.
 _MAX_NAME_CHARS = 96
 
-ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
-                    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-                    "chat_template.*", "*.model", "*.tiktoken"]
-BASE_SMALL_PATTERNS = ["config.json", "generation_config.json", "model.safetensors.index.json", "README.md",
-                       "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-                       "chat_template.*", "*.model", "*.tiktoken", "*.py", "preprocessor_config.json"]
+ADAPTER_PATTERNS = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "README.md",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*.model",
+    "*.tiktoken",
+]
+BASE_SMALL_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "README.md",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*.model",
+    "*.tiktoken",
+    "*.py",
+    "preprocessor_config.json",
+]
 
 
 @dataclass(frozen=True)
 class RepoRef:
     repo_id: str
-    revision: Optional[str] = None
+    revision: str | None = None
     subfolder: str = ""  # PEFT's multi-adapter layout keeps each adapter in a subfolder
 
     def __str__(self) -> str:
@@ -52,7 +77,7 @@ class RepoRef:
         return self.repo_id + sub + (f"@{self.revision}" if self.revision else "")
 
 
-def parse_source(text: str, revision: Optional[str] = None) -> RepoRef | Path:
+def parse_source(text: str, revision: str | None = None) -> RepoRef | Path:
     """A local folder if one exists at that path, else a Hub ID ``owner/name[@revision]``."""
     text = (text or "").strip()
     if not text:
@@ -122,11 +147,11 @@ class PushResult:
     repo_url: str
     commit_oid: str
     commit_url: str
-    pr_url: Optional[str]
+    pr_url: str | None
 
 
 class HubClient:
-    def __init__(self, token: Optional[str] = None, endpoint: Optional[str] = None):
+    def __init__(self, token: str | None = None, endpoint: str | None = None):
         from huggingface_hub import HfApi
 
         # token=False keeps huggingface_hub from sending a cached login or HF_TOKEN the
@@ -158,9 +183,14 @@ class HubClient:
                 "account, then log in (or pass a token of that account with read access)."
             ) from exc
         except RepositoryNotFoundError as exc:
-            hint = (" If it is private, log in with an account that can see it." if not self._token
-                    else " If it is private, make sure your token's account has access to it.")
-            raise RepoNotFound(f"Repository {ref.repo_id} was not found on {self.endpoint}. Check the spelling.{hint}") from exc
+            hint = (
+                " If it is private, log in with an account that can see it."
+                if not self._token
+                else " If it is private, make sure your token's account has access to it."
+            )
+            raise RepoNotFound(
+                f"Repository {ref.repo_id} was not found on {self.endpoint}. Check the spelling.{hint}"
+            ) from exc
         except RevisionNotFoundError as exc:
             raise RevisionNotFound(
                 f"Revision {ref.revision!r} does not exist in {ref.repo_id}. Use a branch, tag or commit of that repo (or leave it empty for main)."
@@ -174,13 +204,19 @@ class HubClient:
                     f"Access to {ref.repo_id} was refused ({status}). Log in, or use a token with access to it."
                 ) from exc
             if status is not None and status >= 500:
-                raise HubNetworkError(f"The Hub answered {status} for {ref.repo_id}; this is usually temporary, try again in a minute.") from exc
+                raise HubNetworkError(
+                    f"The Hub answered {status} for {ref.repo_id}; this is usually temporary, try again in a minute."
+                ) from exc
             raise HubError(f"The Hub refused the request for {ref.repo_id}: {exc}") from exc
         except (OSError, TimeoutError) as exc:
-            raise HubNetworkError(f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; nothing was written.") from exc
+            raise HubNetworkError(
+                f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; nothing was written."
+            ) from exc
         except Exception as exc:
             if type(exc).__module__.startswith(("httpx", "httpcore", "httpx2", "httpcore2")):
-                raise HubNetworkError(f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; nothing was written.") from exc
+                raise HubNetworkError(
+                    f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; nothing was written."
+                ) from exc
             raise
 
     # --- reading --------------------------------------------------------------------------------
@@ -190,7 +226,9 @@ class HubClient:
         info = self._call(ref, lambda: self.api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True))
         sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
         if not sizes or any(s.size is None for s in (info.siblings or [])):
-            tree = self._call(ref, lambda: list(self.api.list_repo_tree(ref.repo_id, revision=info.sha, recursive=True)))
+            tree = self._call(
+                ref, lambda: list(self.api.list_repo_tree(ref.repo_id, revision=info.sha, recursive=True))
+            )
             sizes = {f.path: int(getattr(f, "size", 0) or 0) for f in tree if getattr(f, "size", None) is not None}
         return str(info.sha), sizes
 
@@ -204,14 +242,27 @@ class HubClient:
             data.setdefault("pipeline_tag", info.pipeline_tag)
         return data
 
-    def download(self, ref: RepoRef, sha: str, files: Iterable[str], cache_dir: Optional[Path] = None,
-                 progress: ProgressCallback = no_progress, total_bytes: int = 0) -> Path:
+    def download(
+        self,
+        ref: RepoRef,
+        sha: str,
+        files: Iterable[str],
+        cache_dir: Path | None = None,
+        progress: ProgressCallback = no_progress,
+        total_bytes: int = 0,
+    ) -> Path:
         from huggingface_hub import snapshot_download
 
         names = sorted(set(files))
         tqdm_class = _progress_tqdm(progress, f"download {ref.repo_id}", total_bytes) if total_bytes else None
-        kwargs: dict[str, Any] = dict(repo_id=ref.repo_id, revision=sha, allow_patterns=names, token=self._token,
-                                      endpoint=self.endpoint, cache_dir=str(cache_dir) if cache_dir else None)
+        kwargs: dict[str, Any] = dict(
+            repo_id=ref.repo_id,
+            revision=sha,
+            allow_patterns=names,
+            token=self._token,
+            endpoint=self.endpoint,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
         if tqdm_class is not None:
             kwargs["tqdm_class"] = tqdm_class
         path = self._call(ref, lambda: snapshot_download(**kwargs))
@@ -222,7 +273,9 @@ class HubClient:
         meta = self._call(ref, lambda: self.api.get_safetensors_metadata(ref.repo_id, revision=sha))
         out: dict[str, dict[str, Any]] = {}
         for shard, file_meta in meta.files_metadata.items():
-            out[shard] = {name: (t.dtype, tuple(t.shape), tuple(t.data_offsets)) for name, t in file_meta.tensors.items()}
+            out[shard] = {
+                name: (t.dtype, tuple(t.shape), tuple(t.data_offsets)) for name, t in file_meta.tensors.items()
+            }
         return out
 
     # --- writing --------------------------------------------------------------------------------
@@ -233,7 +286,9 @@ class HubClient:
         try:
             return self._call("whoami", lambda: self.api.whoami())
         except RepoAccessError as exc:
-            raise PushError("The Hub did not accept this token. Log in again or create a new token with write access.") from exc
+            raise PushError(
+                "The Hub did not accept this token. Log in again or create a new token with write access."
+            ) from exc
 
     def preflight_push(self, repo_id: str, mode: PushMode | str, *, private: bool = False) -> PushTarget:
         """Everything a push can be refused for, checked before any merge or upload: the token
@@ -250,12 +305,16 @@ class HubClient:
             repo_id = f"{me.get('name')}/{repo_id}"
         owner, _, name = repo_id.partition("/")
         if not _REPO_ID.match(repo_id) or len(owner) > _MAX_NAME_CHARS or len(name) > _MAX_NAME_CHARS:
-            raise PushError(f"{repo_id[:200]!r} is not a repository name the Hub accepts; use owner/name "
-                            f"(letters, digits, '-', '_', '.'; at most {_MAX_NAME_CHARS} characters each).")
+            raise PushError(
+                f"{repo_id[:200]!r} is not a repository name the Hub accepts; use owner/name "
+                f"(letters, digits, '-', '_', '.'; at most {_MAX_NAME_CHARS} characters each)."
+            )
         writable = _writable_namespaces(me)
         if mode is not PushMode.PR and owner not in writable:
-            raise PushError(f"Your token cannot write to the namespace {owner!r} (it can write to: "
-                            f"{', '.join(sorted(writable)) or 'none'}); push to one of those or open a pull request.")
+            raise PushError(
+                f"Your token cannot write to the namespace {owner!r} (it can write to: "
+                f"{', '.join(sorted(writable)) or 'none'}); push to one of those or open a pull request."
+            )
         exists = self._call(RepoRef(repo_id), lambda: self.api.repo_exists(repo_id))
         if mode is PushMode.NEW and exists:
             raise PushError(
@@ -272,27 +331,41 @@ class HubClient:
             try:
                 self._call(ref, lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=False))
             except HubError as exc:
-                raise PushError(f"Could not create {target.repo_id}: {exc}. Your token needs write access to the "
-                                f"namespace {target.repo_id.split('/')[0]!r}.") from exc
+                raise PushError(
+                    f"Could not create {target.repo_id}: {exc}. Your token needs write access to the "
+                    f"namespace {target.repo_id.split('/')[0]!r}."
+                ) from exc
         try:
-            info = self._call(ref, lambda: self.api.upload_folder(
-                repo_id=target.repo_id, folder_path=folder, commit_message=message, commit_description=description,
-                create_pr=target.mode is PushMode.PR,
-                # An update replaces the weights whole: stale shards of an older merge must not survive.
-                delete_patterns=["*.safetensors", "model.safetensors.index.json"]
-                if target.mode is PushMode.UPDATE else None,
-            ))
-        except Exception as exc:  # noqa: BLE001 - any upload failure: say that nothing landed
-            hint = (f" The repository {target.repo_id} was created but nothing was committed; push again with "
-                    "'Update existing repo'." if target.mode is PushMode.NEW
-                    else f" Nothing was committed; {target.repo_id} is unchanged.")
+            info = self._call(
+                ref,
+                lambda: self.api.upload_folder(
+                    repo_id=target.repo_id,
+                    folder_path=folder,
+                    commit_message=message,
+                    commit_description=description,
+                    create_pr=target.mode is PushMode.PR,
+                    # An update replaces the weights whole: stale shards of an older merge must not survive.
+                    delete_patterns=["*.safetensors", "model.safetensors.index.json"]
+                    if target.mode is PushMode.UPDATE
+                    else None,
+                ),
+            )
+        except Exception as exc:
+            hint = (
+                f" The repository {target.repo_id} was created but nothing was committed; push again with "
+                "'Update existing repo'."
+                if target.mode is PushMode.NEW
+                else f" Nothing was committed; {target.repo_id} is unchanged."
+            )
             detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
             raise PushError(f"Upload failed ({detail}).{hint}") from exc
         pr_url = getattr(info, "pr_url", None)
         if target.mode is PushMode.PR and not pr_url:
             # huggingface_hub skips files the repo already has; with nothing left it opens no PR.
-            raise PushError(f"{target.repo_id} already holds exactly these files, so there is nothing to propose; "
-                            "no pull request was opened.")
+            raise PushError(
+                f"{target.repo_id} already holds exactly these files, so there is nothing to propose; "
+                "no pull request was opened."
+            )
         url = f"{self.endpoint}/{target.repo_id}"
         return PushResult(target.repo_id, url, str(info.oid), str(info.commit_url), pr_url)
 
@@ -350,7 +423,9 @@ def base_weight_files(files: dict[str, int], ref: RepoRef) -> list[str]:
             "pickles. Pick a revision with safetensors (Hub repos often have a 'Adding `safetensors` variant' pull "
             "request, e.g. revision refs/pr/1)."
         )
-    raise BaseCheckpointError(f"{ref} has no model weights (model.safetensors or its index). Is it a transformers model repo?")
+    raise BaseCheckpointError(
+        f"{ref} has no model weights (model.safetensors or its index). Is it a transformers model repo?"
+    )
 
 
 def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> list[str]:
@@ -364,9 +439,11 @@ def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> l
                 f"e.g. {ref.repo_id}/{subdirs[0]}."
             )
         if "config.json" in files:
-            raise AdapterConfigError(f"{ref} is a full model, not a LoRA adapter (no adapter_config.json). Did you swap base and adapter?")
+            raise AdapterConfigError(
+                f"{ref} is a full model, not a LoRA adapter (no adapter_config.json). Did you swap base and adapter?"
+            )
         raise AdapterConfigError(f"{ref} has no adapter_config.json, so it is not a PEFT adapter repo.")
     if f"{prefix}adapter_model.safetensors" not in files and f"{prefix}adapter_model.bin" not in files:
         raise AdapterConfigError(f"{ref} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
-    local = {f[len(prefix):]: f for f in files if f.startswith(prefix)}
+    local = {f[len(prefix) :]: f for f in files if f.startswith(prefix)}
     return [local[f] for f in matching(local, ADAPTER_PATTERNS)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from .locks import Claim, claim, remove_abandoned
 
@@ -19,16 +18,16 @@ WORKDIR_PREFIX = "lms-job-"
 COMBINED_ADAPTER_PREFIX = ".combined-adapter-"
 
 
-def _parent(parent: Optional[Path]) -> Path:
+def _parent(parent: Path | None) -> Path:
     return Path(parent) if parent is not None else Path(tempfile.gettempdir())
 
 
-def sweep_workdirs(parent: Optional[Path] = None) -> list[Path]:
+def sweep_workdirs(parent: Path | None = None) -> list[Path]:
     """Remove per-request folders (default: in the temp folder) whose process is gone."""
     return remove_abandoned(_parent(parent), f"{WORKDIR_PREFIX}*")
 
 
-def new_workdir(parent: Optional[Path] = None) -> Claim:
+def new_workdir(parent: Path | None = None) -> Claim:
     """A fresh claimed folder for one request, after sweeping those of dead processes."""
     root = _parent(parent)
     sweep_workdirs(root)

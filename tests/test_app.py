@@ -188,7 +188,7 @@ def test_unexpected_exception_names_its_type_only(tempdir: Path, monkeypatch: py
         raise RuntimeError(f"internal detail with {request.token}")
 
     with monkeypatch.context() as patch:
-        patch.setattr(app, "run_merge", boom)
+        patch.setattr(app.pipeline, "run_merge", boom)
         out = merge("demo/adapter", "demo/base", token="hf_secret_token_in_error_0123")
     message = out["error"]["value"]
     assert "RuntimeError" in message and "internal detail" not in message and "hf_secret" not in message
@@ -202,7 +202,7 @@ def test_model_checks_failure_keeps_the_merge_and_says_why(tempdir: Path, monkey
     def no_gpu(*args, **kwargs):
         raise app.gr.Error("No GPU was available after 60s")
 
-    monkeypatch.setattr(app, "model_checks", no_gpu)
+    monkeypatch.setattr(app.pipeline, "model_checks", no_gpu)
     out = merge("demo/adapter", "demo/base")
     result = out["state"]
     assert isinstance(result, app.MergeResult) and out["error"]["visible"] is False

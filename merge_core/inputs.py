@@ -1,0 +1,322 @@
+"""From what the user typed to local folders: Hub IDs resolved and pinned, adapters downloaded
+(and combined when there are several), the declared-base rules applied, and the merge plan
+validated from the safetensors headers before any base shard is downloaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .adapter import load_adapter_config
+from .card import read_local_card_data
+from .checkpoint import BaseCheckpoint, BaseTensor, read_json
+from .hub import (
+    BASE_SMALL_PATTERNS,
+    HubClient,
+    RepoRef,
+    adapter_files,
+    base_weight_files,
+    matching,
+    parse_source,
+)
+from .locks import Claim
+from .merge import check_disk
+from .plan import MergeOptions, build_plan, parse_size
+from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .safetensors_io import TensorInfo
+from .workdirs import new_combined_folder, sweep_combined
+
+
+@dataclass
+class MergeRequest:
+    adapter: str
+    base: str = ""
+    adapter_revision: str | None = None
+    base_revision: str | None = None
+    dtype: str = "auto"
+    max_shard_size: str = "5GB"
+    compute_dtype: str = "float64"
+    device: str = "cpu"
+    token: str | None = field(default=None, repr=False)
+    endpoint: str | None = None
+    functional: str = "auto"
+    # Several adapters: `adapter` lists them, one per line or comma-separated, each
+    # optionally with ":weight"; they are combined into one adapter first (merge_core.combine).
+    combination: str = "stack"
+    density: float | None = None
+    svd_rank: int | None = None
+    seed: int = 0
+    # Server-side safety for a public app: local folders are read only under these roots
+    # (None: any folder, as the CLI wants). Hub downloads go to cache_dir when given, so a
+    # per-request folder frees them again (default: the shared huggingface_hub cache).
+    local_roots: list[Path] | None = None
+    cache_dir: Path | None = None
+
+    def __repr__(self) -> str:  # dataclass repr=False on token is not enough if someone formats vars()
+        return f"MergeRequest(adapter={self.adapter!r}, base={self.base!r}, dtype={self.dtype!r})"
+
+    def options(self, **names: Any) -> MergeOptions:
+        """The merge options, validated (InvalidOptionError names the bad value)."""
+        return MergeOptions(
+            dtype=self.dtype,
+            max_shard_size=parse_size(self.max_shard_size),
+            compute_dtype=self.compute_dtype,
+            device=self.device,
+            **names,
+        )
+
+    def hub_cache(self) -> Path:
+        """The folder that will hold this request's Hub downloads (never a valid output)."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+
+
+@dataclass
+class AdapterInput:
+    """One adapter of the request, as a local folder."""
+
+    folder: Path
+    name: str  # the Hub ID (with subfolder) or the path as given
+    revision: str | None  # the pinned commit for a Hub adapter
+    weight: float = 1.0
+
+
+@dataclass
+class BaseInput:
+    folder: Path
+    name: str
+    revision: str | None
+    card: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ResolvedInputs:
+    """Local folders for base and adapter, validated against each other (preflight done)."""
+
+    base: BaseInput
+    adapter_dir: Path  # the one adapter, or the combination of several
+    adapter_id: str
+    adapter_revision: str | None
+    options: MergeOptions
+    suggested_name: str = "merged"
+    temporary: list[Claim] = field(default_factory=list)  # e.g. a combined adapter; released when done
+
+    def release(self) -> None:
+        for claimed in self.temporary:
+            claimed.release(remove_folder=True)
+        self.temporary.clear()
+
+
+def _suggest_name(adapter_id: str) -> str:
+    name = Path(adapter_id.rstrip("/")).name or "adapter"
+    for suffix in ("-lora", "_lora", "-adapter", "_adapter", "-peft"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return f"{name}-merged"
+
+
+def parse_adapter_list(text: str) -> list[tuple[str, float]]:
+    """'a/b, c/d:0.5' or one per line -> [("a/b", 1.0), ("c/d", 0.5)]."""
+    entries: list[tuple[str, float]] = []
+    for raw in text.replace("\n", ",").split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        spec, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                weight = float(tail)
+                spec = head.strip()
+            except ValueError:
+                pass
+        entries.append((spec, weight))
+    if not entries:
+        raise ValueError("Enter a LoRA adapter: a Hub ID like owner/name, or a local folder.")
+    return entries
+
+
+def _check_local(path: Path, roots: list[Path] | None, what: str) -> Path:
+    if roots is None:
+        return path
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(Path(root).resolve()) for root in roots):
+        raise ValueError(
+            f"{what} {str(path)!r} is a local folder, which is not allowed here; enter a Hub ID like owner/name."
+        )
+    return path
+
+
+@dataclass
+class _Hub:
+    """The request's Hub client, made on first use (a local-only merge never needs one)."""
+
+    request: MergeRequest
+
+    @cached_property
+    def client(self) -> HubClient:
+        return HubClient(self.request.token, self.request.endpoint)
+
+
+def _fetch_adapter(spec: str, weight: float, revision: str | None, hub: _Hub) -> AdapterInput:
+    source = parse_source(spec, revision)
+    if isinstance(source, Path):
+        return AdapterInput(_check_local(source, hub.request.local_roots, "The adapter"), spec, None, weight)
+    sha, files = hub.client.resolve(source)
+    folder = hub.client.download(source, sha, adapter_files(files, source), cache_dir=hub.request.cache_dir)
+    name = source.repo_id + (f"/{source.subfolder}" if source.subfolder else "")
+    # Pinned to the commit read, so the card (and the declared base) name exactly what was merged.
+    return AdapterInput(folder / source.subfolder, name, sha, weight)
+
+
+def _combine(adapters: list[AdapterInput], request: MergeRequest, parent: Path) -> tuple[Path, str, Claim]:
+    from .combine import AdapterSource, combine_adapters
+
+    claimed = new_combined_folder(parent)
+    try:
+        folder = combine_adapters(
+            [AdapterSource(a.folder, a.weight, a.name) for a in adapters],
+            request.combination,
+            claimed.folder,
+            density=request.density,
+            svd_rank=request.svd_rank,
+            seed=request.seed,
+        )
+    except BaseException:
+        claimed.release(remove_folder=True)
+        raise
+    parts = " + ".join(f"{a.weight:g} x {a.name}" + (f"@{a.revision[:12]}" if a.revision else "") for a in adapters)
+    return Path(folder), f"{request.combination}({parts})", claimed
+
+
+def _base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Path, str]:
+    """The base as typed, or the one the adapter declares, with the declared-base rules: a
+    declared local folder is read only where local folders are allowed (never the server's
+    own folders on a public app), and a trainer's path gets a message saying what to do."""
+    typed = (request.base or "").strip()
+    if typed:
+        return parse_source(typed, request.base_revision), typed
+    declared = (load_adapter_config(adapter_dir).base_model_name_or_path or "").strip()
+    if not declared:
+        raise ValueError("The adapter does not name its base model; enter the base model ID.")
+    try:
+        source = parse_source(declared, request.base_revision)
+    except ValueError:
+        # Adapters often record the trainer's own folder (e.g. a Colab path) as their base.
+        raise ValueError(
+            f"The adapter's config names {declared!r} as its base model, which is not a Hub ID that "
+            "can be used here. Enter the base model's Hub ID."
+        ) from None
+    if isinstance(source, Path) and request.local_roots is not None:
+        try:
+            _check_local(source, request.local_roots, "The base model")
+        except ValueError:
+            raise ValueError(
+                f"The adapter's config names a local folder as its base model ({declared!r}), which "
+                "this app cannot read. Enter the base model's Hub ID in 'Base model'."
+            ) from None
+    return source, declared
+
+
+def _preflight_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], name: str) -> BaseCheckpoint:
+    """A BaseCheckpoint from remote headers, so the plan validates before the shards download."""
+    config = read_json(base_dir / "config.json", "the base model's config")
+    tensors: dict[str, BaseTensor] = {}
+    for shard, entries in sorted(headers.items()):
+        for tensor, (dtype, shape, offsets) in entries.items():
+            info = TensorInfo(tensor, dtype, tuple(shape), offsets[0], offsets[1])
+            tensors[tensor] = BaseTensor(base_dir / shard, info)
+    return BaseCheckpoint(
+        path=base_dir, config=config, tensors=tensors, shards=[base_dir / s for s in sorted(headers)], name=name
+    )
+
+
+def _fetch_hub_base(
+    ref: RepoRef,
+    adapter_dir: Path,
+    options: MergeOptions,
+    hub: _Hub,
+    *,
+    output_parent: Path,
+    progress: ProgressCallback,
+) -> BaseInput:
+    """Small files and safetensors headers first; the plan is validated (and the disk checked)
+    before any shard is downloaded."""
+    client, cache = hub.client, hub.request.cache_dir
+    sha, files = client.resolve(ref)
+    base_weight_files(files, ref)  # refuses pickle-only repos before any download
+    small = matching(files, BASE_SMALL_PATTERNS)
+    base_dir = client.download(ref, sha, small, cache_dir=cache)
+    headers = client.safetensors_headers(ref, sha)
+    preflight = build_plan(_preflight_checkpoint(base_dir, headers, str(ref)), adapter_dir, options)
+    shards = sorted(headers)
+    shard_bytes = sum(files.get(s, 0) for s in shards)
+    check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
+    check_disk(output_parent, preflight.output_nbytes)
+    base_dir = client.download(ref, sha, small + shards, cache_dir=cache, progress=progress, total_bytes=shard_bytes)
+    return BaseInput(Path(base_dir), ref.repo_id, ref.revision, client.card_data(ref))
+
+
+def _local_base(path: Path, text: str, request: MergeRequest) -> BaseInput:
+    folder = _check_local(path, request.local_roots, "The base model")
+    return BaseInput(Path(folder), text, None, read_local_card_data(folder))
+
+
+def _resolve_adapter(request: MergeRequest, hub: _Hub, output_parent: Path) -> ResolvedInputs:
+    """The request's adapters as one local adapter folder (combined when there are several)."""
+    entries = parse_adapter_list(request.adapter)
+    revision = request.adapter_revision if len(entries) == 1 else None
+    adapters = [_fetch_adapter(spec, weight, revision, hub) for spec, weight in entries]
+    if len(adapters) == 1 and adapters[0].weight == 1.0:
+        one, temporary = adapters[0], []
+    else:
+        folder, adapter_id, claimed = _combine(adapters, request, output_parent)
+        one, temporary = AdapterInput(folder, adapter_id, None), [claimed]
+    return ResolvedInputs(
+        base=BaseInput(Path(), "", None),
+        adapter_dir=Path(one.folder),
+        adapter_id=one.name,
+        adapter_revision=one.revision,
+        options=request.options(),
+        suggested_name=_suggest_name(adapters[0].name),
+        temporary=temporary,
+    )
+
+
+def resolve_inputs(
+    request: MergeRequest, output_parent: Path, progress: ProgressCallback = no_progress
+) -> ResolvedInputs:
+    """Hub IDs or local folders -> local folders. For Hub IDs the small files come first and the
+    merge plan is validated from the safetensors headers before any shard is downloaded."""
+    request.options()  # a bad option is refused before anything is read or downloaded
+    sweep_combined(output_parent)
+    hub = _Hub(request)
+    progress(ProgressUpdate("resolve", 0, 2, "", "adapter"))
+    inputs = _resolve_adapter(request, hub, output_parent)
+    try:
+        progress(ProgressUpdate("resolve", 1, 2, "", "base"))
+        source, text = _base_source(request, inputs.adapter_dir)
+        inputs.options = request.options(
+            base_name=str(source) if isinstance(source, RepoRef) else text,
+            adapter_name=inputs.adapter_id,
+            adapter_revision=inputs.adapter_revision,
+        )
+        if isinstance(source, RepoRef):
+            inputs.base = _fetch_hub_base(
+                source, inputs.adapter_dir, inputs.options, hub, output_parent=output_parent, progress=progress
+            )
+        else:
+            inputs.base = _local_base(source, text, request)
+    except BaseException:
+        inputs.release()
+        raise
+    progress(ProgressUpdate("resolve", 2, 2, "", "done"))
+    return inputs
+
+
+__all__ = ["AdapterInput", "BaseInput", "MergeRequest", "ResolvedInputs", "parse_adapter_list", "resolve_inputs"]
