@@ -126,6 +126,16 @@ def require(module: str, keys: ModuleKeys, *roles: str) -> list[str]:
     return [keys[r] for r in roles]
 
 
+def configured_rank(config: Mapping[str, Any], module: str) -> int:
+    """The rank PEFT gives ``module``: its rank_pattern entry, else r."""
+    return int(pattern_value(config.get("rank_pattern"), module, number(config, "r", 8, kind=int)))
+
+
+def configured_alpha(config: Mapping[str, Any], module: str, *, alpha_key: str) -> float:
+    """The alpha PEFT gives ``module``: its alpha_pattern entry, else the config's ``alpha_key`` (alpha, lora_alpha)."""
+    return float(pattern_value(config.get("alpha_pattern"), module, number(config, alpha_key, 8.0)))
+
+
 def check_rank(module: str, saved: int, configured: int) -> None:
     """The rank in the weights must be the one the config gives the module (r, rank_pattern)."""
     if saved != configured:
@@ -159,6 +169,17 @@ def linear_features(peft_type: str, module: ModuleInput) -> tuple[int, int]:
     """(out_features, in_features) of a Linear-like module from its stored shape and orientation."""
     rows, cols = require_matrix(peft_type, module)
     return (cols, rows) if module.stored_transposed else (rows, cols)
+
+
+def linear_only(peft_type: str, module: ModuleInput) -> tuple[int, int]:
+    """(out_features, in_features) of an (out, in) weight; types PEFT wraps on nn.Linear only refuse a Conv1D one."""
+    if module.stored_transposed:
+        raise refuse(
+            peft_type,
+            module.name,
+            f"targets a weight stored (in, out) like transformers' Conv1D, which PEFT does not wrap with {peft_type}",
+        )
+    return linear_features(peft_type, module)
 
 
 def peft_config(peft_type: str, raw: Mapping[str, Any]) -> Any:

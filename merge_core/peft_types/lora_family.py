@@ -15,10 +15,11 @@ from .common import (
     AdapterContext,
     ModuleInput,
     check_rank,
+    configured_alpha,
+    configured_rank,
     linear_features,
     mismatch,
     number,
-    pattern_value,
     refuse,
     require,
     require_matrix,
@@ -34,10 +35,7 @@ LORA_TOKENS = ("lora_A", "lora_B", "lora_diag", "lora_magnitude_vector", "lora_e
 
 def _oriented(left: Factor, right: Factor, transposed: bool) -> tuple[Factor, Factor]:
     """(left, right) of B @ A in the stored orientation: stored (in, out) takes (B @ A)^T = A^T @ B^T."""
-    if not transposed:
-        return left, right
-    flip = lambda f: Factor(f.key, f.vector_key, f.vector_axis, f.rows, f.cols, f.block_diag, not f.transpose)  # noqa: E731
-    return flip(right), flip(left)
+    return (right.flipped(), left.flipped()) if transposed else (left, right)
 
 
 def _check_ab(module: ModuleInput, a_shape, b_shape, *, in_f: int, out_f: int, what: str) -> int:
@@ -84,8 +82,7 @@ def _adalora_rank(module: str, config: Mapping[str, Any], init_r: int) -> int:
 
 
 def _lora_scale(config: Mapping[str, Any], key: str) -> tuple[int, float, float]:
-    r = int(pattern_value(config.get("rank_pattern"), key, number(config, "r", 8, kind=int)))
-    alpha = float(pattern_value(config.get("alpha_pattern"), key, number(config, "lora_alpha", 8.0)))
+    r, alpha = configured_rank(config, key), configured_alpha(config, key, alpha_key="lora_alpha")
     return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
@@ -284,11 +281,7 @@ def delora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     out_f, in_f = linear_features("DELORA", module)
     a, b, lam, w_norm = require(module.name, module.keys, "delora_A", "delora_B", "delora_lambda", "delora_w_norm")
     rank = _check_ab(module, context.shapes[a], context.shapes[b], in_f=in_f, out_f=out_f, what="DeLoRA")
-    check_rank(
-        module.name,
-        rank,
-        int(pattern_value(context.config.get("rank_pattern"), module.name, number(context.config, "r", 8, kind=int))),
-    )
+    check_rank(module.name, rank, configured_rank(context.config, module.name))
     if math.prod(context.shapes[w_norm]) != in_f:
         raise mismatch(module.name, f"delora_w_norm has {math.prod(context.shapes[w_norm])} entries, not {in_f}")
     return [DeloraSpec(module.name, "weight", a, b, lam, w_norm, rank)]

@@ -10,10 +10,10 @@ from .common import (
     AdapterContext,
     ModuleInput,
     check_rank,
-    linear_features,
+    configured_alpha,
+    configured_rank,
+    linear_only,
     mismatch,
-    number,
-    pattern_value,
     refuse,
     require,
 )
@@ -62,25 +62,13 @@ class KroneckerSpec(TensorSpec):
 
 
 def _rank_alpha(module: str, config) -> tuple[int, float]:
-    r = int(pattern_value(config.get("rank_pattern"), module, number(config, "r", 8, kind=int)))
-    alpha = float(pattern_value(config.get("alpha_pattern"), module, number(config, "alpha", 8.0)))
-    return r, alpha
-
-
-def _linear_only(peft_type: str, module: ModuleInput) -> tuple[int, int]:
-    if module.stored_transposed:
-        raise refuse(
-            peft_type,
-            module.name,
-            f"targets a weight stored (in, out) like transformers' Conv1D, which PEFT does not wrap with {peft_type}",
-        )
-    return linear_features(peft_type, module)
+    return configured_rank(config, module), configured_alpha(config, module, alpha_key="alpha")
 
 
 def loha_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     if "hada_t1" in module.keys or "hada_t2" in module.keys:
         raise refuse("LOHA", module.name, "uses the CP-decomposed convolution form (use_effective_conv2d)")
-    out_f, in_f = _linear_only("LOHA", module)
+    out_f, in_f = linear_only("LOHA", module)
     keys = require(module.name, module.keys, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     r, alpha = _rank_alpha(module.name, context.config)
     check_rank(module.name, context.shapes[keys[0]][-1], r)
@@ -116,7 +104,7 @@ def _lokr_side(module: ModuleInput, context: AdapterContext, side: str) -> tuple
 def lokr_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     if "lokr_t2" in module.keys:
         raise refuse("LOKR", module.name, "uses the CP-decomposed convolution form (use_effective_conv2d)")
-    out_f, in_f = _linear_only("LOKR", module)
+    out_f, in_f = linear_only("LOKR", module)
     w1, (a1, c1) = _lokr_side(module, context, "w1")
     w2, (b2, d2) = _lokr_side(module, context, "w2")
     if (a1 * b2, c1 * d2) != (out_f, in_f):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .common import AdapterContext, ModuleInput, mismatch, peft_config, refuse, require, require_matrix
+from .common import AdapterContext, ModuleInput, linear_only, mismatch, peft_config, refuse, require, require_matrix
 from .orthogonal import BoftSpec, HraSpec, OftSpec
 from .specs import ScaleSpec, Spec
 
@@ -22,13 +22,7 @@ def oft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     if "oft_r" in module.keys or "oft_s" in module.keys:
         raise refuse("OFT", module.name, "uses the older OFT layout (oft_r/oft_s) that PEFT 0.21 no longer loads")
     embedding = "oft_embedding_R" in module.keys
-    if module.stored_transposed and not embedding:
-        raise refuse(
-            "OFT",
-            module.name,
-            "targets a weight stored (in, out) like transformers' Conv1D, which PEFT does not wrap with OFT",
-        )
-    _, in_f = require_matrix("OFT", module)
+    _, in_f = require_matrix("OFT", module) if embedding else linear_only("OFT", module)
     (key,) = require(module.name, module.keys, "oft_embedding_R" if embedding else "oft_R")
     shape = tuple(context.shapes[key])
     size = _block_size(shape[-1]) if len(shape) == 2 else 0
@@ -58,13 +52,7 @@ def oft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
 
 
 def boft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
-    if module.stored_transposed:
-        raise refuse(
-            "BOFT",
-            module.name,
-            "targets a weight stored (in, out) like transformers' Conv1D, which PEFT does not wrap with BOFT",
-        )
-    out_f, in_f = require_matrix("BOFT", module)
+    out_f, in_f = linear_only("BOFT", module)
     rot, scale = require(module.name, module.keys, "boft_R", "boft_s")
     shape, s_shape = tuple(context.shapes[rot]), tuple(context.shapes[scale])
     if len(shape) != 4 or shape[2] != shape[3] or shape[1] * shape[2] != in_f:
@@ -83,13 +71,7 @@ def boft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
 
 def hra_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
     """W @ H, H the product of the r Householder reflections of hra_u's columns (Gram-Schmidt first with apply_GS)."""
-    if module.stored_transposed:
-        raise refuse(
-            "HRA",
-            module.name,
-            "targets a weight stored (in, out) like transformers' Conv1D, which PEFT does not wrap with HRA",
-        )
-    _, in_f = require_matrix("HRA", module)
+    _, in_f = linear_only("HRA", module)
     (key,) = require(module.name, module.keys, "hra_u")
     shape = tuple(context.shapes[key])
     if len(shape) != 2 or shape[0] != in_f:

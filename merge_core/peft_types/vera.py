@@ -62,12 +62,8 @@ def _ops(flavor: _Flavor, module: ModuleInput, context: AdapterContext) -> list[
     left = Factor(b.key, lam_b, 0, rows=out_f, generated=b.generated)
     right = Factor(a.key, lam_d, 0, rows=r, cols=in_f, generated=a.generated)
     if module.stored_transposed:  # stored (in, out): delta^T = right^T @ left^T
-        left, right = _transposed(right), _transposed(left)
+        left, right = right.flipped(), left.flipped()
     return [LowRankSpec(module.name, "weight", left, right, 1.0, f"{p} r={r}")]
-
-
-def _transposed(f: Factor) -> Factor:
-    return Factor(f.key, f.vector_key, f.vector_axis, f.rows, f.cols, f.block_diag, not f.transpose, f.generated)
 
 
 def _projections(flavor: _Flavor, context: AdapterContext, d_len: int, r: int, module: str) -> tuple[Factor, Factor]:
