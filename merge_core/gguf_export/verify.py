@@ -50,9 +50,7 @@ def _guarded(name: str, group: str, row: Callable[[], Check]) -> Check:
         return Check(name, group, None, "-", "-", f"skipped: {exc.name or 'a package'} is not installed")
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes a short row, not a traceback
         first = (str(exc).strip().splitlines() or [""])[0][:140]
-        return Check(
-            name, group, False, "-", "-", f"transformers could not read the GGUF ({type(exc).__name__}: {first})"
-        )
+        return Check(name, group, False, "-", "-", f"could not read the GGUF back ({type(exc).__name__}: {first})")
 
 
 def _metadata_row(merged_dir: Path, gguf_file: Path, qtype: str) -> Check:
