@@ -25,7 +25,6 @@ DECODER = {
     "pad_token_id": 0,
 }
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LANGUAGE_ONLY = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # VLM text tower
 
 
 @dataclass
@@ -128,58 +127,6 @@ def qwen3_moe():
 
     return Qwen3MoeForCausalLM(
         Qwen3MoeConfig(**DECODER, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8)
-    )
-
-
-def gemma3_multimodal():
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    text = {**DECODER, "head_dim": 8, "sliding_window": 16}
-    vision = {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "image_size": 16,
-        "patch_size": 4,
-    }
-    config = Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=4,
-        image_token_index=100,
-        boi_token_index=101,
-        eoi_token_index=102,
-    )
-    model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # transformers starts the projector at zero: the image would not reach the text
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
-    return model
-
-
-def qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    text = {**DECODER, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}
-    vision = {
-        "depth": 1,
-        "embed_dim": 16,
-        "hidden_size": 32,
-        "num_heads": 2,
-        "mlp_ratio": 2,
-        "patch_size": 4,
-        "spatial_merge_size": 1,
-        "temporal_patch_size": 1,
-    }
-    return Qwen2VLForConditionalGeneration(
-        Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=120,
-            video_token_id=121,
-            vision_start_token_id=122,
-            vision_end_token_id=123,
-        )
     )
 
 
@@ -317,10 +264,6 @@ ARCHS: dict[str, Arch] = {
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         group="moe",
     ),
-    "gemma3-multimodal": Arch(gemma3_multimodal, LANGUAGE_ONLY, kind="vlm", group="vlm"),
-    # The plain list, as many published Gemma 3 adapters have it, also adapts the SigLIP tower's q/k/v.
-    "gemma3-multimodal-all-towers": Arch(gemma3_multimodal, LLAMA_TARGETS, kind="image-text", group="vlm"),
-    "qwen2-vl": Arch(qwen2_vl, LANGUAGE_ONLY, kind="vlm", group="vlm"),
     "t5": Arch(t5, ["q", "v"], "SEQ_2_SEQ_LM", kind="seq2seq", group="seq2seq"),
     "flan-t5": Arch(
         flan_t5, ["q", "k", "v", "o", "wi_0", "wi_1", "wo"], "SEQ_2_SEQ_LM", kind="seq2seq", group="seq2seq"

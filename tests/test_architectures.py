@@ -4,8 +4,9 @@ For every architecture of tests/arch_models.py a tiny random model of the task's
 the base and a PEFT LoRA (init_lora_weights=False, weights made large enough to matter) as the adapter.
 The float32 merge must reproduce PeftModel(base, adapter) unmerged within 1e-4 and the same greedy
 tokens; a bfloat16 merge per family must be the float64 reference rounded once, bit for bit.
-Mixture-of-experts adapters saved before transformers 5 (one LoRA per expert) are merged and compared
-with what PEFT computes after converting them to LoRAs on the fused expert parameters.
+Adapters saved before transformers 5 are covered too: mixture-of-experts adapters with one LoRA per
+expert (compared with PEFT's conversion to the fused expert parameters) and VLM adapters on the
+old module names (compared with their transformers 5 twin).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ import torch
 from merge_core import MergeOptions, merge_adapter
 from merge_core.plan import build_plan
 from merge_core.verify import verify_merge
-from tests.arch_models import ARCHS, Arch, generation_inputs, inputs
+from tests.arch_models import ARCHS as TEXT_ARCHS
+from tests.arch_models import Arch, generation_inputs, inputs
 from tests.arch_moe import legacy_moe_adapter
+from tests.arch_vlm import V4_NAMES, VLM_ARCHS, as_transformers4
+
+ARCHS = {**TEXT_ARCHS, **VLM_ARCHS}
 
 BF16_PER_GROUP = {arch.group: name for name, arch in reversed(ARCHS.items())}  # the first of each group
 
@@ -135,6 +140,17 @@ def test_transformers4_expert_adapter_merges_like_peft_converts_it(
     # PEFT really took the fused-experts path: the per-expert LoRAs became target_parameters.
     assert {"gate_up_proj", "down_proj"} <= set(reference.peft_config["default"].target_parameters)
     _assert_bfloat16_rounded_once(case.base, adapter, tmp / "merged-bf16")
+
+
+@pytest.mark.parametrize("name", list(V4_NAMES))
+def test_transformers4_vlm_adapter_merges_like_its_transformers5_twin(
+    name: str, built: Callable[[str], Built], tmp: Path
+) -> None:
+    case = built(name)
+    adapter = as_transformers4(case.adapter, tmp / "adapter-v4", V4_NAMES[name])
+    merge_adapter(case.base, adapter, tmp / "merged", MergeOptions(dtype="float32"))
+    # PEFT 0.21 does not rename every v4 VLM key when it loads, so the reference is the v5-named twin.
+    _assert_merge_equals_peft(case.model_class, case.base, case.adapter, tmp / "merged", ARCHS[name].kind)
 
 
 def _assert_bfloat16_rounded_once(base: Path, adapter: Path, merged_dir: Path) -> None:
