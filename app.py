@@ -1,10 +1,8 @@
-"""LoRA Merge Space: a thin Gradio front end over ``merge_core.pipeline``.
+"""LoRA Merge Space: a thin Gradio front end over ``merge_core.pipeline``, which does all the work.
 
-Merge, verification, model card and push all live in ``merge_core``; this file only maps the
-form (``MergeForm``, ``PushForm``) to the pipeline and its results to the page (``MergeView``,
-``PushView``) by field name, adapts progress, keeps each session's result in a ``gr.State``
-(one claimed folder per merge, removed when replaced, on error and when the session ends; a
-sweep removes those of dead processes) and runs the forward-pass checks inside ``spaces.GPU``.
+This file lays out the page, maps it to ``MergeForm``/``PushForm`` and from ``MergeView``/``PushView``
+by field name, keeps each session's result in a ``gr.State`` (its claimed folder removed when replaced,
+on error and when the session ends) and runs the forward-pass checks inside ``spaces.GPU``.
 """
 
 from __future__ import annotations
@@ -13,9 +11,9 @@ import spaces  # must come before anything that initialises CUDA (ZeroGPU)
 
 # isort: split
 import html
-import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ import torch
 from merge_core import pipeline
 from merge_core.pipeline import (  # the names this page uses most
     FUNCTIONAL,
-    KEEP,
     GenerationSettings,
     MergeForm,
     MergeResult,
@@ -35,6 +32,8 @@ from merge_core.pipeline import (  # the names this page uses most
     PushView,
     VerificationReport,
     field_names,
+    form_from,
+    view_updates,
 )
 
 log = logging.getLogger("lora_merge_space")
@@ -58,28 +57,11 @@ LOGIN_HINT = (
     "(Sign in with Hugging Face is offered when this app runs as a Space.)"
 )
 
-PUSH_MODES = {
-    "Create new repo": pipeline.PushMode.NEW,
-    "Update existing repo": pipeline.PushMode.UPDATE,
-    "Open a pull request": pipeline.PushMode.PR,
-}
 STATE_TTL_SECONDS = 2 * 3600
 GPU_BASE_SECONDS, GPU_SECONDS_PER_GB, GPU_MAX_SECONDS = 60, 8, 240
 
 
 # --- small helpers ----------------------------------------------------------------------------------
-
-
-def _demo_prompts() -> list[str]:
-    try:
-        prompts = json.loads((DEMO_DIR / "prompts.json").read_text(encoding="utf-8"))
-        return [str(p) for p in prompts if str(p).strip()]
-    except (OSError, ValueError, TypeError):
-        return []
-
-
-def _has_demo() -> bool:
-    return (DEMO_DIR / "base").is_dir() and (DEMO_DIR / "adapter").is_dir()
 
 
 def _token(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
@@ -152,9 +134,6 @@ def _table(report: VerificationReport | None) -> pd.DataFrame:
     return pd.DataFrame(report.rows() if report else [], columns=VerificationReport.HEADERS)
 
 
-# --- the form and the page, by field name --------------------------------------------------------------
-
-
 def _failed(message: str) -> MergeView:
     return MergeView(
         state=None,
@@ -196,35 +175,14 @@ def merge(
             except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
                 return _failed(pipeline.failure_message(exc, token, user_errors=(gr.Error,)))
     except pipeline.SessionBusyError as exc:  # the session already runs a merge: leave its result alone
-        return MergeView(
-            state=KEEP,
-            error=_error(str(exc)),
-            verdict=KEEP,
-            table=KEEP,
-            gen_base=KEEP,
-            gen_adapter=KEEP,
-            gen_merged=KEEP,
-            gen_note=KEEP,
-            sizes=KEEP,
-            summary=KEEP,
-            push_btn=KEEP,
-            merge_btn=gr.update(interactive=True),
-        )
-    sample = result.sample
-    return MergeView(
-        state=result,
+        return MergeView.kept(error=_error(str(exc)), merge_btn=gr.update(interactive=True))
+    owner = lambda: _owner(token, profile)  # noqa: E731 - asked only when a name is suggested
+    return MergeView.of_result(
+        result,
+        form.prompt,
         error=NO_ERROR,
-        verdict=pipeline.verdict_markdown(result.verification),
         table=_table(result.verification),
-        gen_base=sample.base if sample else "",
-        gen_adapter=sample.adapter if sample else "",
-        gen_merged=sample.merged if sample else "",
-        gen_note=pipeline.sample_note(result, form.prompt or ""),
-        sizes=pipeline.sizes_markdown(result),
-        summary=result.report.summary(),
-        repo_name=pipeline.suggest_repo_id(
-            form.repo_name, previous_name, result.inputs.suggested_name, lambda: _owner(token, profile)
-        ),
+        repo_name=pipeline.suggest_repo_id(form.repo_name, previous_name, result.inputs.suggested_name, owner),
         push_btn=gr.update(interactive=True),
         merge_btn=gr.update(interactive=True),
     )
@@ -264,7 +222,7 @@ def push(
             repo_id,
             token=token,
             private=bool(form.private),
-            mode=PUSH_MODES.get(form.push_mode, form.push_mode or "new"),
+            mode=pipeline.PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"),
             progress=pipeline.progress_adapter(progress),
         )
     except Exception as exc:  # noqa: BLE001 - one sentence, never a stack trace
@@ -280,7 +238,7 @@ def push(
 # --- layout ------------------------------------------------------------------------------------------
 
 
-def _form_section(ui: dict[str, Any], prompts: list[str]) -> None:
+def _form_section(ui: dict[str, Any]) -> None:
     with gr.Row():
         if SHOW_LOGIN:
             gr.LoginButton()
@@ -322,12 +280,15 @@ def _form_section(ui: dict[str, Any], prompts: list[str]) -> None:
             info="stack = sum of weighted deltas; others: PEFT add_weighted_adapter",
         )
         ui["density"] = gr.Number(value=None, label="density (ties/dare/magnitude_prune)", elem_id="density")
-    if _has_demo():
+    if LOCAL.has_demo():
         gr.Examples(
             [["demo/adapter", "demo/base"]],
             inputs=[ui["adapter"], ui["base"]],
             label="Bundled offline demo (tiny Llama + LoRA)",
         )
+
+
+def _generation_section(ui: dict[str, Any], prompts: list[str]) -> None:
     with gr.Accordion("Sample generation", open=True):
         ui["prompt"] = gr.Textbox(
             label="Prompt",
@@ -384,12 +345,14 @@ def _push_section(ui: dict[str, Any]) -> None:
             scale=2,
         )
         ui["private"] = gr.Checkbox(label="Private", value=False, elem_id="private")
-        ui["push_mode"] = gr.Radio(list(PUSH_MODES), value="Create new repo", label="Push mode", elem_id="push-mode")
+        ui["push_mode"] = gr.Radio(
+            list(pipeline.PUSH_MODE_LABELS), value="Create new repo", label="Push mode", elem_id="push-mode"
+        )
     ui["push_btn"] = gr.Button("Push to Hub", interactive=False, elem_id="push-btn")
     ui["push_result"] = gr.Markdown(visible=False, elem_id="push-result")
 
 
-def _wire(ui: dict[str, Any]) -> None:
+def _handlers(ui: dict[str, Any]) -> tuple[Callable[..., Any], ...]:
     """Handlers get {component: value} and return {component: update}: order lives nowhere."""
 
     def on_merge(
@@ -399,14 +362,9 @@ def _wire(ui: dict[str, Any]) -> None:
         profile: gr.OAuthProfile | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects the tracker by this default
     ) -> dict[Any, Any]:
-        view = merge(
-            pipeline.form_from(MergeForm, values, ui),
-            oauth_token,
-            profile,
-            progress,
-            session=getattr(request, "session_hash", None),
-        )
-        return pipeline.view_updates(view, ui)
+        session = getattr(request, "session_hash", None)
+        view = merge(form_from(MergeForm, values, ui), oauth_token, profile, progress, session=session)
+        return view_updates(view, ui)
 
     def on_push(
         values: dict[Any, Any],
@@ -414,41 +372,34 @@ def _wire(ui: dict[str, Any]) -> None:
         profile: gr.OAuthProfile | None = None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects the tracker by this default
     ) -> dict[Any, Any]:
-        return pipeline.view_updates(push(pipeline.form_from(PushForm, values, ui), oauth_token, profile, progress), ui)
+        return view_updates(push(form_from(PushForm, values, ui), oauth_token, profile, progress), ui)
 
     def start_merge() -> dict[Any, Any]:
         """Runs first (unqueued): clear the old results and lock both buttons while a merge runs."""
-        cleared = MergeView(
-            state=KEEP,
-            error=NO_ERROR,
-            table=_table(None),
-            repo_name=KEEP,
-            push_btn=gr.update(interactive=False),
-            merge_btn=gr.update(interactive=False),
-        )
-        return {**pipeline.view_updates(cleared, ui), ui["push_result"]: gr.update(value="", visible=False)}
+        locked = gr.update(interactive=False)
+        cleared = MergeView.kept(error=NO_ERROR, table=_table(None), push_btn=locked, merge_btn=locked)
+        cleared.verdict = cleared.gen_base = cleared.gen_adapter = cleared.gen_merged = ""
+        cleared.gen_note = cleared.sizes = cleared.summary = ""
+        return {**view_updates(cleared, ui), ui["push_result"]: gr.update(value="", visible=False)}
 
     def start_push() -> dict[Any, Any]:
         """Runs first (unqueued): lock both buttons; the result box shows the upload's progress."""
         locked = gr.update(interactive=False)
-        return pipeline.view_updates(PushView(gr.update(value="Pushing …", visible=True), NO_ERROR, locked, locked), ui)
+        return view_updates(PushView(gr.update(value="Pushing …", visible=True), NO_ERROR, locked, locked), ui)
 
+    return on_merge, on_push, start_merge, start_push
+
+
+def _wire(ui: dict[str, Any]) -> None:
+    on_merge, on_push, start_merge, start_push = _handlers(ui)
     merge_outputs = [ui[name] for name in field_names(MergeView)]
-    ui["merge_btn"].click(
+    first = ui["merge_btn"].click(
         start_merge, None, [*merge_outputs, ui["push_result"]], queue=False, show_progress="hidden"
-    ).then(
-        on_merge,
-        {ui[name] for name in field_names(MergeForm)},
-        merge_outputs,
-        show_progress_on=[ui["verdict"]],
     )
+    first.then(on_merge, {ui[n] for n in field_names(MergeForm)}, merge_outputs, show_progress_on=[ui["verdict"]])
     push_outputs = [ui[name] for name in field_names(PushView)]
-    ui["push_btn"].click(start_push, None, push_outputs, queue=False, show_progress="hidden").then(
-        on_push,
-        {ui[name] for name in field_names(PushForm)},
-        push_outputs,
-        show_progress_on=[ui["push_result"]],
-    )
+    first = ui["push_btn"].click(start_push, None, push_outputs, queue=False, show_progress="hidden")
+    first.then(on_push, {ui[n] for n in field_names(PushForm)}, push_outputs, show_progress_on=[ui["push_result"]])
 
 
 def build_demo() -> gr.Blocks:
@@ -460,7 +411,8 @@ def build_demo() -> gr.Blocks:
             "Merge a LoRA adapter into its base model (W' = W + scale · B @ A, streamed shard by shard), "
             "verify the result against the base and the adapter, and push it to the Hub."
         )
-        _form_section(ui, _demo_prompts())
+        _form_section(ui)
+        _generation_section(ui, LOCAL.demo_prompts())
         _results_section(ui)
         _push_section(ui)
         ui["state"] = gr.State(None, time_to_live=STATE_TTL_SECONDS, delete_callback=discard)

@@ -3,6 +3,7 @@ one merge at a time per session, progress text and the result summaries in Markd
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +80,7 @@ def check_limits(*, prompt: str, max_new_tokens: float, fields: dict[str, str], 
 
 
 DTYPES = ["auto", "float16", "bfloat16", "float32"]
+PUSH_MODE_LABELS = {"Create new repo": "new", "Update existing repo": "update", "Open a pull request": "pr"}
 FUNCTIONAL = {"auto (when it fits in memory)": "auto", "always": "always", "never": "never"}
 
 
@@ -138,6 +140,28 @@ class MergeView:
     repo_name: Any = KEEP
     push_btn: Any = None
     merge_btn: Any = None
+
+    @classmethod
+    def kept(cls, **changes: Any) -> MergeView:
+        """Every field KEEP except ``changes``."""
+        return cls(**{**dict.fromkeys(field_names(cls), KEEP), **changes})
+
+    @classmethod
+    def of_result(cls, result: MergeResult, prompt: str, **changes: Any) -> MergeView:
+        """The texts of a finished merge; the toolkit-specific fields come in ``changes``."""
+        sample = result.sample
+        texts = (sample.base, sample.adapter, sample.merged) if sample else ("", "", "")
+        return cls(
+            state=result,
+            verdict=verdict_markdown(result.verification),
+            gen_base=texts[0],
+            gen_adapter=texts[1],
+            gen_merged=texts[2],
+            gen_note=sample_note(result, prompt or ""),
+            sizes=sizes_markdown(result),
+            summary=result.report.summary(),
+            **changes,
+        )
 
 
 @dataclass
@@ -219,6 +243,16 @@ class LocalPaths:
 
     demo_dir: Path
     allow_any: bool = False
+
+    def demo_prompts(self) -> list[str]:
+        try:
+            prompts = json.loads((self.demo_dir / "prompts.json").read_text(encoding="utf-8"))
+            return [str(p) for p in prompts if str(p).strip()]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def has_demo(self) -> bool:
+        return (self.demo_dir / "base").is_dir() and (self.demo_dir / "adapter").is_dir()
 
     @property
     def roots(self) -> list[Path] | None:

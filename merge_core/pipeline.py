@@ -19,6 +19,7 @@ from .frontend import (
     DTYPES,
     FUNCTIONAL,
     KEEP,
+    PUSH_MODE_LABELS,
     LIMITS,
     Limits,
     LocalPaths,
@@ -231,6 +232,7 @@ def cleanup(result: MergeResult | None) -> None:
 from .jobs import ChecksRunner, failure_message, push_markdown, run_job, scrub, suggest_repo_id  # noqa: E402
 
 __all__ = [
+    "PUSH_MODE_LABELS",
     "ChecksRunner",
     "failure_message",
     "push_markdown",

@@ -31,19 +31,50 @@ def view(result: Any) -> dict[str, Any]:
     return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
 
 
-def merge(adapter: str, base: str = "", *, dtype: str = "auto", prompt: str = "", token: str = "",
-          previous: app.MergeResult | None = None, repo_name: str = "", oauth=None, profile=None,
-          adapter_revision: str = "", combination: str = "stack", session: str | None = None,
-          **form: Any) -> dict[str, Any]:
-    prompt = prompt or (app._demo_prompts() or ["Hello"])[0]
-    values = app.MergeForm(adapter=adapter, base=base, adapter_revision=adapter_revision, dtype=dtype,
-                           functional=FUNCTIONAL_AUTO, combination=combination, prompt=prompt, max_new_tokens=24,
-                           repo_name=repo_name, token=token, state=previous, **form)
+def merge(
+    adapter: str,
+    base: str = "",
+    *,
+    dtype: str = "auto",
+    prompt: str = "",
+    token: str = "",
+    previous: app.MergeResult | None = None,
+    repo_name: str = "",
+    oauth=None,
+    profile=None,
+    adapter_revision: str = "",
+    combination: str = "stack",
+    session: str | None = None,
+    **form: Any,
+) -> dict[str, Any]:
+    prompt = prompt or (app.LOCAL.demo_prompts() or ["Hello"])[0]
+    values = app.MergeForm(
+        adapter=adapter,
+        base=base,
+        adapter_revision=adapter_revision,
+        dtype=dtype,
+        functional=FUNCTIONAL_AUTO,
+        combination=combination,
+        prompt=prompt,
+        max_new_tokens=24,
+        repo_name=repo_name,
+        token=token,
+        state=previous,
+        **form,
+    )
     return view(app.merge(values, oauth, profile, progress=no_progress, session=session))
 
 
-def push(result, repo_name: str, *, token: str = "", mode: str = "Create new repo", oauth=None, profile=None,
-         private: bool = False) -> dict[str, Any]:
+def push(
+    result,
+    repo_name: str,
+    *,
+    token: str = "",
+    mode: str = "Create new repo",
+    oauth=None,
+    profile=None,
+    private: bool = False,
+) -> dict[str, Any]:
     form = app.PushForm(repo_name=repo_name, private=private, push_mode=mode, token=token, state=result)
     return view(app.push(form, oauth, profile, progress=no_progress))
 
@@ -92,8 +123,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
 
     server_folder = root / "cache" / "models--acme--secret-llama"
     shutil.copytree(base, server_folder)
-    for repo, folder in [("acme/tiny-llama", base), ("alice/tiny-lora", adapter_copy("tiny-lora", "acme/tiny-llama")),
-                         ("mallory/evil-lora", adapter_copy("evil-lora", str(server_folder)))]:
+    for repo, folder in [
+        ("acme/tiny-llama", base),
+        ("alice/tiny-lora", adapter_copy("tiny-lora", "acme/tiny-llama")),
+        ("mallory/evil-lora", adapter_copy("evil-lora", str(server_folder))),
+    ]:
         server.create_repo(repo)
         server.upload_dir(repo, folder)
     server.server_folder = server_folder  # type: ignore[attr-defined]
@@ -161,8 +195,9 @@ def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
         ("", ["Enter a LoRA adapter"]),
     ],
 )
-def test_bad_adapter_shows_the_specific_message_and_leaves_nothing(tempdir: Path, hub: HubServer, adapter: str,
-                                                                    words: list[str]) -> None:
+def test_bad_adapter_shows_the_specific_message_and_leaves_nothing(
+    tempdir: Path, hub: HubServer, adapter: str, words: list[str]
+) -> None:
     out = merge(adapter)
     assert out["state"] is None
     assert out["error"]["visible"] is True
@@ -238,7 +273,9 @@ def test_hub_adapter_base_from_its_config_then_push_and_pr(tempdir: Path, hub: H
     out = merge("alice/tiny-lora", token=ALICE)  # pasted token; the base comes from the adapter's config
     result = out["state"]
     assert isinstance(result, app.MergeResult), out["error"]
-    assert result.inputs.base.name == "acme/tiny-llama" and len(result.inputs.adapter_revision or "") == 40  # pinned commit
+    assert (
+        result.inputs.base.name == "acme/tiny-llama" and len(result.inputs.adapter_revision or "") == 40
+    )  # pinned commit
     assert out["verdict"].startswith("### ✅ All"), out["verdict"]
     assert out["repo_name"] == f"alice/{result.inputs.suggested_name}"  # whoami of the pasted token
 
@@ -292,8 +329,10 @@ def test_adapter_naming_a_server_folder_as_its_base_is_refused(tempdir: Path, hu
     assert "names a local folder as its base model" in message and "Base model" in message
     assert lms_dirs(tempdir) == []
     # The explicit form of the same trick is refused too, and so is a list that hides it.
-    for adapter, base in [("alice/tiny-lora", str(hub.server_folder)),  # type: ignore[attr-defined]
-                          (f"alice/tiny-lora, {hub.server_folder}:0.5", "acme/tiny-llama")]:  # type: ignore[attr-defined]
+    for adapter, base in [
+        ("alice/tiny-lora", str(hub.server_folder)),  # type: ignore[attr-defined]
+        (f"alice/tiny-lora, {hub.server_folder}:0.5", "acme/tiny-llama"),
+    ]:  # type: ignore[attr-defined]
         out = merge(adapter, base)
         assert out["state"] is None and "is a local path" in out["error"]["value"], out["error"]
     assert lms_dirs(tempdir) == []

@@ -385,7 +385,7 @@ def test_app_refusals_state_their_limit(tempdir: Path, case: str) -> None:
 def test_app_second_merge_in_a_session_is_refused(tempdir: Path) -> None:
     with app.pipeline.session_slot("session-1"):  # a merge of this session is running
         view = app_merge(session="session-1")
-    assert view.state is app.KEEP and "already running in this session (limit: 1" in view.error["value"]
+    assert view.state is app.pipeline.KEEP and "already running in this session (limit: 1" in view.error["value"]
     assert list(tempdir.iterdir()) == []
     other = app_merge(session="session-2")  # other sessions are not affected
     assert isinstance(other.state, app.MergeResult), other.error
