@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
 from .ops import BaseHadamardRows, ExpertLowRank, LowRankRows, RowOp
-from .specs import Factor, Reader, TensorSpec, fmt_number
+from .specs import Factor, Reader, Spec, spec_class
 
 
-@dataclass(frozen=True)
-class DeloraSpec(TensorSpec):
+@spec_class("delora r={rank}")
+class DeloraSpec(Spec):
     """DeLoRA: B diag(lambda / r / (|A_i| |B^i|)) A, each column scaled by the saved base column norm."""
 
     a: str
@@ -26,12 +26,9 @@ class DeloraSpec(TensorSpec):
         diag = lam / self.rank / (a.norm(dim=1).clamp(min=1e-4) * b.norm(dim=0).clamp(min=1e-4))
         return LowRankRows((b * diag).contiguous(), (a * w_norm).contiguous(), 1.0)
 
-    def describe(self) -> str:
-        return f"delora r={self.rank}"
 
-
-@dataclass(frozen=True)
-class HiraSpec(TensorSpec):
+@spec_class("hira r={rank}")
+class HiraSpec(Spec):
     """HiRA: tensor += tensor * (left @ right) elementwise, in the stored orientation."""
 
     left: Factor
@@ -41,12 +38,9 @@ class HiraSpec(TensorSpec):
     def row_op(self, read: Reader) -> RowOp:
         return BaseHadamardRows(read.factor(self.left), read.factor(self.right))
 
-    def describe(self) -> str:
-        return f"hira r={self.rank}"
 
-
-@dataclass(frozen=True)
-class ExpertLowRankSpec(TensorSpec):
+@spec_class("lora experts={experts} r={rank} alpha={alpha:g}")
+class ExpertLowRankSpec(Spec):
     """LoRA on a stacked (experts, d1, d2) parameter (target_parameters)."""
 
     a_key: str
@@ -63,12 +57,9 @@ class ExpertLowRankSpec(TensorSpec):
         b = b.reshape(b.shape[0], self.rank, self.experts).permute(2, 0, 1).contiguous()
         return ExpertLowRank(a, b, self.scale, self.transposed)
 
-    def describe(self) -> str:
-        return f"lora experts={self.experts} r={self.rank} alpha={fmt_number(self.alpha)}"
 
-
-@dataclass(frozen=True)
-class BaseResidualSpec(TensorSpec):
+@spec_class("{kind} residual r={rank}")
+class BaseResidualSpec(Spec):
     """The base minus a rank-r part of itself, as PEFT computes it when it loads the adapter.
 
     KaSA drops the r smallest singular components; an unconverted PiSSA adapter the r largest (its B A
@@ -92,6 +83,3 @@ class BaseResidualSpec(TensorSpec):
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         part = slice(s.shape[0] - self.rank, None) if self.kind == "kasa" else slice(0, self.rank)
         return LowRankRows((u[:, part] * s[part]).contiguous(), vh[part].contiguous(), -1.0)
-
-    def describe(self) -> str:
-        return f"{self.kind} residual r={self.rank}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass
 
 from .common import (
     AdapterContext,
@@ -18,14 +17,14 @@ from .common import (
     require,
 )
 from .ops import HadamardRows, KroneckerRows, RowOp
-from .specs import Reader, Spec, TensorSpec, fmt_number
+from .specs import Reader, Spec, spec_class
 
 LOHA_TOKENS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_TOKENS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
-@dataclass(frozen=True)
-class HadamardSpec(TensorSpec):
+@spec_class("loha r={rank} alpha={alpha:g}")
+class HadamardSpec(Spec):
     """LoHa: tensor += scale * (w1a @ w1b) * (w2a @ w2b)."""
 
     w1a: str
@@ -39,12 +38,9 @@ class HadamardSpec(TensorSpec):
     def row_op(self, read: Reader) -> RowOp:
         return HadamardRows(*(read(k) for k in (self.w1a, self.w1b, self.w2a, self.w2b)), scale=self.scale)
 
-    def describe(self) -> str:
-        return f"loha r={self.rank} alpha={fmt_number(self.alpha)}"
 
-
-@dataclass(frozen=True)
-class KroneckerSpec(TensorSpec):
+@spec_class("lokr r={rank} alpha={alpha:g}")
+class KroneckerSpec(Spec):
     """LoKr: tensor += scale * kron(w1, w2), each side a full matrix (key) or a product of two (key_a @ key_b)."""
 
     w1: tuple[str, ...]  # (w1,) or (w1_a, w1_b)
@@ -56,9 +52,6 @@ class KroneckerSpec(TensorSpec):
     def row_op(self, read: Reader) -> RowOp:
         w1, w2 = (functools.reduce(operator.matmul, [read(k) for k in keys]) for keys in (self.w1, self.w2))
         return KroneckerRows(w1, w2, self.scale)
-
-    def describe(self) -> str:
-        return f"lokr r={self.rank} alpha={fmt_number(self.alpha)}"
 
 
 def _rank_alpha(module: str, config) -> tuple[int, float]:

@@ -6,13 +6,11 @@ them segment by segment, so the (in x in) matrix PEFT builds for its merge never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .ops import ColumnRotation, ReflectRows, RowOp
-from .specs import Reader, TensorSpec
+from .specs import Reader, Spec, spec_class
 
 
 def oft_blocks(spec: OftSpec, weight: Tensor) -> Tensor:
@@ -59,8 +57,8 @@ def boft_factors(spec: BoftSpec, weight: Tensor) -> list[tuple[Tensor | None, Te
     return factors
 
 
-@dataclass(frozen=True)
-class OftSpec(TensorSpec):
+@spec_class()
+class OftSpec(Spec):
     """OFT: the stored tensor times a block-diagonal rotation from the right (R^T for Linear, R for Embedding)."""
 
     key: str
@@ -82,8 +80,8 @@ class OftSpec(TensorSpec):
         return f"oft blocks={self.n_blocks}x{self.block_size}{share}" + (" coft" if self.coft else "")
 
 
-@dataclass(frozen=True)
-class BoftSpec(TensorSpec):
+@spec_class("boft blocks={block_num}x{block_size} butterfly={n_factors}")
+class BoftSpec(Spec):
     """BOFT: the stored (out, in) weight times the butterfly rotation's transpose from the right."""
 
     key: str
@@ -94,12 +92,9 @@ class BoftSpec(TensorSpec):
     def row_op(self, read: Reader) -> RowOp:
         return ColumnRotation(boft_factors(self, read(self.key)))
 
-    def describe(self) -> str:
-        return f"boft blocks={self.block_num}x{self.block_size} butterfly={self.n_factors}"
 
-
-@dataclass(frozen=True)
-class HraSpec(TensorSpec):
+@spec_class()
+class HraSpec(Spec):
     """HRA: the stored (out, in) weight times r Householder reflections from the right."""
 
     key: str

@@ -1,8 +1,9 @@
 """Plan-time specs: plain, picklable records of adapter tensor keys and scalars, loaded into row ops at merge time.
 
 Every spec names the tensor of its module it changes (``tensor``: "weight", "bias", or a parameter name for
-LoRA's ``target_parameters``), loads the adapter tensors it needs through ``read_tensor`` widened to the
-compute dtype, and says in a few words what it is (``describe``) for the report.
+LoRA's ``target_parameters``), forms its row op from the adapter tensors a ``Reader`` hands it widened to the
+compute dtype, and says in a few words what it is (``describe``) for the report. ``spec_class`` makes the
+frozen dataclass of each kind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, TypeVar, dataclass_transform
 
 import torch
 from torch import Tensor
@@ -28,10 +29,6 @@ from .ops import (
 )
 
 ReadTensor = Callable[[str], Tensor]
-
-
-def fmt_number(x: float) -> str:
-    return f"{x:g}"
 
 
 @dataclass(frozen=True)
@@ -110,13 +107,14 @@ class Reader:
 
 
 @dataclass(frozen=True)
-class TensorSpec(ABC):
-    """The base of every spec: the module and its tensor that the spec changes.
+class Spec(ABC):
+    """What every spec is: the module and its tensor that the spec changes, loaded into a row op at merge time.
 
-    A spec adds its adapter keys and scalars as fields, forms its row op from a ``Reader`` (``row_op``) and
-    says what it is in a few words (``describe``); ``load`` is the same for all.
+    A spec adds its adapter keys and scalars as fields and forms its row op from a ``Reader`` (``row_op``);
+    ``summary``, formatted with its fields, says what it is in a few words for the report (``describe``).
     """
 
+    summary: ClassVar[str] = ""
     module: str
     tensor: str
 
@@ -133,12 +131,28 @@ class TensorSpec(ABC):
     @abstractmethod
     def row_op(self, read: Reader) -> RowOp: ...
 
-    @abstractmethod
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        return self.summary.format_map(vars(self))
 
 
-@dataclass(frozen=True)
-class LowRankSpec(TensorSpec):
+_SpecClass = TypeVar("_SpecClass", bound="type[Spec]")
+
+
+@dataclass_transform(frozen_default=True)
+def spec_class(summary: str = "") -> Callable[[_SpecClass], _SpecClass]:
+    """Make a ``Spec`` subclass a frozen dataclass (plain, picklable data) that describes itself as
+    ``summary`` formatted with its fields ("hira r={rank}"); without one the class writes its own ``describe``."""
+
+    def make(cls: _SpecClass) -> _SpecClass:
+        if summary:
+            cls.summary = summary
+        return dataclass(frozen=True)(cls)
+
+    return make
+
+
+@spec_class("{label}")
+class LowRankSpec(Spec):
     """tensor += scale * left @ right in the stored orientation."""
 
     left: Factor
@@ -149,12 +163,9 @@ class LowRankSpec(TensorSpec):
     def row_op(self, read: Reader) -> RowOp:
         return LowRankRows(read.factor(self.left), read.factor(self.right), self.scale)
 
-    def describe(self) -> str:
-        return self.label
 
-
-@dataclass(frozen=True)
-class ScaleSpec(TensorSpec):
+@spec_class()
+class ScaleSpec(Spec):
     """IA3: the stored rows (axis 0) or columns (axis 1) are multiplied by the adapter's vector."""
 
     key: str
@@ -168,8 +179,8 @@ class ScaleSpec(TensorSpec):
         return f"{self.label} ({'rows' if self.axis == 0 else 'columns'})"
 
 
-@dataclass(frozen=True)
-class AddSpec(TensorSpec):
+@spec_class("{label}")
+class AddSpec(Spec):
     """tensor += scale * vector (LoRA's lora_bias on the layer's bias)."""
 
     key: str
@@ -179,12 +190,9 @@ class AddSpec(TensorSpec):
     def row_op(self, read: Reader) -> RowOp:
         return RowAdd(read.vector(self.key), self.scale)
 
-    def describe(self) -> str:
-        return self.label
 
-
-@dataclass(frozen=True)
-class ReplaceRowsSpec(TensorSpec):
+@spec_class()
+class ReplaceRowsSpec(Spec):
     """Trainable tokens: the rows ``indices`` of the stored tensor take the adapter's values."""
 
     key: str
@@ -197,38 +205,14 @@ class ReplaceRowsSpec(TensorSpec):
         return f"trainable tokens ({len(self.indices)} rows)"
 
 
-@dataclass(frozen=True)
-class ReplaceSpec(TensorSpec):
+@spec_class("ln tuning (replaced)")
+class ReplaceSpec(Spec):
     """LN tuning: the tensor is replaced by the trained copy saved in the adapter."""
 
     key: str
 
     def row_op(self, read: Reader) -> RowOp:
         return CopyRows(read(self.key))
-
-    def describe(self) -> str:
-        return "ln tuning (replaced)"
-
-
-class Spec(Protocol):
-    """What every spec offers: the module and tensor it changes, its row op, and a few words for the report."""
-
-    @property
-    def module(self) -> str: ...
-
-    @property
-    def tensor(self) -> str: ...
-
-    def load(
-        self,
-        read_tensor: ReadTensor,
-        *,
-        device=None,
-        dtype: torch.dtype = torch.float64,
-        read_base: Callable[[], Tensor] | None = None,
-    ) -> RowOp: ...
-
-    def describe(self) -> str: ...
 
 
 def needs_base(spec: Spec) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .common import AdapterContext, ModuleInput, linear_features, mismatch, number, require
 from .ops import RowOp
-from .specs import Reader, Spec, TensorSpec
+from .specs import Reader, Spec, spec_class
 
 FOURIERFT_TOKENS = ("fourierft_spectrum",)
 
@@ -42,8 +42,8 @@ class SparseSpectrumRows:
         return block
 
 
-@dataclass(frozen=True)
-class FourierSpec(TensorSpec):
+@spec_class("fourierft scaling={scale:g}")
+class FourierSpec(Spec):
     """FourierFT's spectrum on the (out, in) delta, its entry locations drawn from ``seed`` as PEFT draws them."""
 
     key: str
@@ -62,9 +62,6 @@ class FourierSpec(TensorSpec):
         if self.transposed:
             return SparseSpectrumRows(v, u, values, self.in_features)
         return SparseSpectrumRows(u, v, values, self.out_features)
-
-    def describe(self) -> str:
-        return f"fourierft scaling={self.scale:g}"
 
 
 def fourierft_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:

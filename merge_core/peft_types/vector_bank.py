@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from .common import AdapterContext, ModuleInput, linear_features, mismatch, number, require
 from .ops import LowRankRows, RowOp
-from .specs import Reader, ReadTensor, Spec, TensorSpec
+from .specs import Reader, ReadTensor, Spec, spec_class
 
 VBLORA_TOKENS = (
     "vblora_logits_A",
@@ -35,8 +33,10 @@ def _mixture(keys: tuple[str, ...], bank: Tensor, topk: int, read_tensor: ReadTe
     return (weights.unsqueeze(-1) * bank[indices]).sum(-2)
 
 
-@dataclass(frozen=True)
-class VbloraSpec(TensorSpec):
+@spec_class("vblora top{topk}")
+class VbloraSpec(Spec):
+    """VB-LoRA: scale-free B @ A, both factors mixed from the shared vector bank at load time."""
+
     a_keys: tuple[str, ...]  # (logits,) or (topk indices, topk weights)
     b_keys: tuple[str, ...]
     bank_key: str
@@ -52,9 +52,6 @@ class VbloraSpec(TensorSpec):
         if self.transposed:
             return LowRankRows(a.T.contiguous(), b.T.contiguous(), 1.0)
         return LowRankRows(b.contiguous(), a.contiguous(), 1.0)
-
-    def describe(self) -> str:
-        return f"vblora top{self.topk}"
 
 
 def _side(module: ModuleInput, side: str) -> tuple[str, ...]:
