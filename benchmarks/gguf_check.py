@@ -76,7 +76,8 @@ def _row(folder: Path, gguf_file: Path, qtype: str) -> str:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cp_seconds = _cp_seconds(gguf_file)
     rows = verify_gguf(folder, gguf_file, qtype=qtype)
-    transformers = ", ".join(f"{r.name.split(' (')[0].removeprefix('gguf ')} {r.status} {r.value}" for r in rows)
+    cells = (f"{r.name.split(' (')[0].removeprefix('gguf ')} {r.status} {r.value}" for r in rows)
+    transformers = ", ".join(cells).replace("|", "\\|")  # a markdown cell
     tokens, logits = _llama_cpp(folder, gguf_file, qtype)
     size = report.bytes_written / 2**20
     return (
