@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--functional",
         default="auto",
         choices=["auto", "always", "never"],
-        help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, or never",
+        help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, "
+        "or never",
     )
     p.add_argument("--push", metavar="REPO_ID", help="push the merged model to this Hub repo in one commit")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")

@@ -10,7 +10,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,7 +115,7 @@ def _is_local(path: Path, text: str) -> bool:
     return True
 
 
-class PushMode(str, Enum):
+class PushMode(StrEnum):
     """The three ways a merged model reaches the Hub."""
 
     NEW = "new"  # create the repository; refused if it exists
@@ -124,12 +124,9 @@ class PushMode(str, Enum):
 
     @classmethod
     def parse(cls, value: PushMode | str) -> PushMode:
-        try:
-            return cls(value)
-        except ValueError:
-            raise InvalidOptionError(
-                f"Unknown push mode {value!r}; choose one of {', '.join(m.value for m in cls)}."
-            ) from None
+        if value not in cls._value2member_map_:
+            raise InvalidOptionError(f"Unknown push mode {value!r}; choose one of {', '.join(m.value for m in cls)}.")
+        return cls(value)
 
 
 @dataclass(frozen=True)
@@ -193,7 +190,8 @@ class HubClient:
             ) from exc
         except RevisionNotFoundError as exc:
             raise RevisionNotFound(
-                f"Revision {ref.revision!r} does not exist in {ref.repo_id}. Use a branch, tag or commit of that repo (or leave it empty for main)."
+                f"Revision {ref.revision!r} does not exist in {ref.repo_id}. Use a branch, tag or commit of that repo "
+                "(or leave it empty for main)."
             ) from exc
         except EntryNotFoundError as exc:
             raise HubError(f"A file is missing in {ref}: {exc}") from exc
@@ -209,15 +207,17 @@ class HubClient:
                 ) from exc
             raise HubError(f"The Hub refused the request for {ref.repo_id}: {exc}") from exc
         except (OSError, TimeoutError) as exc:
-            raise HubNetworkError(
-                f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; nothing was written."
-            ) from exc
+            raise HubNetworkError(self._unreachable(exc)) from exc
         except Exception as exc:
             if type(exc).__module__.startswith(("httpx", "httpcore", "httpx2", "httpcore2")):
-                raise HubNetworkError(
-                    f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; nothing was written."
-                ) from exc
+                raise HubNetworkError(self._unreachable(exc)) from exc
             raise
+
+    def _unreachable(self, exc: BaseException) -> str:
+        return (
+            f"Could not reach {self.endpoint} ({type(exc).__name__}). Check the connection and try again; "
+            "nothing was written."
+        )
 
     # --- reading --------------------------------------------------------------------------------
 
