@@ -39,38 +39,29 @@ def gpt2_config():
     return GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=16)
 
 
+# The layers both tiny mixture-of-experts bases share; each adds its own expert layout.
+_TINY_MOE = dict(
+    vocab_size=40,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
+
+
 def gpt_oss_config():
     from transformers import GptOssConfig
 
     return GptOssConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        head_dim=8,
-        layer_types=["full_attention"],
+        **_TINY_MOE, num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"]
     )
 
 
 def moe_config():
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        moe_intermediate_size=12,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        head_dim=8,
-    )
+    return Qwen3MoeConfig(**_TINY_MOE, moe_intermediate_size=12, num_experts=4, num_experts_per_tok=2, head_dim=8)
 
 
 @dataclass
