@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from merge_core.errors import GgufError, GgufTokenizerError, GgufUnsupportedError, MergeError
-from merge_core.gguf_export import GGUF_TYPES, export_gguf, supported_architectures, verify_gguf
+from merge_core.gguf_export import GGUF_TYPES, export_gguf, preflight_gguf, supported_architectures, verify_gguf
 from merge_core.gguf_export import export as export_module
 from merge_core.gguf_export import vocab as vocab_module
 from merge_core.gguf_export.verify import LOGIT_THRESHOLDS
@@ -247,3 +247,18 @@ def test_row_blocks_quantize_to_the_same_bytes(merged, tmp_path: Path, monkeypat
     for qtype in ("Q8_0", "BF16"):
         export_gguf(merged[CASES[0]], tmp_path / f"rows-{qtype}.gguf", qtype=qtype)
         assert (tmp_path / f"rows-{qtype}.gguf").read_bytes() == whole[qtype]
+
+
+def test_preflight_refuses_before_any_merge() -> None:
+    from transformers import AutoConfig
+
+    from tests.gguf_models import tiny_config
+
+    preflight_gguf(tiny_config("llama", vocab=512, tie=False), ["F16", "Q8_0"])
+    with pytest.raises(GgufUnsupportedError, match="'Q4_K'"):
+        preflight_gguf(tiny_config("llama", vocab=512, tie=False), ["F16", "Q4_K"])
+    with pytest.raises(GgufUnsupportedError, match="'gpt2'"):
+        preflight_gguf(AutoConfig.for_model("gpt2"), ["F16"])
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+    with pytest.raises(GgufUnsupportedError, match="'yarn'"):
+        preflight_gguf(tiny_config("qwen2", vocab=512, tie=True, overrides={"rope_parameters": yarn}), ["F16"])

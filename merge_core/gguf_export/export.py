@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 
 from merge_core.errors import GgufError, GgufUnsupportedError, explain_os_error
 from merge_core.gguf_export.arch import ArchSpec, arch_spec, check_exportable, permute_qk, write_arch_metadata
-from merge_core.gguf_export.rope import rope_extra_tensors
+from merge_core.gguf_export.rope import check_rope, rope_extra_tensors
 from merge_core.gguf_export.vocab import GgufVocab, read_vocab
 from merge_core.progress import ProgressCallback, ProgressUpdate, no_progress
 
@@ -48,6 +49,19 @@ class _Planned:
     ggml_type: Any  # gguf.GGMLQuantizationType
 
 
+def preflight_gguf(config: Any, qtypes: Sequence[str]) -> None:
+    """Refuse, before any merging, what export_gguf would refuse for this transformers config.
+
+    The tokenizer is checked only by export_gguf itself (it reads the merged folder's tokenizer.json).
+    """
+    for qtype in qtypes:
+        if qtype not in GGUF_TYPES:
+            raise GgufUnsupportedError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(GGUF_TYPES)}.")
+    spec = arch_spec(config)
+    check_exportable(config, spec)
+    check_rope(config, spec)
+
+
 def export_gguf(
     merged_dir: Path, out_file: Path, *, qtype: str, progress: ProgressCallback | None = None
 ) -> GgufReport:
@@ -64,16 +78,14 @@ def export_gguf(
     import gguf
     from transformers import AutoConfig
 
-    if qtype not in GGUF_TYPES:
-        raise GgufUnsupportedError(f"GGUF type {qtype!r} is not supported; choose one of {', '.join(GGUF_TYPES)}.")
     progress = progress or no_progress
     started = time.monotonic()
     merged_dir, out_file = Path(merged_dir), Path(out_file)
     if not (merged_dir / "config.json").is_file():
         raise GgufError(f"No config.json in {merged_dir}; export a merged model folder.")
     config = AutoConfig.from_pretrained(merged_dir)
+    preflight_gguf(config, [qtype])
     spec = arch_spec(config)
-    check_exportable(config, spec)
     vocab = read_vocab(merged_dir, int(config.vocab_size))
     writer = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
     _write_general(writer, merged_dir, qtype)

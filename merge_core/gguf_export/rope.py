@@ -16,24 +16,29 @@ def rope_type(config: Any) -> str:
     return str(rope.get("rope_type") or rope.get("type") or "default").lower()
 
 
-def rope_extra_tensors(writer: Any, config: Any, spec: ArchSpec) -> dict[str, np.ndarray]:
-    """Write the rope scaling keys; return the extra tensors (``rope_freqs``) the scaling needs."""
+def check_rope(config: Any, spec: ArchSpec) -> str:
+    """The rope scaling kind if llama.cpp can be told about it; refuses the others."""
     kind = rope_type(config)
-    if kind == "default":
-        return {}
-    rope = rope_parameters(config)
-    if kind == "linear":  # llama.cpp reads the linear keys for every architecture (Gemma 3 4B+ ships with it)
-        import gguf
-
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-        return {}
-    if spec.gguf_arch == "llama" and kind == "llama3":
-        return {"rope_freqs.weight": llama3_rope_factors(config)}
+    # llama.cpp reads the linear keys for every architecture (Gemma 3 4B+ ships with it)
+    if kind in ("default", "linear") or (kind == "llama3" and spec.gguf_arch == "llama"):
+        return kind
     raise GgufUnsupportedError(
         f"GGUF export cannot write rope scaling {kind!r} for {spec.model_type}; "
         "supported: linear (any architecture) and llama3 (Llama)."
     )
+
+
+def rope_extra_tensors(writer: Any, config: Any, spec: ArchSpec) -> dict[str, np.ndarray]:
+    """Write the rope scaling keys; return the extra tensors (``rope_freqs``) the scaling needs."""
+    kind = check_rope(config, spec)
+    if kind == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
+    if kind == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(config)}
+    return {}
 
 
 def llama3_rope_factors(config: Any) -> np.ndarray:
