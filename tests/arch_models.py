@@ -34,7 +34,7 @@ class Arch:
     build: Callable[[], Any]
     targets: list[str] | str
     task_type: str | None = "CAUSAL_LM"
-    kind: str = "causal"  # causal | vlm | image-text | seq2seq | speech | encoder | vision: inputs, generation
+    kind: str = "causal"  # causal | vlm | image-text | seq2seq | speech | encoder | vision | audio: inputs
     group: str = "decoder"  # the family whose bf16 case stands for it
     lora: dict[str, Any] = field(default_factory=dict)  # more LoraConfig arguments (fan_in_fan_out, ...)
 
@@ -306,11 +306,13 @@ def inputs(kind: str, model: Any) -> dict[str, torch.Tensor]:
     if kind == "vision":
         size = model.config.image_size
         return {"pixel_values": torch.randn(2, 3, size, size, generator=g)}
+    if kind == "audio":  # raw 16 kHz samples, for wav2vec2-style encoders
+        return {"input_values": torch.randn(2, 400, generator=g)}
     raise ValueError(kind)
 
 
 def generation_inputs(kind: str, model: Any) -> dict[str, torch.Tensor] | None:
     """The first example of ``inputs`` without decoder ids, for generate(); None for models that do not generate."""
-    if kind in ("encoder", "vision"):
+    if kind in ("encoder", "vision", "audio"):
         return None
     return {k: v[:1] for k, v in inputs(kind, model).items() if k != "decoder_input_ids"}

@@ -26,9 +26,10 @@ from merge_core.verify import verify_merge
 from tests.arch_models import ARCHS as TEXT_ARCHS
 from tests.arch_models import Arch, generation_inputs, inputs
 from tests.arch_moe import legacy_moe_adapter
+from tests.arch_more import MORE_ARCHS
 from tests.arch_vlm import V4_NAMES, VLM_ARCHS, as_transformers4
 
-ARCHS = {**TEXT_ARCHS, **VLM_ARCHS}
+ARCHS = {**TEXT_ARCHS, **VLM_ARCHS, **MORE_ARCHS}
 
 BF16_PER_GROUP = {arch.group: name for name, arch in reversed(ARCHS.items())}  # the first of each group
 
@@ -83,7 +84,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], 
 
 
 def _main_output(out: Any) -> torch.Tensor:
-    return out.logits.double()
+    logits = getattr(out, "logits", None)
+    return (logits if logits is not None else out.last_hidden_state).double()  # feature extractors: the features
 
 
 @torch.no_grad()
