@@ -361,25 +361,3 @@ def sample_note(result: MergeResult, prompt: str) -> str:
         else "⚠️ merged output differs from base + adapter"
     )
     return f"{same} · {sample.max_new_tokens} new tokens max on {sample.device} in {sample.seconds:.1f}s"
-
-
-__all__ = [
-    "DTYPES",
-    "FUNCTIONAL",
-    "KEEP",
-    "MergeForm",
-    "PushForm",
-    "field_names",
-    "form_from",
-    "merge_request",
-    "LIMITS",
-    "Limits",
-    "LocalPaths",
-    "SessionBusyError",
-    "check_limits",
-    "progress_adapter",
-    "sample_note",
-    "session_slot",
-    "sizes_markdown",
-    "verdict_markdown",
-]

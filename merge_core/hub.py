@@ -34,11 +34,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The Hub's own limit on a user, organisation or repository name.
 _MAX_NAME_CHARS = 96
 
-ADAPTER_PATTERNS = [
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "README.md",
+# What a tokenizer may consist of: copied with the adapter or the base's small files.
+_TOKENIZER_PATTERNS = [
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -48,19 +45,19 @@ ADAPTER_PATTERNS = [
     "*.model",
     "*.tiktoken",
 ]
+ADAPTER_PATTERNS = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "README.md",
+    *_TOKENIZER_PATTERNS,
+]
 BASE_SMALL_PATTERNS = [
     "config.json",
     "generation_config.json",
     "model.safetensors.index.json",
     "README.md",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "chat_template.*",
-    "*.model",
-    "*.tiktoken",
+    *_TOKENIZER_PATTERNS,
     "*.py",
     "preprocessor_config.json",
 ]
