@@ -183,7 +183,7 @@ def field_names(cls: type) -> list[str]:
 
 
 def form_from(cls: type, values: dict[Any, Any], ui: dict[str, Any]) -> Any:
-    """A form dataclass from gradio's {component: value}, by field name."""
+    """A form dataclass built by field name out of the {component: value} dict that gradio passes."""
     return cls(**{name: values[ui[name]] for name in field_names(cls)})
 
 
