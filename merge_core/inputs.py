@@ -223,16 +223,28 @@ def _base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Pa
     return source, declared
 
 
-def _preflight_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], name: str) -> BaseCheckpoint:
-    """A BaseCheckpoint from remote headers, so the plan validates before the shards download."""
+def _preflight_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], name: str) -> BaseCheckpoint | None:
+    """A BaseCheckpoint from remote headers, so the plan validates before the shards download.
+
+    None when a 4-bit weight's shape can only be read from its quant state (inside the shards): the
+    plan is then validated once they are downloaded.
+    """
+    from .quant import config_shapes, detect_quantization, with_shape_hints
+
     config = read_json(base_dir / "config.json", "the base model's config")
     tensors: dict[str, BaseTensor] = {}
     for shard, entries in sorted(headers.items()):
         for tensor, (dtype, shape, offsets) in entries.items():
             info = TensorInfo(tensor, dtype, tuple(shape), offsets[0], offsets[1])
             tensors[tensor] = BaseTensor(base_dir / shard, info)
+    quant = detect_quantization(config, tensors)
+    if quant is not None and not quant.resolved:
+        quant = with_shape_hints(quant, config_shapes(config))
+        if any(t.shape is None for t in quant.tensors.values()):
+            return None
     return BaseCheckpoint(
-        path=base_dir, config=config, tensors=tensors, shards=[base_dir / s for s in sorted(headers)], name=name
+        path=base_dir, config=config, tensors=tensors, shards=[base_dir / s for s in sorted(headers)], name=name,
+        quant=quant,
     )
 
 
@@ -253,11 +265,12 @@ def _fetch_hub_base(
     small = matching(files, BASE_SMALL_PATTERNS)
     base_dir = client.download(ref, sha, small, cache_dir=cache)
     headers = client.safetensors_headers(ref, sha)
-    preflight = build_plan(_preflight_checkpoint(base_dir, headers, str(ref)), adapter_dir, options)
+    checkpoint = _preflight_checkpoint(base_dir, headers, str(ref))
     shards = sorted(headers)
     shard_bytes = sum(files.get(s, 0) for s in shards)
     check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
-    check_disk(output_parent, preflight.output_nbytes)
+    if checkpoint is not None:
+        check_disk(output_parent, build_plan(checkpoint, adapter_dir, options).output_nbytes)
     base_dir = client.download(ref, sha, small + shards, cache_dir=cache, progress=progress, total_bytes=shard_bytes)
     return BaseInput(Path(base_dir), ref.repo_id, ref.revision, client.card_data(ref))
 

@@ -134,3 +134,39 @@ def test_mismatched_adapter_on_a_quantized_base_names_both_models(root: Path, tm
     message = str(info.value)
     assert "someone/tiny-llama-bnb-4bit" in message and str(tmp / "wide") in message
     assert "[8192, 1]" not in message and not (tmp / "merged").exists()
+
+
+def test_quantized_base_by_hub_id_is_planned_from_headers_and_merged(root: Path, tmp: Path, hub_server) -> None:
+    """The Hub path: a 4-bit base's shapes come from its config before any shard is read; the merge equals
+    the local one bit for bit; a wrong adapter is refused before any shard is downloaded."""
+    from merge_core.pipeline import MergeRequest, run_merge
+    from tests.conftest import ALICE, with_config
+
+    base = _quantized(root, "nf4-dq")
+    adapter = with_config(root / "adapter", tmp / "qlora", base_model_name_or_path="acme/tiny-llama-bnb-4bit")
+    for repo, folder in (("acme/tiny-llama-bnb-4bit", base), ("alice/qlora", adapter)):
+        hub_server.create_repo(repo)
+        hub_server.upload_dir(repo, folder)
+    result = run_merge(MergeRequest(adapter="alice/qlora", dtype="float32", token=ALICE, endpoint=hub_server.url),
+                       tmp / "work", verify=False)
+    merge_adapter(base, adapter, tmp / "local", MergeOptions(dtype="float32"))
+    got, want = load_file(result.output_dir / "model.safetensors"), load_file(tmp / "local" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    wide = make_float_base(tmp / "wide-float")
+    config = json.loads((wide / "config.json").read_text())
+    config.update(hidden_size=128, intermediate_size=256, head_dim=32)
+    (wide / "config.json").write_text(json.dumps(config))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(wide, ignore_mismatched_sizes=True).save_pretrained(tmp / "wide")
+    make_adapter(tmp / "wide", tmp / "wide-lora", target_modules=["q_proj"])
+    hub_server.create_repo("alice/wide-lora")
+    hub_server.upload_dir("alice/wide-lora", tmp / "wide-lora")
+    hub_server.clear_log()
+    with pytest.raises(AdapterBaseMismatchError, match="acme/tiny-llama-bnb-4bit"):
+        run_merge(MergeRequest(adapter="alice/wide-lora", base="acme/tiny-llama-bnb-4bit", token=ALICE,
+                               endpoint=hub_server.url), tmp / "work2")
+    shard_reads = [r for r in hub_server.requests_for(method="GET", path_contains="model.safetensors")
+                   if "adapter_model" not in r.path and not r.headers.get("Range", r.headers.get("range"))]
+    assert shard_reads == [], [r.path for r in shard_reads]
