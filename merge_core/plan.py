@@ -221,9 +221,9 @@ def plan_merge(base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: Ada
         modules += registry_plans(inp, starts, plans, notes)
     if untie or replaced:
         check_vocab(plans, inp.embed)
-    vocab = plans[inp.embed].shape[0] if inp.embed in plans else None
+    vocab_delta = _vocab_delta(inp, plans)
     tensors = list(plans.values())
-    config = output_config(_source_config(base), vocab=vocab, out_dtype=out_dtype, untie=untie, notes=notes)
+    config = output_config(_source_config(base), vocab_delta=vocab_delta, out_dtype=out_dtype, untie=untie, notes=notes)
     head = head_output(replaced, adapter_config.task_type)
     if head is not None:
         apply_head(config, task_type=adapter_config.task_type, head_rows=plans[head].shape[0], notes=notes)
@@ -234,6 +234,14 @@ def plan_merge(base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: Ada
         copy_files=files_to_copy(base.path, adapter.path, notes), notes=notes,
         warnings=_warnings(inp),
     )
+
+
+def _vocab_delta(inp: _Inputs, plans: dict[str, OutputTensorPlan]) -> int:
+    """Rows the adapter added to (or removed from) the input embedding. Some models keep more rows than
+    vocab_size by design (Mllama: +8), so the config follows the change, not the row count."""
+    if inp.embed is None or inp.embed not in plans or inp.embed not in inp.base.tensors:
+        return 0
+    return plans[inp.embed].shape[0] - inp.base.tensors[inp.embed].info.shape[0]
 
 
 def _source_config(base: BaseCheckpoint) -> dict:

@@ -58,7 +58,7 @@ def check_vocab(plans: dict[str, OutputTensorPlan], embed: str | None) -> None:
 
 
 def output_config(
-    base_config: dict[str, Any], *, vocab: int | None, out_dtype: str, untie: bool, notes: list[str]
+    base_config: dict[str, Any], *, vocab_delta: int, out_dtype: str, untie: bool, notes: list[str]
 ) -> dict[str, Any]:
     """The base's config.json with the output dtype, the adapter's vocabulary and the tying decided."""
     config = copy.deepcopy(base_config)
@@ -66,9 +66,10 @@ def output_config(
     for key in keys:
         config[key] = dtype_name(out_dtype)
     targets = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
-    if vocab is not None:
+    if vocab_delta:
         for cfg in targets:
-            if "vocab_size" in cfg and cfg["vocab_size"] != vocab:
+            if isinstance(cfg.get("vocab_size"), int):
+                vocab = cfg["vocab_size"] + vocab_delta
                 notes.append(f"vocab_size {cfg['vocab_size']} -> {vocab} to match the adapter's embeddings.")
                 cfg["vocab_size"] = vocab
     if untie:

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 
 import torch
 
@@ -351,6 +351,20 @@ def verify_merge(
     return report
 
 
+def _vocab_problems(plan: MergePlan, config: Any) -> list[str]:
+    """The merged config's vocab_size keeps the base's relation to the embedding rows (equal, or Mllama's +8)."""
+    text = plan.base.text_config()
+    vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
+    for t in plan.tensors:
+        base = plan.base.tensors.get(t.name)
+        if base is None or not t.name.endswith(("embed_tokens.weight", "wte.weight")) or not base.info.shape:
+            continue
+        if isinstance(text.get("vocab_size"), int) and isinstance(vocab, int):
+            if t.shape[0] - vocab != base.info.shape[0] - text["vocab_size"]:
+                return [f"config vocab_size {vocab} does not follow the embedding's {t.shape[0]} rows"]
+    return []
+
+
 def _files_check(plan: MergePlan, merged_dir: Path) -> Check:
     names = ["config.json", *plan.copy_files]
     missing = [n for n in names if not (merged_dir / n).is_file()]
@@ -359,10 +373,7 @@ def _files_check(plan: MergePlan, merged_dir: Path) -> Check:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(merged_dir)
-        embed_rows = {t.shape[0] for t in plan.tensors if t.name.endswith(("embed_tokens.weight", "wte.weight"))}
-        vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
-        if embed_rows and vocab not in embed_rows:
-            problems.append(f"config vocab_size {vocab} != embedding rows {sorted(embed_rows)}")
+        problems += _vocab_problems(plan, config)
     except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
         problems.append(f"config.json does not load: {exc}")
     if any(n in plan.copy_files for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

@@ -109,3 +109,31 @@ def test_backbone_checkpoint_with_model_named_adapter(tmp: Path) -> None:
     merged = NemotronHForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         assert float((reference(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max()) <= 1e-4
+
+
+def test_embedding_rows_beyond_vocab_size_by_design_are_kept(tmp: Path) -> None:
+    """Mllama keeps vocab_size + 8 embedding rows: a merge that does not resize must leave vocab_size alone."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+                  image_size=32, patch_size=16, vision_output_dim=32, intermediate_layers_indices=[0])
+    MllamaForConditionalGeneration(MllamaConfig(text_config=text, vision_config=vision)).save_pretrained(tmp / "base")
+    model = MllamaForConditionalGeneration.from_pretrained(tmp / "base", dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp / "adapter")
+
+    report = merge_adapter(tmp / "base", tmp / "adapter", tmp / "merged")
+    assert not any("vocab_size" in note for note in report.notes)
+    assert json.loads((tmp / "merged" / "config.json").read_text())["text_config"]["vocab_size"] == 128
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+    reference = PeftModel.from_pretrained(
+        MllamaForConditionalGeneration.from_pretrained(tmp / "base", dtype=torch.float32), tmp / "adapter").eval()
+    merged = MllamaForConditionalGeneration.from_pretrained(tmp / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert float((reference(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max()) <= 1e-4
