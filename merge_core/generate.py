@@ -6,16 +6,13 @@ base), so only two models are ever in memory.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from .plan import MergePlan
-from .safetensors_io import DTYPE_FROM_ST
+from .models import GENERATIVE_TASKS, LoadedModels, load_models, pick_device
 
 # Keeps a CPU Space responsive: generation on 2 vCPUs is slow for anything but tiny models.
 CPU_MAX_NEW_TOKENS = 64
@@ -46,64 +43,6 @@ class SampleGeneration:
         return self.merged == self.adapter
 
 
-@dataclass
-class LoadedModels:
-    peft: Any  # PeftModel(base, adapter), unmerged
-    merged: Any
-    tokenizer: Any
-    device: torch.device
-    merged_dtype: torch.dtype
-    base_vocab: int
-    pad_token_id: int
-
-    def release(self) -> None:
-        self.peft = self.merged = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def load_models(plan: MergePlan, merged_dir: str | Path, *, device: str = "auto", dtype: torch.dtype = torch.float32) -> LoadedModels:
-    """Load PeftModel(base, adapter) and the merged model side by side, in ``dtype``."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    dev = pick_device(device)
-    base = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=dtype)
-    base_vocab = base.get_input_embeddings().weight.shape[0]
-    merged_vocab = next((t.shape[0] for t in plan.tensors if t.adapter_key and t.name == _embed_name(plan)), None)
-    if merged_vocab and merged_vocab != base_vocab:
-        # The adapter was trained after resize_token_embeddings; PEFT needs the same shapes.
-        base.resize_token_embeddings(merged_vocab, mean_resizing=False)
-    peft_model = PeftModel.from_pretrained(base, plan.adapter.path).to(dev).eval()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(dev).eval()
-    tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    except Exception:  # noqa: BLE001 - a model without tokenizer still verifies on token ids
-        tokenizer = None
-    pad = None
-    if tokenizer is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    merged_dtype = DTYPE_FROM_ST[plan.output_dtype]
-    return LoadedModels(peft_model, merged, tokenizer, dev, merged_dtype, base_vocab, pad if pad is not None else 0)
-
-
-def _embed_name(plan: MergePlan) -> Optional[str]:
-    for t in plan.tensors:
-        if t.name.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")):
-            return t.name
-    return None
-
-
 def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -112,6 +51,9 @@ def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -
 
 @torch.no_grad()
 def generate_samples(models: LoadedModels, settings: GenerationSettings) -> SampleGeneration:
+    if models.task not in GENERATIVE_TASKS:
+        raise ValueError(f"This is a {models.task} model, which answers with labels or features, not generated text; "
+                         "the verification table compares its outputs instead.")
     if models.tokenizer is None:
         raise ValueError("The merged model has no tokenizer, so it cannot generate text from a prompt.")
     tok = models.tokenizer
@@ -140,3 +82,6 @@ def generate_samples(models: LoadedModels, settings: GenerationSettings) -> Samp
     merged_text = run(models.merged)
     return SampleGeneration(text, base_text, adapter_text, merged_text, str(models.device),
                             time.perf_counter() - started, max_new)
+
+
+__all__ = ["GenerationSettings", "LoadedModels", "SampleGeneration", "generate_samples", "load_models", "pick_device"]

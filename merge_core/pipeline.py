@@ -14,7 +14,7 @@ from pathlib import Path
 from .card import build_model_card
 from .checkpoint import read_json
 from .combine import COMBINATION_TYPES
-from .errors import InvalidOptionError, MergeError, PushError, UnsafeOutputError, explain_os_error
+from .errors import InvalidOptionError, MergeError, ModelLoadError, PushError, UnsafeOutputError, explain_os_error
 from .frontend import (
     DTYPES,
     FUNCTIONAL,
@@ -40,6 +40,7 @@ from .frontend import (
     view_updates,
 )
 from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models
+from .models import GENERATIVE_TASKS
 from .hub import HubClient, PushMode, PushResult, PushTarget
 from .inputs import MergeRequest, ResolvedInputs, parse_adapter_list, resolve_inputs
 from .locks import Claim
@@ -160,11 +161,16 @@ def model_checks(
     if not fits and functional != "always":
         skipped = functional_checks(plan, output_dir, memory_budget=0) if functional != "never" else []
         return ModelChecks(skipped, None)
-    models = load_models(plan, output_dir, device=device)
+    try:
+        models = load_models(plan, output_dir, device=device)
+    except ModelLoadError:  # the rows say why, in one sentence each
+        rows = functional_checks(plan, output_dir, device=device, force=True) if functional != "never" else []
+        return ModelChecks(rows, None)
     try:
         checks = functional_checks(plan, output_dir, models=models) if functional != "never" else []
         sample = None
-        if settings is not None and settings.prompt.strip() and models.tokenizer is not None:
+        wants_text = settings is not None and settings.prompt.strip() and models.tokenizer is not None
+        if wants_text and models.task in GENERATIVE_TASKS:
             sample = generate_samples(models, settings)
         return ModelChecks(checks, sample)
     finally:
