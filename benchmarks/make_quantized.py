@@ -34,13 +34,14 @@ def quantize_shard(src: Path, dst: Path, *, quant_type: str, double_quant: bool)
     out: dict[str, torch.Tensor] = {}
     count = 0
     with safe_open(src, "pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open is no dict
+        for name in f.keys():
             tensor = f.get_tensor(name)
             if not _quantized(name, tuple(tensor.shape)):
                 out[name] = tensor
                 continue
-            packed, state = bnbf.quantize_4bit(tensor, blocksize=64, quant_type=quant_type,
-                                               compress_statistics=double_quant, quant_storage=torch.uint8)
+            packed, state = bnbf.quantize_4bit(
+                tensor, blocksize=64, quant_type=quant_type, compress_statistics=double_quant, quant_storage=torch.uint8
+            )
             out[name] = packed
             for key, value in state.as_dict(packed=True).items():
                 out[f"{name}.{key}"] = value
@@ -61,29 +62,40 @@ def main() -> None:
     config = json.loads((args.src / "config.json").read_text())
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
-        "load_in_8bit": False, "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None,
-        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-        "bnb_4bit_quant_type": args.quant_type, "bnb_4bit_use_double_quant": not args.no_double_quant,
-        "bnb_4bit_compute_dtype": dtype, "bnb_4bit_quant_storage": "uint8",
+        "quant_method": "bitsandbytes",
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": None,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_quant_type": args.quant_type,
+        "bnb_4bit_use_double_quant": not args.no_double_quant,
+        "bnb_4bit_compute_dtype": dtype,
+        "bnb_4bit_quant_storage": "uint8",
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards = sorted(args.src.glob("*.safetensors"))
     weight_map: dict[str, str] = {}
     total = 0
     for shard in shards:
-        total += quantize_shard(shard, args.out / shard.name, quant_type=args.quant_type,
-                                double_quant=not args.no_double_quant)
+        total += quantize_shard(
+            shard, args.out / shard.name, quant_type=args.quant_type, double_quant=not args.no_double_quant
+        )
         with safe_open(args.out / shard.name, "pt") as f:
-            weight_map.update({k: shard.name for k in f.keys()})  # noqa: SIM118
+            weight_map.update({k: shard.name for k in f.keys()})
     if len(shards) > 1:
         index = {"metadata": {}, "weight_map": weight_map}
         (args.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         if (args.src / extra).is_file():
             shutil.copyfile(args.src / extra, args.out / extra)
-    print(f"{total} weights quantized ({args.quant_type}, double quant {not args.no_double_quant}) in "
-          f"{time.perf_counter() - began:.1f}s -> {args.out}")
+    print(
+        f"{total} weights quantized ({args.quant_type}, double quant {not args.no_double_quant}) in "
+        f"{time.perf_counter() - began:.1f}s -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """merge_core: stream a LoRA adapter into its base model, exactly, shard by shard."""
 
-from .errors import *  # noqa: F401,F403 - the exception classes are part of the public API
+from .errors import *  # noqa: F403 - the exception classes are part of the public API
 from .merge import execute_plan, merge_adapter
 from .plan import MergeOptions, MergePlan, build_plan, parse_size
 from .progress import ProgressCallback, ProgressUpdate, TqdmProgress, no_progress

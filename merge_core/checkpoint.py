@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .errors import BaseCheckpointError
 from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header
@@ -36,8 +36,8 @@ class BaseCheckpoint:
     config: dict[str, Any]
     tensors: dict[str, BaseTensor]  # in file order: shard by shard, by offset
     shards: list[Path] = field(default_factory=list)
-    name: Optional[str] = None  # Hub ID or the path the user gave; shown in messages
-    quant: Optional[QuantizedBase] = None  # set when the weights (or just the config) are quantized
+    name: str | None = None  # Hub ID or the path the user gave; shown in messages
+    quant: QuantizedBase | None = None  # set when the weights (or just the config) are quantized
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +127,7 @@ def shard_files(path: Path) -> list[Path]:
     )
 
 
-def load_base_checkpoint(path: str | Path, name: Optional[str] = None) -> BaseCheckpoint:
+def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheckpoint:
     path = Path(path)
     if not path.is_dir():
         raise BaseCheckpointError(f"The base model folder {path} does not exist.")
@@ -147,13 +147,21 @@ def load_base_checkpoint(path: str | Path, name: Optional[str] = None) -> BaseCh
             raise BaseCheckpointError(f"Base shard {shard.name} is corrupt: {exc}. Download it again.") from exc
         for info in header.tensors.values():
             if info.name in tensors:
-                raise BaseCheckpointError(f"Tensor {info.name} appears in two shards of {path}; the checkpoint is broken.")
+                raise BaseCheckpointError(
+                    f"Tensor {info.name} appears in two shards of {path}; the checkpoint is broken."
+                )
             tensors[info.name] = BaseTensor(shard, info)
-    return BaseCheckpoint(path=path, config=config, tensors=tensors, shards=shards, name=name,
-                          quant=detect_base_quantization(config, tensors))
+    return BaseCheckpoint(
+        path=path,
+        config=config,
+        tensors=tensors,
+        shards=shards,
+        name=name,
+        quant=detect_base_quantization(config, tensors),
+    )
 
 
-def detect_base_quantization(config: dict[str, Any], tensors: dict[str, BaseTensor]) -> Optional[QuantizedBase]:
+def detect_base_quantization(config: dict[str, Any], tensors: dict[str, BaseTensor]) -> QuantizedBase | None:
     """The base's quantization from config and headers; 4-bit shapes are read from their tiny quant states."""
     from .quant import checkpoint_reader, detect_quantization, resolve_shapes
 

@@ -45,15 +45,19 @@ class SampleGeneration:
 
 def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool = True) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
 @torch.no_grad()
 def generate_samples(models: LoadedModels, settings: GenerationSettings) -> SampleGeneration:
     if models.task not in GENERATIVE_TASKS:
-        raise ValueError(f"This is a {models.task} model, which answers with labels or features, not generated text; "
-                         "the verification table compares its outputs instead.")
+        raise ValueError(
+            f"This is a {models.task} model, which answers with labels or features, not generated text; "
+            "the verification table compares its outputs instead."
+        )
     if models.tokenizer is None:
         raise ValueError("The merged model has no tokenizer, so it cannot generate text from a prompt.")
     tok = models.tokenizer
@@ -73,15 +77,16 @@ def generate_samples(models: LoadedModels, settings: GenerationSettings) -> Samp
         # Same seed for each model, so sampled outputs differ only because the weights do.
         torch.manual_seed(settings.seed)
         out = model.generate(**enc, **kwargs)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     started = time.perf_counter()
     with models.peft.disable_adapter():
         base_text = run(models.peft)
     adapter_text = run(models.peft)
     merged_text = run(models.merged)
-    return SampleGeneration(text, base_text, adapter_text, merged_text, str(models.device),
-                            time.perf_counter() - started, max_new)
+    return SampleGeneration(
+        text, base_text, adapter_text, merged_text, str(models.device), time.perf_counter() - started, max_new
+    )
 
 
 __all__ = ["GenerationSettings", "LoadedModels", "SampleGeneration", "generate_samples", "load_models", "pick_device"]

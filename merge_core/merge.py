@@ -106,8 +106,9 @@ def _start_rows(ctx: _Context, t: OutputTensorPlan, step: int) -> Rows:
     buffer = None
     if t.base is not None and t.quantized is None:
         n_rows = t.shape[0] if t.shape else 1
-        buffer = ctx.workspace.get("read", (step * max(1, t.base.info.nbytes // max(1, n_rows)),), torch.uint8,
-                                   torch.device("cpu"))
+        buffer = ctx.workspace.get(
+            "read", (step * max(1, t.base.info.nbytes // max(1, n_rows)),), torch.uint8, torch.device("cpu")
+        )
     return start_rows(t, base=ctx.plan.base, adapter=ctx.plan.adapter, files=ctx.files, buffer=buffer)
 
 
@@ -130,15 +131,22 @@ def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: to
 def _non_finite_message(ctx: _Context, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> str:
     values = work.detach().double()
     if torch.isnan(values).any():
-        return (f"The merged tensor {t.name} (rows {rows.start}-{rows.stop - 1}) contains NaN, so nothing was "
-                "written; the base or the adapter holds invalid values there: check both files.")
+        return (
+            f"The merged tensor {t.name} (rows {rows.start}-{rows.stop - 1}) contains NaN, so nothing was "
+            "written; the base or the adapter holds invalid values there: check both files."
+        )
     largest = float(values.abs().max())
     limit = torch.finfo(DTYPE_FROM_ST[t.dtype]).max
     name = dtype_name(t.dtype)
-    hint = ("choose bfloat16 output, which has float32's range" if t.dtype == "F16"
-            else "check the adapter's scale (lora_alpha / r), which is implausibly large")
-    return (f"The merged tensor {t.name} reaches {largest:.4g}, beyond {name}'s largest value {limit:.4g}, so nothing "
-            f"was written; {hint}.")
+    hint = (
+        "choose bfloat16 output, which has float32's range"
+        if t.dtype == "F16"
+        else "check the adapter's scale (lora_alpha / r), which is implausibly large"
+    )
+    return (
+        f"The merged tensor {t.name} reaches {largest:.4g}, beyond {name}'s largest value {limit:.4g}, so nothing "
+        f"was written; {hint}."
+    )
 
 
 def _convert(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
@@ -159,8 +167,11 @@ class _DeltaMath:
     def __post_init__(self) -> None:
         ctx, t = self.ctx, self.t
         self.deltas = [
-            LoadedDelta(ctx.adapter_tensor(d.left_key, d.left_transpose), ctx.adapter_tensor(d.right_key, d.right_transpose),
-                        d.scale)
+            LoadedDelta(
+                ctx.adapter_tensor(d.left_key, d.left_transpose),
+                ctx.adapter_tensor(d.right_key, d.right_transpose),
+                d.scale,
+            )
             for d in t.deltas
         ]
         self.bias_deltas = [(ctx.adapter_tensor(key).reshape(-1), scale) for key, scale in t.bias_deltas]
@@ -171,9 +182,13 @@ class _DeltaMath:
         from .peft_types import load_ops
 
         n_rows = self.t.shape[0] if self.t.shape else 1
-        return load_ops(self.t.ops, self.ctx.plan.adapter.tensor, device=self.ctx.device,
-                        dtype=self.ctx.plan.compute_dtype,
-                        read_base=lambda: self.read(0, n_rows).to(self.ctx.device, self.ctx.plan.compute_dtype))
+        return load_ops(
+            self.t.ops,
+            self.ctx.plan.adapter.tensor,
+            device=self.ctx.device,
+            dtype=self.ctx.plan.compute_dtype,
+            read_base=lambda: self.read(0, n_rows).to(self.ctx.device, self.ctx.plan.compute_dtype),
+        )
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         ctx, shape = self.ctx, (b - a, *self.t.shape[1:]) if self.t.shape else ()
@@ -311,8 +326,17 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], timings: Timin
     from .combine import read_recipe
 
     modules = [
-        ModuleReport(module=m.module, tensor=m.tensor, kind=m.kind, variant=m.variant, shape=tuple(m.shape),
-                     rank=m.rank, alpha=m.alpha, scale=m.scale, fan_in_fan_out=m.fan_in_fan_out)
+        ModuleReport(
+            module=m.module,
+            tensor=m.tensor,
+            kind=m.kind,
+            variant=m.variant,
+            shape=tuple(m.shape),
+            rank=m.rank,
+            alpha=m.alpha,
+            scale=m.scale,
+            fan_in_fan_out=m.fan_in_fan_out,
+        )
         for m in plan.modules
     ]
     config_changes = {k: v for k, v in plan.config.items() if plan.base.config.get(k) != v and k != "text_config"}

@@ -34,7 +34,9 @@ class Blame:
         return same_model_name(self.declared, self.chosen_name) is False
 
     def who(self) -> str:
-        return f"The adapter was trained on {self.declared or 'an unnamed base'!r}; you chose {self.chosen!r} as the base."
+        return (
+            f"The adapter was trained on {self.declared or 'an unnamed base'!r}; you chose {self.chosen!r} as the base."
+        )
 
     def _advice(self) -> str:
         if self.names_differ:

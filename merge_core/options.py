@@ -15,8 +15,17 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 # A shard larger than this is no shard at all; beyond it sizes are typos (1e400GB).
 _MAX_SHARD_BYTES = 1 << 50
 _DTYPE_NAMES = {**{v: k for k, v in OUTPUT_DTYPES.items()}, "F64": "float64"}
-_SIZE_UNITS = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6,
-               "GB": 10**9, "TB": 10**12, "B": 1}
+_SIZE_UNITS = {
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "B": 1,
+}
 
 
 def dtype_name(st_dtype: str) -> str:
@@ -37,7 +46,9 @@ def parse_size(value: str | int) -> int:
     except ValueError:
         raise InvalidOptionError(f"Cannot read the size {value!r}; write it like 5GB, 500MB or 2GiB.") from None
     if not math.isfinite(size) or size < 1 or size > _MAX_SHARD_BYTES:
-        raise InvalidOptionError(f"The shard size {value!r} is out of range; use a size like 5GB (between 1B and 1PiB).")
+        raise InvalidOptionError(
+            f"The shard size {value!r} is out of range; use a size like 5GB (between 1B and 1PiB)."
+        )
     return int(size)
 
 

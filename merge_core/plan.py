@@ -71,8 +71,12 @@ def _inputs(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeights
         # The head shares the embedding matrix; it only becomes a tensor of its own if the
         # adapter changes one side and not the other (decided in _untie).
         virtual[OUTPUT_EMBEDDING_NAME] = base.tensors[embed]
-    blame = Blame(config.base_model_name_or_path, options.base_name or base.display_name,
-                  chosen_name=options.base_name or base.name, task_type=config.task_type)
+    blame = Blame(
+        config.base_model_name_or_path,
+        options.base_name or base.display_name,
+        chosen_name=options.base_name or base.name,
+        task_type=config.task_type,
+    )
     return _Inputs(base, config, adapter, options, blame, embed, virtual)
 
 
@@ -127,7 +131,9 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     resolved = {name: inp.resolve(f"{name}.weight") for name in inp.adapter.lora_modules}
     shapes = {name: start.shape for name, start in starts.items()}
     selection = select_lora_modules(
-        inp.config, inp.adapter.lora_modules, model_type=inp.base.model_type,
+        inp.config,
+        inp.adapter.lora_modules,
+        model_type=inp.base.model_type,
         modules=BaseModules.from_tensors(shapes, renamed=inp._model_names or None),
         resolved={name: tensor.rsplit(".", 1)[0] if tensor else None for name, tensor in resolved.items()},
     )
@@ -153,8 +159,11 @@ def _untie(inp: _Inputs, touched: set[str], notes: list[str]) -> bool:
     if inp.config.ensure_weight_tying and not head_touched:
         notes.append("The adapter keeps input and output embeddings tied (ensure_weight_tying).")
         return False
-    which = "both differently" if head_touched and embed_touched else (
-        "only lm_head" if head_touched else "only the input embedding")
+    which = (
+        "both differently"
+        if head_touched and embed_touched
+        else ("only lm_head" if head_touched else "only the input embedding")
+    )
     notes.append(
         f"The base ties lm_head to the input embedding, but the adapter changes {which}; the merged model stores "
         "lm_head separately (tie_word_embeddings=false) so it computes exactly what base+adapter computes."
@@ -162,8 +171,9 @@ def _untie(inp: _Inputs, touched: set[str], notes: list[str]) -> bool:
     return True
 
 
-def _tensor_plans(inp: _Inputs, starts: dict[str, PlannedTensor], replaced: dict[str, str], *, untie: bool,
-                  out_dtype: str) -> dict[str, OutputTensorPlan]:
+def _tensor_plans(
+    inp: _Inputs, starts: dict[str, PlannedTensor], replaced: dict[str, str], *, untie: bool, out_dtype: str
+) -> dict[str, OutputTensorPlan]:
     """One plan per output tensor, in file order, starting from the base (or the adapter's copy)."""
     added = [n for n in replaced if n not in inp.base.tensors and n not in inp.virtual]
     order = [n for n in inp.base.tensors if n in starts] + added + ([OUTPUT_EMBEDDING_NAME] if untie else [])
@@ -183,8 +193,13 @@ def _tensor_plans(inp: _Inputs, starts: dict[str, PlannedTensor], replaced: dict
     return plans
 
 
-def _module_plans(inp: _Inputs, plans: dict[str, OutputTensorPlan], replaced: dict[str, str],
-                  targets: list[LoraTarget], starts: dict[str, PlannedTensor]) -> list[ModulePlan]:
+def _module_plans(
+    inp: _Inputs,
+    plans: dict[str, OutputTensorPlan],
+    replaced: dict[str, str],
+    targets: list[LoraTarget],
+    starts: dict[str, PlannedTensor],
+) -> list[ModulePlan]:
     modules = [
         ModulePlan(target.rsplit(".", 1)[0], target, "replaced", "modules_to_save", plans[target].shape)
         for target in replaced
@@ -196,8 +211,13 @@ def _module_plans(inp: _Inputs, plans: dict[str, OutputTensorPlan], replaced: di
         if target.tensor not in plans:  # tied head left tied: the delta lands on the shared embedding
             target = LoraTarget(target.module, str(inp.embed))
         module, biases = plan_lora_module(
-            target, plans[target.tensor], config=inp.config, adapter=inp.adapter, transposed_model=transposed,
-            blame=inp.blame, base_tensors=inp.base.tensors.keys(),
+            target,
+            plans[target.tensor],
+            config=inp.config,
+            adapter=inp.adapter,
+            transposed_model=transposed,
+            blame=inp.blame,
+            base_tensors=inp.base.tensors.keys(),
         )
         modules.append(module)
         for bias in biases:
@@ -205,7 +225,9 @@ def _module_plans(inp: _Inputs, plans: dict[str, OutputTensorPlan], replaced: di
     return modules
 
 
-def plan_merge(base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions) -> MergePlan:
+def plan_merge(
+    base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions
+) -> MergePlan:
     """Every decision about merging ``adapter`` into ``base``, from metadata only."""
     inp = _inputs(base, adapter_config, adapter, options)
     notes: list[str] = [base.quant.describe()] if base.quant is not None else []
@@ -228,10 +250,17 @@ def plan_merge(base: BaseCheckpoint, adapter_config: AdapterConfig, adapter: Ada
     if head is not None:
         apply_head(config, task_type=adapter_config.task_type, head_rows=plans[head].shape[0], notes=notes)
     return MergePlan(
-        base=base, adapter_config=adapter_config, adapter=adapter, options=options, output_dtype=out_dtype,
-        tensors=tensors, shards=shard(tensors, options.max_shard_size), modules=modules,
+        base=base,
+        adapter_config=adapter_config,
+        adapter=adapter,
+        options=options,
+        output_dtype=out_dtype,
+        tensors=tensors,
+        shards=shard(tensors, options.max_shard_size),
+        modules=modules,
         config=config,
-        copy_files=files_to_copy(base.path, adapter.path, notes), notes=notes,
+        copy_files=files_to_copy(base.path, adapter.path, notes),
+        notes=notes,
         warnings=_warnings(inp),
     )
 
@@ -256,8 +285,10 @@ def _source_config(base: BaseCheckpoint) -> dict:
 def _warnings(inp: _Inputs) -> list[str]:
     if not inp.blame.names_differ:
         return []
-    warning = (f"The adapter names {inp.blame.declared!r} as its base, not {inp.blame.chosen!r}. "
-               "All shapes match, so the merge went ahead; make sure this is the model you meant.")
+    warning = (
+        f"The adapter names {inp.blame.declared!r} as its base, not {inp.blame.chosen!r}. "
+        "All shapes match, so the merge went ahead; make sure this is the model you meant."
+    )
     return [warning]
 
 
@@ -282,7 +313,19 @@ def build_plan(
 
 
 __all__ = [
-    "COMPUTE_DTYPES", "DEFAULT_MAX_SHARD_BYTES", "OUTPUT_DTYPES", "TOKENIZER_FILES", "DoraSpec", "LowRankDelta",
-    "MergeOptions", "MergePlan", "ModulePlan", "OutputTensorPlan", "build_plan", "dtype_name", "output_dtype",
-    "parse_size", "plan_merge",
+    "COMPUTE_DTYPES",
+    "DEFAULT_MAX_SHARD_BYTES",
+    "OUTPUT_DTYPES",
+    "TOKENIZER_FILES",
+    "DoraSpec",
+    "LowRankDelta",
+    "MergeOptions",
+    "MergePlan",
+    "ModulePlan",
+    "OutputTensorPlan",
+    "build_plan",
+    "dtype_name",
+    "output_dtype",
+    "parse_size",
+    "plan_merge",
 ]

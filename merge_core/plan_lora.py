@@ -38,8 +38,12 @@ class LoraTarget:
 
 
 def weights_transposed(
-    config: AdapterConfig, adapter: AdapterWeights, targets: list[LoraTarget], shapes: dict[str, tuple[int, ...]],
-    *, model_type: str,
+    config: AdapterConfig,
+    adapter: AdapterWeights,
+    targets: list[LoraTarget],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    model_type: str,
 ) -> bool:
     """Whether square Linear-like weights are stored (in, out), as transformers' Conv1D does."""
     stored = [(checked_factors(config, adapter, t.module), shapes[t.tensor]) for t in targets]
@@ -53,15 +57,23 @@ def _delta(module: LoraModule, *, transposed: bool, scale: float, rank: int, alp
 
 
 def plan_lora_module(
-    target: LoraTarget, plan: OutputTensorPlan, *, config: AdapterConfig, adapter: AdapterWeights,
-    transposed_model: bool, blame: Blame, base_tensors: Collection[str],
+    target: LoraTarget,
+    plan: OutputTensorPlan,
+    *,
+    config: AdapterConfig,
+    adapter: AdapterWeights,
+    transposed_model: bool,
+    blame: Blame,
+    base_tensors: Collection[str],
 ) -> tuple[ModulePlan, list[BiasDelta]]:
     """Add the module's delta (and DoRA) to ``plan``; returns its report row and its bias deltas."""
     module, name, w_shape = target.module, target.module.module, plan.shape
     factors = checked_factors(config, adapter, module)
     rank = factors.rank
     if len(w_shape) != 2:
-        raise blame.mismatch(f"{name}: the base tensor {target.tensor} has shape {list(w_shape)}, not a 2-D weight matrix.")
+        raise blame.mismatch(
+            f"{name}: the base tensor {target.tensor} has shape {list(w_shape)}, not a 2-D weight matrix."
+        )
     alpha, scale = config.alpha_for(name), config.scale_for(name)
     transposed = delta_transposed(factors, w_shape, model_transposed=transposed_model)
     if transposed is None:
@@ -76,7 +88,9 @@ def plan_lora_module(
     if module.b_bias is not None:
         bias_name = target.tensor.rsplit(".", 1)[0] + ".bias"
         if bias_name not in base_tensors:
-            raise blame.mismatch(f"{name}: the adapter trains a bias (lora_bias) but the base layer has no bias {bias_name}.")
+            raise blame.mismatch(
+                f"{name}: the adapter trains a bias (lora_bias) but the base layer has no bias {bias_name}."
+            )
         biases.append(BiasDelta(bias_name, module.b_bias, scale))
         variant += "+bias"
     if kind == "embedding":
@@ -87,14 +101,25 @@ def plan_lora_module(
 def _misfit(factors: FactorShapes, tensor: str, shape: tuple[int, ...]) -> str:
     if factors.is_embedding:
         expected = [factors.in_features, factors.out_features]
-        return (f"{factors.module}: embedding LoRA of shape {expected} does not fit the base embedding {tensor} "
-                f"{list(shape)}.")
-    return (f"{factors.module}: LoRA maps {factors.in_features} -> {factors.out_features} features but the base "
-            f"tensor {tensor} has shape {list(shape)}.")
+        return (
+            f"{factors.module}: embedding LoRA of shape {expected} does not fit the base embedding {tensor} "
+            f"{list(shape)}."
+        )
+    return (
+        f"{factors.module}: LoRA maps {factors.in_features} -> {factors.out_features} features but the base "
+        f"tensor {tensor} has shape {list(shape)}."
+    )
 
 
-def _plan_dora(module: LoraModule, plan: OutputTensorPlan, *, config: AdapterConfig, adapter: AdapterWeights,
-               axis: str, length: int) -> str:
+def _plan_dora(
+    module: LoraModule,
+    plan: OutputTensorPlan,
+    *,
+    config: AdapterConfig,
+    adapter: AdapterWeights,
+    axis: str,
+    length: int,
+) -> str:
     """Attach DoRA's magnitude to ``plan`` when the module has one; returns the variant's name."""
     if module.magnitude is None:
         if config.use_dora:
@@ -105,8 +130,12 @@ def _plan_dora(module: LoraModule, plan: OutputTensorPlan, *, config: AdapterCon
         return "rslora" if config.use_rslora else "lora"
     entries = math.prod(adapter.specs[module.magnitude].shape)
     if entries != length:
-        raise AdapterWeightsError(f"{module.module}: the DoRA magnitude vector has {entries} entries, expected {length}.")
+        raise AdapterWeightsError(
+            f"{module.module}: the DoRA magnitude vector has {entries} entries, expected {length}."
+        )
     if len(plan.deltas) > 1:
-        raise UnsupportedAdapterError(f"{module.module}: DoRA cannot be combined with another delta on the same tensor.")
+        raise UnsupportedAdapterError(
+            f"{module.module}: DoRA cannot be combined with another delta on the same tensor."
+        )
     plan.dora = DoraSpec(module.magnitude, axis)  # type: ignore[arg-type]
     return "dora+rslora" if config.use_rslora else "dora"

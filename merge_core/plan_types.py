@@ -72,7 +72,6 @@ class OutputTensorPlan:
     quantized: QuantizedTensor | None = None  # the base's value is decoded from these stored tensors
     ops: list[Any] = field(default_factory=list)  # merge_core.peft_types specs, applied after the deltas
 
-
     @property
     def is_copy(self) -> bool:
         return self.base is not None and not self.changed and self.base.info.dtype == self.dtype

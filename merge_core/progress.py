@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -16,12 +16,12 @@ class ProgressUpdate:
 
     stage: str
     done: float
-    total: Optional[float]
+    total: float | None
     unit: str = ""
     message: str = ""
 
     @property
-    def fraction(self) -> Optional[float]:
+    def fraction(self) -> float | None:
         if not self.total:
             return None
         return max(0.0, min(1.0, self.done / self.total))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ModuleReport:
 class MergeReport:
     base: str
     adapter: str
-    adapter_revision: Optional[str]
+    adapter_revision: str | None
     output_dir: str
     base_dtype: str
     output_dtype: str
@@ -59,9 +59,11 @@ class MergeReport:
         gb = 1e9
         lines = [
             f"Merged {len(self.modules)} module(s) of {self.adapter} into {self.base}",
-            f"  variants: {', '.join(self.variants) or '-'}; output dtype {self.output_dtype} (computed in {self.compute_dtype} on {self.device})",
+            f"  variants: {', '.join(self.variants) or '-'}; output dtype {self.output_dtype} "
+            f"(computed in {self.compute_dtype} on {self.device})",
             f"  {len(self.changed_tensors)} tensor(s) changed, {self.copied_tensors} copied bit-identically",
-            f"  sizes: base {self.base_bytes / gb:.3f} GB, adapter {self.adapter_bytes / 1e6:.1f} MB, merged {self.output_bytes / gb:.3f} GB in {len(self.shards)} shard(s)",
+            f"  sizes: base {self.base_bytes / gb:.3f} GB, adapter {self.adapter_bytes / 1e6:.1f} MB, "
+            f"merged {self.output_bytes / gb:.3f} GB in {len(self.shards)} shard(s)",
             "  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()),
             f"  output: {self.output_dir}",
         ]

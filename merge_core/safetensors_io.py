@@ -14,9 +14,10 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO
 
 import torch
 
@@ -124,8 +125,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return SafetensorsHeader(path, {t.name: t for t in infos}, metadata)
 
 
-def read_rows(f: BinaryIO, info: TensorInfo, row_start: int, row_end: int,
-              buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+def read_rows(
+    f: BinaryIO, info: TensorInfo, row_start: int, row_end: int, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """Read rows [row_start, row_end) of a tensor (the first dimension) without touching the rest.
 
     ``buffer`` (uint8, large enough) is reused instead of allocating: fresh multi-MB
@@ -223,7 +225,9 @@ class StreamingWriter(_ClosesOnSuccess):
     silently truncated shard.
     """
 
-    def __init__(self, path: str | os.PathLike[str], tensors: Iterable[PlannedTensor], metadata: Optional[dict[str, str]] = None):
+    def __init__(
+        self, path: str | os.PathLike[str], tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None
+    ):
         self.path = Path(path)
         self._tensors = list(tensors)
         header: dict[str, object] = {}
@@ -263,7 +267,11 @@ class StreamingWriter(_ClosesOnSuccess):
 
     def begin(self, name: str) -> None:
         """Assert that the next bytes belong to ``name``; catches ordering bugs early."""
-        while self._index < len(self._tensors) and self._tensors[self._index].nbytes == 0 and self._tensors[self._index].name != name:
+        while (
+            self._index < len(self._tensors)
+            and self._tensors[self._index].nbytes == 0
+            and self._tensors[self._index].name != name
+        ):
             self._index += 1
         if self._index >= len(self._tensors) or self.current.name != name or self._written_in_current:
             got = self.current.name if self._index < len(self._tensors) else "<end>"
@@ -356,12 +364,12 @@ class BackgroundWriter(_ClosesOnSuccess):
         import threading
 
         self._writer = writer
-        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=depth)
         # Reused staging buffers: a fresh allocation per block page-faults as much as it copies.
-        self._free: "queue.Queue[torch.Tensor]" = queue.Queue()
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(depth + 1):
             self._free.put(torch.empty(0, dtype=torch.uint8))
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"write-{writer.path.name}", daemon=True)
         self._thread.start()
 
@@ -397,7 +405,7 @@ class BackgroundWriter(_ClosesOnSuccess):
     def begin(self, name: str) -> None:
         self._put(("begin", name))
 
-    def write(self, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def write(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Queue ``tensor`` converted to ``dtype`` (default: its own); the conversion writes
         straight into a staging buffer, so rounding and staging are one pass.
 

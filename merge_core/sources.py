@@ -16,7 +16,11 @@ Rows = Callable[[int, int], torch.Tensor]
 
 
 def start_rows(
-    t: OutputTensorPlan, *, base: BaseCheckpoint, adapter: AdapterWeights, files: OpenFiles,
+    t: OutputTensorPlan,
+    *,
+    base: BaseCheckpoint,
+    adapter: AdapterWeights,
+    files: OpenFiles,
     buffer: torch.Tensor | None = None,
 ) -> Rows:
     """rows(a, b): rows [a, b) of ``t``'s starting value (stored dtype, or float32 when dequantized)."""

@@ -7,8 +7,8 @@ final result is cast to the output dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ class LoadedDelta:
 
     def add_rows_to(self, block: torch.Tensor, start: int) -> torch.Tensor:
         """block += delta rows, in place and fused (addmm_): the delta is never materialised."""
-        return block.addmm_(self.left[start:start + block.shape[0]], self.right, alpha=self.scale)
+        return block.addmm_(self.left[start : start + block.shape[0]], self.right, alpha=self.scale)
 
 
 def rows_per_block(shape: tuple[int, ...], block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
@@ -48,7 +48,7 @@ def dora_row_factor(exact_rows: torch.Tensor, magnitude_rows: torch.Tensor) -> t
 class ColumnNorms:
     """Two-pass DoRA (Embedding, Conv1D): column norms of W + delta over all rows first."""
 
-    sq: Optional[torch.Tensor] = None
+    sq: torch.Tensor | None = None
     count: int = field(default=0)
 
     def add(self, exact_rows: torch.Tensor) -> None:
@@ -61,7 +61,6 @@ class ColumnNorms:
         return (magnitude / self.sq.sqrt()).unsqueeze(0)
 
 
-
 class Workspace:
     """Reusable flat buffers, grown on demand and handed out as views.
 
@@ -70,11 +69,13 @@ class Workspace:
     five times faster, and peak memory stays flat.
     """
 
-    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
-        self.device = device
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None else torch.device("cpu")
         self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: Optional[torch.device] = None) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor:
         device = device or self.device
         numel = 1
         for d in shape:
@@ -91,14 +92,14 @@ def apply_deltas_(
     work: torch.Tensor,
     row_start: int,
     deltas: list[LoadedDelta],
-    bias_deltas: Optional[list[tuple[torch.Tensor, float]]] = None,
+    bias_deltas: list[tuple[torch.Tensor, float]] | None = None,
 ) -> torch.Tensor:
     """work += sum(scale * L[rows] @ R) (+ bias deltas), in place, in work's dtype."""
     rows = work.shape[0] if work.dim() else 1
     for delta in deltas:
         work = delta.add_rows_to(work, row_start)
     for vector, scale in bias_deltas or ():
-        work.add_(vector[row_start:row_start + rows], alpha=scale)
+        work.add_(vector[row_start : row_start + rows], alpha=scale)
     return work
 
 

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO
 
 import torch
 
@@ -85,7 +85,7 @@ class _Reference:
         self.plan, self.t, self.files = plan, tensor, files
         adapter = plan.adapter
         self.terms = []
-        self.magnitude: Optional[torch.Tensor] = None
+        self.magnitude: torch.Tensor | None = None
         self.dora_cols = False
         for m in modules:
             if m.kind == "replaced" or m.module not in adapter.lora_modules:
@@ -144,8 +144,16 @@ class _ChangedTensor:
     nonfinite: bool
 
 
-def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePlan], out_file: BinaryIO,
-                    out_info: TensorInfo, files: OpenFiles, block_elements: int, seed: int) -> _ChangedTensor:
+def _verify_changed(
+    plan: MergePlan,
+    t: OutputTensorPlan,
+    modules: list[ModulePlan],
+    out_file: BinaryIO,
+    out_info: TensorInfo,
+    files: OpenFiles,
+    block_elements: int,
+    seed: int,
+) -> _ChangedTensor:
     """One pass over a merged tensor: reference comparison, probes, unchanged test, NaN scan."""
     ref = _Reference(plan, t, modules, files)
     out_dtype = out_info.torch_dtype
@@ -180,7 +188,9 @@ def _verify_changed(plan: MergePlan, t: OutputTensorPlan, modules: list[ModulePl
             identical = torch.equal(written.reshape(-1).view(torch.uint8), start_raw.reshape(-1).view(torch.uint8))
         nonfinite = nonfinite or not bool(torch.isfinite(written).all())
         expected = exact.to(out_dtype)
-        same = written.view(-1).view(torch.uint8).view(-1, written.element_size()) == expected.reshape(-1).view(torch.uint8).view(-1, written.element_size())
+        same = written.view(-1).view(torch.uint8).view(-1, written.element_size()) == expected.reshape(-1).view(
+            torch.uint8
+        ).view(-1, written.element_size())
         equal += int(same.all(dim=1).sum())
         total += written.numel()
         w64 = written.double()
@@ -226,17 +236,32 @@ def _structure_checks(plan: MergePlan, found: _Found) -> list[Check]:
     extra = [n for n in tensors if n not in expected]
     wrong_dtype = [n for n, t in expected.items() if n in tensors and tensors[n][1].dtype != t.dtype]
     found.rejected = set(wrong_shape) | set(wrong_dtype)
-    details = [*(f"missing {n}" for n in missing[:3]), *(f"shape {n}" for n in wrong_shape[:3]),
-               *(f"unexpected {n}" for n in extra[:3]), *found.problems[:3]]
+    details = [
+        *(f"missing {n}" for n in missing[:3]),
+        *(f"shape {n}" for n in wrong_shape[:3]),
+        *(f"unexpected {n}" for n in extra[:3]),
+        *found.problems[:3],
+    ]
     return [
-        Check("no adapter keys left", "structure", not lora_keys, f"{len(lora_keys)} found", "0",
-              ", ".join(lora_keys[:3])),
-        Check("all tensors present with their shapes", "structure",
-              not (missing or wrong_shape or extra or found.problems),
-              f"{len(tensors)}/{len(expected)} present, {len(wrong_shape)} wrong shape, {len(extra)} unexpected",
-              f"{len(expected)} present, 0 wrong", "; ".join(details)),
-        Check("dtype as asked", "structure", not wrong_dtype, f"{len(wrong_dtype)} tensors differ",
-              f"all floating tensors {dtype_name(plan.output_dtype)}", ", ".join(wrong_dtype[:3])),
+        Check(
+            "no adapter keys left", "structure", not lora_keys, f"{len(lora_keys)} found", "0", ", ".join(lora_keys[:3])
+        ),
+        Check(
+            "all tensors present with their shapes",
+            "structure",
+            not (missing or wrong_shape or extra or found.problems),
+            f"{len(tensors)}/{len(expected)} present, {len(wrong_shape)} wrong shape, {len(extra)} unexpected",
+            f"{len(expected)} present, 0 wrong",
+            "; ".join(details),
+        ),
+        Check(
+            "dtype as asked",
+            "structure",
+            not wrong_dtype,
+            f"{len(wrong_dtype)} tensors differ",
+            f"all floating tensors {dtype_name(plan.output_dtype)}",
+            ", ".join(wrong_dtype[:3]),
+        ),
     ]
 
 
@@ -250,17 +275,35 @@ class _Findings:
     def checks(self) -> list[Check]:
         changed, unchanged, nonfinite = self.changed_unexpectedly, self.unchanged_unexpectedly, self.nonfinite
         return [
-            Check("untouched tensors bit-identical to base", "structure", not changed, f"{len(changed)} changed",
-                  "0 changed", ", ".join(changed[:3])),
-            Check("every adapted tensor changed", "structure", not unchanged, f"{len(unchanged)} unchanged",
-                  "0 unchanged", ", ".join(unchanged[:3])),
-            Check("no NaN/Inf", "structure", not nonfinite, f"{len(nonfinite)} tensors", "0",
-                  ", ".join(nonfinite[:3])),
+            Check(
+                "untouched tensors bit-identical to base",
+                "structure",
+                not changed,
+                f"{len(changed)} changed",
+                "0 changed",
+                ", ".join(changed[:3]),
+            ),
+            Check(
+                "every adapted tensor changed",
+                "structure",
+                not unchanged,
+                f"{len(unchanged)} unchanged",
+                "0 unchanged",
+                ", ".join(unchanged[:3]),
+            ),
+            Check("no NaN/Inf", "structure", not nonfinite, f"{len(nonfinite)} tensors", "0", ", ".join(nonfinite[:3])),
         ]
 
 
-def _check_unchanged(plan: MergePlan, t: OutputTensorPlan, out_file: BinaryIO, info: TensorInfo, files: OpenFiles,
-                     block_elements: int, findings: _Findings) -> None:
+def _check_unchanged(
+    plan: MergePlan,
+    t: OutputTensorPlan,
+    out_file: BinaryIO,
+    info: TensorInfo,
+    files: OpenFiles,
+    block_elements: int,
+    findings: _Findings,
+) -> None:
     """Tensors without a delta: finite, and (when not replaced) equal to the base, rounded once, bit for bit."""
     step = rows_per_block(t.shape, block_elements)
     source = start_rows(t, base=plan.base, adapter=plan.adapter, files=files)
@@ -310,21 +353,44 @@ def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, prog
 
 def _numerics_checks(plan: MergePlan, modules: list[ModuleNumerics]) -> list[Check]:
     if not modules:
-        return [Check("merged = float64 reference rounded once", "numerics", None, "-", "-",
-                      "no low-rank delta in this adapter")]
+        return [
+            Check(
+                "merged = float64 reference rounded once",
+                "numerics",
+                None,
+                "-",
+                "-",
+                "no low-rank delta in this adapter",
+            )
+        ]
     u = UNIT_ROUNDOFF.get(plan.output_dtype, 2.0**-8)
     worst_bits = min(modules, key=lambda m: m.bitwise_fraction)
     bit_threshold = 1.0 if plan.options.compute_dtype == "float64" else 0.99
     worst_rel = max(modules, key=lambda m: m.relative_error)
     worst_probe = max(modules, key=lambda m: m.probe_error)
     return [
-        Check("merged = float64 reference rounded once", "numerics", worst_bits.bitwise_fraction >= bit_threshold,
-              f"{worst_bits.bitwise_fraction:.6%} (worst: {worst_bits.tensor})",
-              f">= {bit_threshold:.0%} of elements bitwise", f"{len(modules)} tensors checked"),
-        Check("relative error vs float64 reference", "numerics", worst_rel.relative_error <= u,
-              f"{worst_rel.relative_error:.3e} (worst: {worst_rel.tensor})", f"<= {u:.3e} (one rounding)"),
-        Check("random probe W'x vs Wx + s·B(Ax)", "numerics", worst_probe.probe_error <= 4 * u,
-              f"{worst_probe.probe_error:.3e} (worst: {worst_probe.tensor})", f"<= {4 * u:.3e}"),
+        Check(
+            "merged = float64 reference rounded once",
+            "numerics",
+            worst_bits.bitwise_fraction >= bit_threshold,
+            f"{worst_bits.bitwise_fraction:.6%} (worst: {worst_bits.tensor})",
+            f">= {bit_threshold:.0%} of elements bitwise",
+            f"{len(modules)} tensors checked",
+        ),
+        Check(
+            "relative error vs float64 reference",
+            "numerics",
+            worst_rel.relative_error <= u,
+            f"{worst_rel.relative_error:.3e} (worst: {worst_rel.tensor})",
+            f"<= {u:.3e} (one rounding)",
+        ),
+        Check(
+            "random probe W'x vs Wx + s·B(Ax)",
+            "numerics",
+            worst_probe.probe_error <= 4 * u,
+            f"{worst_probe.probe_error:.3e} (worst: {worst_probe.tensor})",
+            f"<= {4 * u:.3e}",
+        ),
     ]
 
 
@@ -336,7 +402,7 @@ def verify_merge(
     device: str = "cpu",
     progress: ProgressCallback = no_progress,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    memory_budget: Optional[int] = None,
+    memory_budget: int | None = None,
 ) -> VerificationReport:
     """Check the merged folder against the plan, the base and the adapter."""
     merged_dir = Path(merged_dir)
@@ -346,8 +412,9 @@ def verify_merge(
     report.modules = findings.modules
     report.checks += [*findings.checks(), _files_check(plan, merged_dir), *_numerics_checks(plan, findings.modules)]
     if functional != "never":
-        report.checks += functional_checks(plan, merged_dir, device=device, force=functional == "always",
-                                           memory_budget=memory_budget)
+        report.checks += functional_checks(
+            plan, merged_dir, device=device, force=functional == "always", memory_budget=memory_budget
+        )
     return report
 
 
@@ -384,12 +451,22 @@ def _files_check(plan: MergePlan, merged_dir: Path) -> Check:
         except Exception as exc:  # noqa: BLE001
             problems.append(f"tokenizer does not load: {str(exc)[:200]}")
     ok = not missing and not problems
-    return Check("config and tokenizer files present and loadable", "structure", ok,
-                 f"{len(names) - len(missing)}/{len(names)} files" + (", loads" if not problems else ""),
-                 "all present, all load", "; ".join([*(f"missing {m}" for m in missing), *problems]))
+    return Check(
+        "config and tokenizer files present and loadable",
+        "structure",
+        ok,
+        f"{len(names) - len(missing)}/{len(names)} files" + (", loads" if not problems else ""),
+        "all present, all load",
+        "; ".join([*(f"missing {m}" for m in missing), *problems]),
+    )
 
 
-
-
-__all__ = ["Check", "ModuleNumerics", "VerificationReport", "functional_budget", "functional_checks", "merged_tensors",
-           "verify_merge"]
+__all__ = [
+    "Check",
+    "ModuleNumerics",
+    "VerificationReport",
+    "functional_budget",
+    "functional_checks",
+    "merged_tensors",
+    "verify_merge",
+]

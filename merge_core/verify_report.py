@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
 class Check:
     name: str
     group: str  # "structure" | "numerics" | "function"
-    passed: Optional[bool]  # None: skipped, with the reason in detail
+    passed: bool | None  # None: skipped, with the reason in detail
     value: str
     threshold: str
     detail: str = ""
@@ -54,8 +54,11 @@ class VerificationReport:
     HEADERS = ["group", "check", "value", "threshold", "result", "detail"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "checks": [asdict(c) | {"status": c.status} for c in self.checks],
-                "modules": [asdict(m) for m in self.modules]}
+        return {
+            "passed": self.passed,
+            "checks": [asdict(c) | {"status": c.status} for c in self.checks],
+            "modules": [asdict(m) for m in self.modules],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -64,7 +67,7 @@ class VerificationReport:
         widths = [max(len(str(r[i])) for r in [self.HEADERS, *self.rows()]) for i in range(5)]
         lines = []
         for row in [self.HEADERS, *self.rows()]:
-            cells = [str(v).ljust(w) for v, w in zip(row[:5], widths)]
+            cells = [str(v).ljust(w) for v, w in zip(row[:5], widths, strict=False)]
             lines.append("  ".join(cells) + (f"  {row[5]}" if row[5] else ""))
         lines.append(f"verification: {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)

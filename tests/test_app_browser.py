@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -25,12 +25,21 @@ from tests.hubserver import HubServer
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path(os.environ.get("LMS_DEMO_DIR") or REPO / "demo")
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 MERGE_TIMEOUT_MS = 120_000
 ALICE = "hf_alice_browser_write_token_0123456789"
 
-VERDICT_DONE = "() => /All \\d+ checks passed|checks? failed/.test((document.querySelector('#verdict') || {}).innerText || '')"
+VERDICT_DONE = (
+    "() => /All \\d+ checks passed|checks? failed/.test((document.querySelector('#verdict') || {}).innerText || '')"
+)
 # gr.Dataframe renders a virtual grid: cells are [role=gridcell] with data-row / data-col.
 READ_TABLE = """() => {
   const rows = {};
@@ -75,8 +84,13 @@ def app_server(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
     port = _free_port()
     tmpdir = tmp_path_factory.mktemp("app-tmp")
     log_path = tmpdir.parent / "app-server.log"
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", TMPDIR=str(tmpdir),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        GRADIO_SERVER_PORT=str(port),
+        GRADIO_SERVER_NAME="127.0.0.1",
+        TMPDIR=str(tmpdir),
+        PYTHONUNBUFFERED="1",
+    )
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -140,7 +154,7 @@ def read_table(page: Page) -> list[dict[str, str]]:
     page.wait_for_selector("#verify-table [role=gridcell][data-row]", state="attached")
     table = page.evaluate(READ_TABLE)
     assert table["declared"] == len(table["rows"]) > 0, table
-    return [dict(zip(HEADERS, row)) for row in table["rows"]]
+    return [dict(zip(HEADERS, row, strict=False)) for row in table["rows"]]
 
 
 def generation(page: Page, which: str) -> str:

@@ -227,8 +227,12 @@ MERGE_REFUSALS = [
         MergeRefusal(f"peft-type-{t}-over-lora-weights", _peft_type(t), AdapterWeightsError, (t, "does not belong"))
         for t in ("IA3", "LOHA")
     ],
-    MergeRefusal("peft-type-PREFIX_TUNING", _peft_type("PREFIX_TUNING"), UnsupportedAdapterError,
-                 ("PREFIX_TUNING", "nothing to merge")),
+    MergeRefusal(
+        "peft-type-PREFIX_TUNING",
+        _peft_type("PREFIX_TUNING"),
+        UnsupportedAdapterError,
+        ("PREFIX_TUNING", "nothing to merge"),
+    ),
     MergeRefusal("peft-type-unknown", _peft_type("NOT_A_PEFT_TYPE"), UnsupportedAdapterError, ("unknown to PEFT",)),
     MergeRefusal("malicious-pickle", _malicious_pickle, AdapterWeightsError, ("weights_only", "safetensors")),
     MergeRefusal("nan-in-adapter", _nan_in_adapter, NonFiniteAdapterWeightsError, (V_PROJ_A, "NaN")),

@@ -17,27 +17,46 @@ from tests.factories import make_base
 
 
 def _kohya(folder: Path) -> None:
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)},
-              folder / "my_style.safetensors")
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        folder / "my_style.safetensors",
+    )
 
 
 def _diffusers(folder: Path) -> None:
-    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
-               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)},
-              folder / "pytorch_lora_weights.safetensors")
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+        folder / "pytorch_lora_weights.safetensors",
+    )
 
 
 def _mlx(folder: Path) -> None:
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}}
+        )
+    )
     save_file({"model.layers.0.self_attn.q_proj.lora_a": torch.zeros(32, 8)}, folder / "adapters.safetensors")
 
 
 def _adapter_hub(folder: Path) -> None:
-    (folder / "adapter_config.json").write_text(json.dumps(
-        {"config": {"architecture": "lora", "r": 8}, "model_type": "llama", "name": "x", "version": "adapters.1.1.0"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "config": {"architecture": "lora", "r": 8},
+                "model_type": "llama",
+                "name": "x",
+                "version": "adapters.1.1.0",
+            }
+        )
+    )
     (folder / "pytorch_adapter.bin").write_bytes(b"not read")
 
 

@@ -42,8 +42,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    deeper = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                          num_attention_heads=4, num_key_value_heads=2))
+    deeper = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     deeper.save_pretrained(root / "deep")
     wrong = make_adapter(root / "deep", root / "wrong-adapter", target_modules=["q_proj"])
     pickled = root / "pickled"
@@ -122,8 +130,11 @@ def test_bad_pair_is_refused_before_any_shard_download(tmp: Path, hub: HubServer
     with pytest.raises(TargetModuleNotFoundError) as err:
         run_merge(MergeRequest(adapter="acme/deep-lora", base="acme/tiny-llama", endpoint=hub.url), tmp / "work")
     assert "acme/tiny-llama" in str(err.value)
-    shard_reads = [r for r in hub.requests_for(method="GET", path_contains="model.safetensors")
-                   if "adapter_model" not in r.path and not r.headers.get("Range", r.headers.get("range"))]
+    shard_reads = [
+        r
+        for r in hub.requests_for(method="GET", path_contains="model.safetensors")
+        if "adapter_model" not in r.path and not r.headers.get("Range", r.headers.get("range"))
+    ]
     assert shard_reads == [], [r.path for r in shard_reads]
     assert not (tmp / "work" / "merged").exists()
 
@@ -150,7 +161,9 @@ def test_private_and_gated_work_with_access(tmp: Path, hub: HubServer) -> None:
     hub.grant("acme/private-llama", ALICE)
     hub.grant("acme/gated-llama", ALICE)
     for base in ("acme/private-llama", "acme/gated-llama"):
-        result = run_merge(MergeRequest(adapter="alice/tiny-lora", base=base, token=ALICE, endpoint=hub.url), tmp / base)
+        result = run_merge(
+            MergeRequest(adapter="alice/tiny-lora", base=base, token=ALICE, endpoint=hub.url), tmp / base
+        )
         assert result.verification.passed
 
 
@@ -163,8 +176,9 @@ def test_network_failure_is_retryable(tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def merged_result(tmp_path_factory, hub: HubServer):
-    return run_merge(MergeRequest(adapter="alice/tiny-lora", token=ALICE, endpoint=hub.url),
-                     tmp_path_factory.mktemp("merged-once"))
+    return run_merge(
+        MergeRequest(adapter="alice/tiny-lora", token=ALICE, endpoint=hub.url), tmp_path_factory.mktemp("merged-once")
+    )
 
 
 def test_push_refusals(hub: HubServer, merged_result) -> None:
@@ -199,13 +213,18 @@ def test_update_and_pull_request_modes(tmp: Path, hub: HubServer, merged_result)
     before = hub.repo_files("alice/target")
     with pytest.raises(PushError, match="nothing to propose"):
         push_merged(merged_result, "alice/target", token=ALICE, endpoint=hub.url, mode="pr")
-    in_bf16 = run_merge(MergeRequest(adapter="alice/tiny-lora", token=ALICE, endpoint=hub.url, dtype="bfloat16"), tmp / "bf16")
+    in_bf16 = run_merge(
+        MergeRequest(adapter="alice/tiny-lora", token=ALICE, endpoint=hub.url, dtype="bfloat16"), tmp / "bf16"
+    )
     pr = push_merged(in_bf16, "alice/target", token=ALICE, endpoint=hub.url, mode="pr")
     assert pr.pr_url and "discussions" in pr.pr_url
     assert hub.repo_files("alice/target") == before  # main untouched by a PR
     assert hub.repo_files("alice/target", revision="refs/pr/1")["model.safetensors"] != before["model.safetensors"]
     update = push_merged(in_bf16, "alice/target", token=ALICE, endpoint=hub.url, mode="update")
-    assert hub.repo_files("alice/target")["model.safetensors"] == hub.repo_files("alice/target", revision="refs/pr/1")["model.safetensors"]
+    assert (
+        hub.repo_files("alice/target")["model.safetensors"]
+        == hub.repo_files("alice/target", revision="refs/pr/1")["model.safetensors"]
+    )
     assert update.pr_url is None
     with pytest.raises(PushError, match="does not exist"):
         push_merged(merged_result, "alice/never-created", token=ALICE, endpoint=hub.url, mode="update")

@@ -20,8 +20,14 @@ CASES = {
     "llama-lora": dict(arch="llama", lora=dict(target_modules=LLAMA_LINEAR)),
     "llama-rslora-patterns": dict(
         arch="llama",
-        lora=dict(target_modules=LLAMA_LINEAR, r=4, lora_alpha=16, use_rslora=True,
-                  rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"o_proj": 3, "k_proj": 32}),
+        lora=dict(
+            target_modules=LLAMA_LINEAR,
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6},
+            alpha_pattern={"o_proj": 3, "k_proj": 32},
+        ),
     ),
     "llama-dora": dict(arch="llama", lora=dict(target_modules=LLAMA_LINEAR, use_dora=True), magnitude_noise=0.3),
     "mistral-lora-with-head": dict(arch="mistral", lora=dict(target_modules=["q_proj", "v_proj", "lm_head"])),
@@ -30,11 +36,17 @@ CASES = {
     "qwen2-lora-bias": dict(arch="qwen2", lora=dict(target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)),
     "gpt2-conv1d": dict(arch="gpt2", lora=dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "gpt2-conv1d-dora": dict(
-        arch="gpt2", lora=dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True), magnitude_noise=0.3
+        arch="gpt2",
+        lora=dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+        magnitude_noise=0.3,
     ),
-    "llama-embedding-dora": dict(arch="llama", lora=dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), magnitude_noise=0.3),
+    "llama-embedding-dora": dict(
+        arch="llama", lora=dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), magnitude_noise=0.3
+    ),
     "llama-modules-to-save-resized-vocab": dict(
-        arch="llama", resize=104, lora=dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+        arch="llama",
+        resize=104,
+        lora=dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]),
     ),
     "llama-embedding-lora-resized-vocab": dict(
         arch="llama", resize=104, lora=dict(target_modules=["q_proj", "embed_tokens", "lm_head"])
@@ -72,8 +84,13 @@ def _load_with_info(path: Path):
 def test_merge_matches_unmerged_peft(tmp: Path, case: str) -> None:
     spec = CASES[case]
     base = make_base(tmp / "base", spec["arch"])
-    adapter = make_adapter(base, tmp / "adapter", resize_vocab=spec.get("resize"),
-                           magnitude_noise=spec.get("magnitude_noise", 0.0), **spec["lora"])
+    adapter = make_adapter(
+        base,
+        tmp / "adapter",
+        resize_vocab=spec.get("resize"),
+        magnitude_noise=spec.get("magnitude_noise", 0.0),
+        **spec["lora"],
+    )
     report = merge_adapter(base, adapter, tmp / "merged")
     assert_matches_peft(base, adapter, tmp / "merged", spec.get("resize"))
 
@@ -101,8 +118,9 @@ def test_tied_embedding_lora_unties_the_head(tmp: Path) -> None:
 
 def test_resized_vocab_updates_config_and_uses_adapter_tokenizer(tmp: Path) -> None:
     base = make_base(tmp / "base", "llama")
-    adapter = make_adapter(base, tmp / "adapter", resize_vocab=104, target_modules=["q_proj"],
-                           modules_to_save=["embed_tokens", "lm_head"])
+    adapter = make_adapter(
+        base, tmp / "adapter", resize_vocab=104, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]
+    )
     (tmp / "adapter" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "marker": "adapter"}))
     (tmp / "base" / "tokenizer_config.json").write_text(json.dumps({"marker": "base"}))
     merge_adapter(base, adapter, tmp / "merged")
@@ -124,7 +142,7 @@ def test_untouched_tensors_are_bit_identical(tmp: Path) -> None:
     raw_src, raw_out = src.path.read_bytes(), out.path.read_bytes()
     for name, info in src.tensors.items():
         o = out.tensors[name]
-        same = raw_src[info.begin:info.end] == raw_out[o.begin:o.end]
+        same = raw_src[info.begin : info.end] == raw_out[o.begin : o.end]
         assert same == (name not in changed), name
 
 
@@ -174,8 +192,10 @@ def test_bf16_output_is_rounded_once_from_float64(tmp: Path, record_property) ->
         total += reference.numel()
     record_property("bf16_bitwise_ours", ours_equal / total)
     record_property("bf16_bitwise_peft_merge_and_unload", peft_equal / total)
-    print(f"bf16 bitwise agreement with float64 reference: ours {ours_equal / total:.6f}, "
-          f"PEFT merge_and_unload {peft_equal / total:.6f} ({total} elements)")
+    print(
+        f"bf16 bitwise agreement with float64 reference: ours {ours_equal / total:.6f}, "
+        f"PEFT merge_and_unload {peft_equal / total:.6f} ({total} elements)"
+    )
     assert ours_equal == total
 
 
@@ -229,9 +249,22 @@ def test_cli_merges_and_reports(tmp: Path) -> None:
     base = make_base(tmp / "base", "llama")
     adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj"])
     proc = subprocess.run(
-        [sys.executable, "-m", "merge_core", str(base), str(adapter), str(tmp / "merged"), "--quiet", "--json",
-         "--max-shard-size", "40KB"],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+        [
+            sys.executable,
+            "-m",
+            "merge_core",
+            str(base),
+            str(adapter),
+            str(tmp / "merged"),
+            "--quiet",
+            "--json",
+            "--max-shard-size",
+            "40KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -239,6 +272,9 @@ def test_cli_merges_and_reports(tmp: Path) -> None:
     assert_matches_peft(base, adapter, tmp / "merged")
     again = subprocess.run(
         [sys.executable, "-m", "merge_core", str(base), str(adapter), str(tmp / "merged"), "--quiet"],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
     )
     assert again.returncode == 2 and "already exists" in again.stderr

@@ -25,8 +25,13 @@ def test_single_adapter_with_model_checks_and_card(tmp: Path) -> None:
     adapter = make_adapter(base, tmp / "my-lora", target_modules=["q_proj", "v_proj"])
     result = run_merge(MergeRequest(adapter=str(adapter)), tmp / "work")
     assert result.inputs.suggested_name == "my-merged"
-    checks = model_checks(result.base_dir, result.adapter_dir, result.output_dir,
-                          GenerationSettings("w5 w6 w7", max_new_tokens=6), functional="always")
+    checks = model_checks(
+        result.base_dir,
+        result.adapter_dir,
+        result.output_dir,
+        GenerationSettings("w5 w6 w7", max_new_tokens=6),
+        functional="always",
+    )
     add_model_checks(result, checks)
     assert result.verification.passed, result.verification.to_text()
     assert {c.group for c in result.verification.checks} == {"structure", "numerics", "function"}
@@ -65,9 +70,26 @@ def test_cli_with_two_weighted_adapters_leaves_no_temporary_folder(tmp: Path) ->
     a2 = make_adapter(base, tmp / "a2", seed=2, target_modules=["q_proj"])
     out = tmp / "out"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "merge_core", str(base), f"{a1}:0.7,{a2}:0.3", str(out / "merged"),
-                           "--quiet", "--verify", "--functional", "always", "--combine", "linear"],
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "merge_core",
+            str(base),
+            f"{a1}:0.7,{a2}:0.3",
+            str(out / "merged"),
+            "--quiet",
+            "--verify",
+            "--functional",
+            "always",
+            "--combine",
+            "linear",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "verification: PASSED" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["merged"]
@@ -85,9 +107,13 @@ def test_local_roots_refuse_folders_outside(tmp: Path) -> None:
         run_merge(MergeRequest(adapter=str(adapter), base=str(base), local_roots=[tmp / "allowed"]), tmp / "w1")
     inside = make_adapter(base, tmp / "allowed" / "adapter", target_modules=["q_proj"])
     with pytest.raises(ValueError, match="not allowed"):
-        run_merge(MergeRequest(adapter=str(inside), base=str(tmp / "outside" / "adapter"), local_roots=[tmp / "allowed"]),
-                  tmp / "w2")
-    assert run_merge(MergeRequest(adapter=str(inside), base=str(base), local_roots=[tmp / "allowed"]), tmp / "w3").verification.passed
+        run_merge(
+            MergeRequest(adapter=str(inside), base=str(tmp / "outside" / "adapter"), local_roots=[tmp / "allowed"]),
+            tmp / "w2",
+        )
+    assert run_merge(
+        MergeRequest(adapter=str(inside), base=str(base), local_roots=[tmp / "allowed"]), tmp / "w3"
+    ).verification.passed
 
 
 def test_model_checks_use_the_merged_dtype(tmp: Path) -> None:
@@ -97,7 +123,10 @@ def test_model_checks_use_the_merged_dtype(tmp: Path) -> None:
     result = run_merge(MergeRequest(adapter=str(adapter), dtype="bfloat16"), tmp / "work")
     checks = model_checks(result.base_dir, result.adapter_dir, result.output_dir, None, functional="always")
     limit = next(c for c in checks.checks if c.name == "logits max abs diff vs PeftModel")
-    assert limit.passed and "16-bit" in next(c for c in checks.checks if c.name == "greedy continuation identical").threshold
+    assert (
+        limit.passed
+        and "16-bit" in next(c for c in checks.checks if c.name == "greedy continuation identical").threshold
+    )
 
 
 def test_adapter_declaring_a_foreign_local_base_gets_a_clear_message(tmp: Path) -> None:

@@ -18,9 +18,13 @@ from tests.factories import make_adapter
 from tests.quant_factories import make_bnb_base, make_float_base, make_fp8_base
 
 KINDS = {
-    "nf4": dict(kind="nf4"), "nf4-dq": dict(kind="nf4", double_quant=True), "fp4": dict(kind="fp4"),
-    "fp4-dq": dict(kind="fp4", double_quant=True), "int8": dict(kind="int8"),
-    "fp8-tensor": dict(block=None), "fp8-block": dict(block=(16, 16)),
+    "nf4": dict(kind="nf4"),
+    "nf4-dq": dict(kind="nf4", double_quant=True),
+    "fp4": dict(kind="fp4"),
+    "fp4-dq": dict(kind="fp4", double_quant=True),
+    "int8": dict(kind="int8"),
+    "fp8-tensor": dict(block=None),
+    "fp8-block": dict(block=(16, 16)),
 }
 
 
@@ -125,8 +129,9 @@ def test_mismatched_adapter_on_a_quantized_base_names_both_models(root: Path, tm
     config.update(hidden_size=128, intermediate_size=256)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})) \
-        .save_pretrained(tmp / "wide")
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    ).save_pretrained(tmp / "wide")
     make_adapter(tmp / "wide", tmp / "wide-adapter", target_modules=["q_proj"])
     options = MergeOptions(base_name="someone/tiny-llama-bnb-4bit")  # as the CLI passes what the user typed
     with pytest.raises(AdapterBaseMismatchError, match=r"LoRA maps 128 -> \d+ features.*has shape \[64, 64\]") as info:
@@ -147,8 +152,11 @@ def test_quantized_base_by_hub_id_is_planned_from_headers_and_merged(root: Path,
     for repo, folder in (("acme/tiny-llama-bnb-4bit", base), ("alice/qlora", adapter)):
         hub_server.create_repo(repo)
         hub_server.upload_dir(repo, folder)
-    result = run_merge(MergeRequest(adapter="alice/qlora", dtype="float32", token=ALICE, endpoint=hub_server.url),
-                       tmp / "work", verify=False)
+    result = run_merge(
+        MergeRequest(adapter="alice/qlora", dtype="float32", token=ALICE, endpoint=hub_server.url),
+        tmp / "work",
+        verify=False,
+    )
     merge_adapter(base, adapter, tmp / "local", MergeOptions(dtype="float32"))
     got, want = load_file(result.output_dir / "model.safetensors"), load_file(tmp / "local" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -165,8 +173,15 @@ def test_quantized_base_by_hub_id_is_planned_from_headers_and_merged(root: Path,
     hub_server.upload_dir("alice/wide-lora", tmp / "wide-lora")
     hub_server.clear_log()
     with pytest.raises(AdapterBaseMismatchError, match="acme/tiny-llama-bnb-4bit"):
-        run_merge(MergeRequest(adapter="alice/wide-lora", base="acme/tiny-llama-bnb-4bit", token=ALICE,
-                               endpoint=hub_server.url), tmp / "work2")
-    shard_reads = [r for r in hub_server.requests_for(method="GET", path_contains="model.safetensors")
-                   if "adapter_model" not in r.path and not r.headers.get("Range", r.headers.get("range"))]
+        run_merge(
+            MergeRequest(
+                adapter="alice/wide-lora", base="acme/tiny-llama-bnb-4bit", token=ALICE, endpoint=hub_server.url
+            ),
+            tmp / "work2",
+        )
+    shard_reads = [
+        r
+        for r in hub_server.requests_for(method="GET", path_contains="model.safetensors")
+        if "adapter_model" not in r.path and not r.headers.get("Range", r.headers.get("range"))
+    ]
     assert shard_reads == [], [r.path for r in shard_reads]

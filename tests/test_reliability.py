@@ -55,8 +55,9 @@ def tree_hash(path: Path) -> str:
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name or
-                  p.name.endswith(".lock"))
+    return sorted(
+        p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name or p.name.endswith(".lock")
+    )
 
 
 @dataclass
@@ -152,8 +153,13 @@ UNSAFE_OUTPUTS: dict[str, tuple[Callable[[Inputs], Path], str]] = {
 def test_output_touching_an_input_is_refused(inputs: Inputs, case: str, overwrite: bool) -> None:
     make_output, relation = UNSAFE_OUTPUTS[case]
     output = make_output(inputs)
-    expect_refusal(inputs, output, UnsafeOutputError, f"{relation}.*Choose an output folder outside every input",
-                   overwrite=overwrite)
+    expect_refusal(
+        inputs,
+        output,
+        UnsafeOutputError,
+        f"{relation}.*Choose an output folder outside every input",
+        overwrite=overwrite,
+    )
 
 
 def test_output_in_the_folder_that_really_holds_the_shards_is_refused(inputs: Inputs, tmp: Path) -> None:
@@ -192,8 +198,9 @@ def _existing_folder(tmp: Path) -> Path:
     return tmp / "merged"
 
 
-@pytest.mark.parametrize("make_existing", [_existing_file, _existing_link_to_folder, _existing_dangling_link,
-                                           _existing_folder])
+@pytest.mark.parametrize(
+    "make_existing", [_existing_file, _existing_link_to_folder, _existing_dangling_link, _existing_folder]
+)
 def test_overwrite_replaces_what_is_there_cleanly(inputs: Inputs, tmp: Path, make_existing) -> None:
     output = make_existing(tmp)
     before = inputs.hashes()
@@ -249,8 +256,9 @@ def test_a_file_in_the_way_of_the_output_folder(inputs: Inputs, tmp: Path) -> No
     expect_refusal(inputs, tmp / "afile" / "merged", OutputWriteError, "is a file, not a folder")
 
 
-@pytest.mark.parametrize(("errno_name", "match"), [("ENOSPC", "disk is full"), ("EDQUOT", "quota"),
-                                                    ("EIO", "check the path")])
+@pytest.mark.parametrize(
+    ("errno_name", "match"), [("ENOSPC", "disk is full"), ("EDQUOT", "quota"), ("EIO", "check the path")]
+)
 def test_disk_failure_mid_write(inputs: Inputs, tmp: Path, monkeypatch, errno_name: str, match: str) -> None:
     import errno
 
@@ -280,9 +288,13 @@ def _scaled_adapter(inputs: Inputs, alpha: float) -> None:
 
 def test_delta_that_overflows_the_output_dtype(inputs: Inputs, tmp: Path) -> None:
     _scaled_adapter(inputs, 1e300)  # finite adapter, finite scale, merged weights beyond float32
-    expect_refusal(inputs, tmp / "merged", NonFiniteOutputError,
-                   r"merged tensor model\.layers\.0\.self_attn\.q_proj\.weight reaches \d\.\d+e\+\d+, beyond float32's "
-                   r"largest value 3\.403e\+38.*lora_alpha")
+    expect_refusal(
+        inputs,
+        tmp / "merged",
+        NonFiniteOutputError,
+        r"merged tensor model\.layers\.0\.self_attn\.q_proj\.weight reaches \d\.\d+e\+\d+, beyond float32's "
+        r"largest value 3\.403e\+38.*lora_alpha",
+    )
     assert leftovers(tmp) == []
 
 
@@ -290,9 +302,14 @@ def test_float16_output_of_a_wide_base_suggests_bfloat16(inputs: Inputs, tmp: Pa
     weights = load_file(inputs.base / "model.safetensors")
     weights["model.layers.1.mlp.up_proj.weight"][0, 0] = 1e6  # fine in float32, not in float16
     save_file(weights, inputs.base / "model.safetensors", metadata={"format": "pt"})
-    expect_refusal(inputs, tmp / "merged", NonFiniteOutputError,
-                   r"model\.layers\.1\.mlp\.up_proj\.weight reaches 1e\+06, beyond float16's largest value 6\.55e\+04"
-                   r".*choose bfloat16", options=MergeOptions(dtype="float16"))
+    expect_refusal(
+        inputs,
+        tmp / "merged",
+        NonFiniteOutputError,
+        r"model\.layers\.1\.mlp\.up_proj\.weight reaches 1e\+06, beyond float16's largest value 6\.55e\+04"
+        r".*choose bfloat16",
+        options=MergeOptions(dtype="float16"),
+    )
     merge_adapter(inputs.base, inputs.adapter, tmp / "merged", MergeOptions(dtype="bfloat16"))
     assert torch.isfinite(load_file(tmp / "merged" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]).all()
 
@@ -370,8 +387,12 @@ _KILLED_MERGE = textwrap.dedent("""
 
 def test_sigkill_mid_merge_then_the_next_run_cleans_up(inputs: Inputs, tmp: Path) -> None:
     output = tmp / "merged"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_MERGE, str(inputs.base), str(inputs.adapter), str(output)],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_MERGE, str(inputs.base), str(inputs.adapter), str(output)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "writing"  # the staging folder now exists and is half written
     os.kill(proc.pid, signal.SIGKILL)
@@ -394,8 +415,10 @@ def test_sweep_never_touches_unrelated_siblings(tmp: Path) -> None:
 
 def test_lock_is_released_by_death_not_by_time(tmp: Path) -> None:
     """A live owner, however slow, keeps its folder; only its death makes it removable."""
-    code = "import sys, time; from merge_core.locks import claim; claim(__import__('pathlib').Path(sys.argv[1]))" \
-           "; print('held', flush=True); time.sleep(600)"
+    code = (
+        "import sys, time; from merge_core.locks import claim; claim(__import__('pathlib').Path(sys.argv[1]))"
+        "; print('held', flush=True); time.sleep(600)"
+    )
     folder = tmp / ".merged.partial-5l0w0000"
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -413,8 +436,17 @@ def test_bitwise_finiteness_check_agrees_with_torch(dtype: torch.dtype) -> None:
     from merge_core.tensor_math import Workspace, all_finite
 
     info = torch.finfo(dtype)
-    specials = [0.0, -0.0, info.max, -info.max, info.tiny, info.smallest_normal / 4, float("inf"), float("-inf"),
-                float("nan")]
+    specials = [
+        0.0,
+        -0.0,
+        info.max,
+        -info.max,
+        info.tiny,
+        info.smallest_normal / 4,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+    ]
     workspace = Workspace()
     for special in specials:
         values = torch.randn(257, dtype=torch.float64).to(dtype)
@@ -443,28 +475,38 @@ def _merged_equals_peft(inputs: Inputs, output: Path) -> float:
     from tests.factories import load_model, logits, peft_reference, prompt_ids
 
     ids = prompt_ids()
-    return float((logits(peft_reference(inputs.base, inputs.adapter), ids) - logits(load_model(output), ids)).abs().max())
+    return float(
+        (logits(peft_reference(inputs.base, inputs.adapter), ids) - logits(load_model(output), ids)).abs().max()
+    )
 
 
-@pytest.mark.parametrize("changes", [
-    {"target_modules": ["q_proj"]},  # the file also holds v_proj weights: PEFT ignores them
-    {"target_modules": _DROP},  # PEFT's default targets for llama: q_proj and v_proj
-    {"target_modules": r".*layers\.1\..*(q_proj|v_proj)"},  # a regex: only layer 1
-    {"layers_to_transform": [0], "layers_pattern": "layers"},
-    {"exclude_modules": ["model.layers.0.self_attn.q_proj"]},
-], ids=["list-subset", "missing", "regex", "layers_to_transform", "exclude_modules"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": ["q_proj"]},  # the file also holds v_proj weights: PEFT ignores them
+        {"target_modules": _DROP},  # PEFT's default targets for llama: q_proj and v_proj
+        {"target_modules": r".*layers\.1\..*(q_proj|v_proj)"},  # a regex: only layer 1
+        {"layers_to_transform": [0], "layers_pattern": "layers"},
+        {"exclude_modules": ["model.layers.0.self_attn.q_proj"]},
+    ],
+    ids=["list-subset", "missing", "regex", "layers_to_transform", "exclude_modules"],
+)
 def test_merge_follows_peft_targeting(inputs: Inputs, tmp: Path, changes: dict) -> None:
     _edit_config(inputs.adapter, **changes)
-    report = merge_adapter(inputs.base, inputs.adapter, tmp / "merged")
+    merge_adapter(inputs.base, inputs.adapter, tmp / "merged")
     assert _merged_equals_peft(inputs, tmp / "merged") <= 1e-4
 
 
-@pytest.mark.parametrize(("changes", "error", "match"), [
-    ({"target_modules": r".*no_such_module"}, "AdapterTargetError", "match no module of the base model"),
-    ({"r": "8"}, "AdapterConfigError", "r"),
-    ({"lora_alpha": "sixteen"}, "AdapterConfigError", "lora_alpha"),
-    ({"use_rslora": "yes"}, "AdapterConfigError", "use_rslora"),
-], ids=["regex-matches-nothing", "r-string", "alpha-string", "bool-string"])
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"target_modules": r".*no_such_module"}, "AdapterTargetError", "match no module of the base model"),
+        ({"r": "8"}, "AdapterConfigError", "r"),
+        ({"lora_alpha": "sixteen"}, "AdapterConfigError", "lora_alpha"),
+        ({"use_rslora": "yes"}, "AdapterConfigError", "use_rslora"),
+    ],
+    ids=["regex-matches-nothing", "r-string", "alpha-string", "bool-string"],
+)
 def test_config_peft_refuses_is_refused(inputs: Inputs, tmp: Path, changes: dict, error: str, match: str) -> None:
     import merge_core.errors
 

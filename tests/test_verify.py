@@ -16,13 +16,26 @@ from tests.factories import make_adapter, make_base, make_tokenizer
 
 VARIANTS = {
     "lora": dict(arch="llama", lora=dict(target_modules=["q_proj", "v_proj", "down_proj"])),
-    "rslora-patterns": dict(arch="llama", lora=dict(target_modules=["q_proj", "o_proj"], use_rslora=True,
-                                                    rank_pattern={"o_proj": 2}, alpha_pattern={"q_proj": 5})),
+    "rslora-patterns": dict(
+        arch="llama",
+        lora=dict(
+            target_modules=["q_proj", "o_proj"],
+            use_rslora=True,
+            rank_pattern={"o_proj": 2},
+            alpha_pattern={"q_proj": 5},
+        ),
+    ),
     "dora": dict(arch="llama", lora=dict(target_modules=["q_proj", "up_proj"], use_dora=True), noise=0.3),
-    "conv1d-dora": dict(arch="gpt2", lora=dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True), noise=0.3),
-    "embedding-dora-tied": dict(arch="qwen2", lora=dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), noise=0.3),
+    "conv1d-dora": dict(
+        arch="gpt2", lora=dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True), noise=0.3
+    ),
+    "embedding-dora-tied": dict(
+        arch="qwen2", lora=dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), noise=0.3
+    ),
     "lora-bias": dict(arch="qwen2", lora=dict(target_modules=["k_proj"], lora_bias=True)),
-    "modules-to-save-resized": dict(arch="llama", resize=100, lora=dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])),
+    "modules-to-save-resized": dict(
+        arch="llama", resize=100, lora=dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    ),
     "bf16": dict(arch="llama", dtype=torch.bfloat16, lora=dict(target_modules=["q_proj", "gate_proj"])),
 }
 
@@ -31,8 +44,9 @@ def merged_case(tmp: Path, spec: dict, tokenizer: bool = False):
     base = make_base(tmp / "base", spec["arch"], dtype=spec.get("dtype", torch.float32))
     if tokenizer:
         make_tokenizer(base)
-    adapter = make_adapter(base, tmp / "adapter", resize_vocab=spec.get("resize"),
-                           magnitude_noise=spec.get("noise", 0.0), **spec["lora"])
+    adapter = make_adapter(
+        base, tmp / "adapter", resize_vocab=spec.get("resize"), magnitude_noise=spec.get("noise", 0.0), **spec["lora"]
+    )
     plan = build_plan(base, adapter, MergeOptions())
     execute_plan(plan, tmp / "merged")
     return plan, tmp / "merged"
@@ -90,8 +104,11 @@ def test_wrong_scale_is_caught(good) -> None:
     a, b, s = lora(plan, Q)
     rewrite(merged, f"{Q}.weight", lambda w: (base_tensor(plan, f"{Q}.weight").double() + 2 * s * (b @ a)).float())
     report = verify_merge(plan, merged, functional="never")
-    assert {"merged = float64 reference rounded once", "relative error vs float64 reference",
-            "random probe W'x vs Wx + s·B(Ax)"} <= failed(report)
+    assert {
+        "merged = float64 reference rounded once",
+        "relative error vs float64 reference",
+        "random probe W'x vs Wx + s·B(Ax)",
+    } <= failed(report)
     assert Q in report.check("merged = float64 reference rounded once").value  # the worst module is named
     assert not failed(report) & {"no NaN/Inf", "untouched tensors bit-identical to base"}
 
@@ -162,7 +179,10 @@ def test_cli_verify_exit_codes(tmp: Path, capsys, monkeypatch) -> None:
     # A broken engine (a doubled delta) must turn the verification red and the exit code non-zero.
     import merge_core.tensor_math as tm
 
-    monkeypatch.setattr(tm.LoadedDelta, "add_rows_to", lambda self, block, a: torch.addmm(
-        block, self.left[a:a + block.shape[0]], self.right, alpha=2 * self.scale))
+    monkeypatch.setattr(
+        tm.LoadedDelta,
+        "add_rows_to",
+        lambda self, block, a: torch.addmm(block, self.left[a : a + block.shape[0]], self.right, alpha=2 * self.scale),
+    )
     assert cli_main([str(base), str(adapter), str(tmp / "bad"), "--verify", "--quiet"]) == 1
     assert "FAIL" in capsys.readouterr().out
