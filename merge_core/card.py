@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .quant_targets import QUANT_TARGETS, QuantSummary
 from .report import MergeReport
 from .verify import VerificationReport
 
@@ -30,6 +31,8 @@ def build_model_card(
     adapter_id: str,
     adapter_revision: str | None,
     base_card: dict[str, Any] | None = None,
+    gguf_types: list[str] | None = None,
+    quant: QuantSummary | None = None,
 ):
     """A huggingface_hub.ModelCard; the caller saves it as README.md beside the weights."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -41,12 +44,12 @@ def build_model_card(
         library_name="transformers",
         license=base_card.get("license"),
         pipeline_tag=base_card.get("pipeline_tag") or "text-generation",
-        tags=list(dict.fromkeys([*TAGS])),
+        tags=list(dict.fromkeys([*TAGS, *(["gguf"] if gguf_types else [])])),
         base_model_relation="finetune",
     )
     recipe_rows = _recipe_rows(
         report, base_id=base_id, base_revision=base_revision, adapter_id=adapter_id, adapter_revision=adapter_revision
-    )
+    ) + _quant_rows(quant)
     title = repo_id.split("/")[-1] if repo_id else Path(report.output_dir).name
     parts = [
         f"# {title}",
@@ -74,6 +77,7 @@ def build_model_card(
             _table(["group", "check", "value", "threshold", "result"], [r[:5] for r in verification.rows()]),
         ]
     parts += _usage(repo_id or "path/to/this/model")
+    parts += _gguf_usage(repo_id or "OWNER/REPO", gguf_types or [])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
 
 
@@ -90,6 +94,26 @@ def _usage(load_id: str) -> list[str]:
         "```",
         "",
         "Merged with [LoRA Merge Space](https://huggingface.co/spaces) (`merge_core`).",
+    ]
+
+
+def _gguf_usage(repo_id: str, types: list[str]) -> list[str]:
+    """How llama.cpp, Ollama and LM Studio run the GGUF files that sit beside the weights."""
+    if not types:
+        return []
+    from .gguf_outputs import gguf_usage
+
+    return [
+        "",
+        "## GGUF (llama.cpp, Ollama, LM Studio)",
+        "",
+        f"This repo also holds GGUF files: {', '.join(f'`{t}`' for t in types)}.",
+        "",
+        "```sh",
+        *gguf_usage(repo_id, types),
+        "```",
+        "",
+        f"LM Studio: search {repo_id}",
     ]
 
 
@@ -115,6 +139,19 @@ def _recipe_rows(
         ["size", f"{report.output_bytes / 1e9:.3f} GB in {len(report.shards)} shard(s)"],
     ]
     rows[1:1] = _combination_rows(report.recipe)
+    return rows
+
+
+def _quant_rows(quant: QuantSummary | None) -> list[list[Any]]:
+    """Rows for a quantized base: which one, the target chosen, and what that measurably cost."""
+    if quant is None or not quant.quantized_base:
+        return []
+    rows = [
+        ["quantized base", f"`{quant.quantized_base}` ({quant.method})"],
+        ["target", f"{quant.target}: {QUANT_TARGETS.get(quant.target, '')}"],
+    ]
+    if quant.target != "dequantized":
+        rows.append(["measured cost", quant.cost or "not measured"])
     return rows
 
 

@@ -18,6 +18,7 @@ from .errors import MergeError, explain_os_error
 from .outputs import check_output_target
 from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES
 from .progress import TqdmProgress
+from .quant_targets import QUANT_TARGETS
 
 if TYPE_CHECKING:
     from .pipeline import MergeRequest, MergeResult, PushResult
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, "
         "or never",
     )
+    p.add_argument("--gguf", metavar="TYPE[,TYPE]", default="", help=_gguf_help())
+    p.add_argument(
+        "--quantized-base",
+        default="dequantized",
+        choices=list(QUANT_TARGETS),
+        help="what a quantized (bitsandbytes/FP8) base becomes: "
+        + "; ".join(f"{k} = {v}" for k, v in QUANT_TARGETS.items()),
+    )
+    p.add_argument(
+        "--original-base",
+        metavar="BASE_ID",
+        default="",
+        help="with --quantized-base original: the full-precision model to merge into (default: the quantized "
+        "repo's model card base_model)",
+    )
     p.add_argument("--push", metavar="REPO_ID", help="push the merged model to this Hub repo in one commit")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.add_argument(
@@ -82,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the merge report (and verification) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _gguf_help() -> str:
+    from .gguf_export import supported_architectures
+    from .gguf_outputs import GGUF_HELP
+
+    return GGUF_HELP.format(archs=", ".join(supported_architectures()))
 
 
 def _token() -> str | None:
@@ -98,6 +121,7 @@ def _token() -> str | None:
 
 
 def _request(args: argparse.Namespace, token: str | None) -> MergeRequest:
+    from .gguf_outputs import parse_gguf_types
     from .pipeline import MergeRequest
 
     request = MergeRequest(
@@ -115,6 +139,9 @@ def _request(args: argparse.Namespace, token: str | None) -> MergeRequest:
         density=args.density,
         svd_rank=args.svd_rank,
         seed=args.seed,
+        gguf_types=parse_gguf_types(args.gguf),
+        quantized_target=args.quantized_base,
+        original_base=args.original_base,
     )
     request.options()  # a bad option (shard size, device, dtype) is refused before any work
     return request

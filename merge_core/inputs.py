@@ -12,6 +12,8 @@ from typing import Any
 from .adapter import load_adapter_config
 from .card import read_local_card_data
 from .checkpoint import BaseCheckpoint, BaseTensor, read_json
+from .errors import GgufUnsupportedError, InvalidOptionError
+from .gguf_outputs import preflight_folder
 from .hub import (
     BASE_SMALL_PATTERNS,
     HubClient,
@@ -53,12 +55,27 @@ class MergeRequest:
     # per-request folder frees them again (default: the shared huggingface_hub cache).
     local_roots: list[Path] | None = None
     cache_dir: Path | None = None
+    # GGUF files to write beside the merged model (merge_core.gguf_outputs), refused before any download.
+    gguf_types: list[str] = field(default_factory=list)
+    gguf_optional: bool = False  # the app: an architecture without GGUF support gets a note, not a refusal
+    # What a quantized base becomes (merge_core.quant_targets); original_base overrides the card's base_model.
+    quantized_target: str = "dequantized"
+    original_base: str = ""
+    measure_cost: bool = True  # target original: also download the quantized weights, to measure the cost
 
     def __repr__(self) -> str:  # dataclass repr=False on token is not enough if someone formats vars()
         return f"MergeRequest(adapter={self.adapter!r}, base={self.base!r}, dtype={self.dtype!r})"
 
     def options(self, **names: Any) -> MergeOptions:
         """The merge options, validated (InvalidOptionError names the bad value)."""
+        from .quant_targets import check_target
+
+        self.quantized_target = check_target(self.quantized_target)
+        if self.gguf_types and self.quantized_target == "requantized":
+            raise InvalidOptionError(
+                "GGUF files are written from a plain model, not a bitsandbytes one; drop --gguf or choose the "
+                "dequantized target."
+            )
         return MergeOptions(
             dtype=self.dtype,
             max_shard_size=parse_size(self.max_shard_size),
@@ -105,6 +122,9 @@ class ResolvedInputs:
     options: MergeOptions
     suggested_name: str = "merged"
     temporary: list[Claim] = field(default_factory=list)  # e.g. a combined adapter; released when done
+    # target "original": the quantized base the user named (what was trained), merged into its original instead
+    quantized_base: BaseInput | None = None
+    notes: list[str] = field(default_factory=list)
 
     def release(self) -> None:
         for claimed in self.temporary:
@@ -243,7 +263,11 @@ def _preflight_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], na
         if any(t.shape is None for t in quant.tensors.values()):
             return None
     return BaseCheckpoint(
-        path=base_dir, config=config, tensors=tensors, shards=[base_dir / s for s in sorted(headers)], name=name,
+        path=base_dir,
+        config=config,
+        tensors=tensors,
+        shards=[base_dir / s for s in sorted(headers)],
+        name=name,
         quant=quant,
     )
 
@@ -256,14 +280,16 @@ def _fetch_hub_base(
     *,
     output_parent: Path,
     progress: ProgressCallback,
+    notes: list[str],
 ) -> BaseInput:
-    """Small files and safetensors headers first; the plan is validated (and the disk checked)
-    before any shard is downloaded."""
+    """Small files and safetensors headers first; the GGUF types and the plan are validated (and the
+    disk checked) before any shard is downloaded."""
     client, cache = hub.client, hub.request.cache_dir
     sha, files = client.resolve(ref)
     base_weight_files(files, ref)  # refuses pickle-only repos before any download
     small = matching(files, BASE_SMALL_PATTERNS)
     base_dir = client.download(ref, sha, small, cache_dir=cache)
+    _gguf_preflight(Path(base_dir), hub.request, notes)
     headers = client.safetensors_headers(ref, sha)
     checkpoint = _preflight_checkpoint(base_dir, headers, str(ref))
     shards = sorted(headers)
@@ -275,9 +301,57 @@ def _fetch_hub_base(
     return BaseInput(Path(base_dir), ref.repo_id, ref.revision, client.card_data(ref))
 
 
+def _gguf_preflight(folder: Path, request: MergeRequest, notes: list[str]) -> None:
+    """Refuse GGUF types the base's architecture cannot have; the app (gguf_optional) drops them with a note."""
+    try:
+        preflight_folder(folder, request.gguf_types)
+    except GgufUnsupportedError as exc:
+        if not request.gguf_optional:
+            raise
+        notes.append(f"No GGUF file was made: {exc}")
+        request.gguf_types = []
+
+
 def _local_base(path: Path, text: str, request: MergeRequest) -> BaseInput:
     folder = _check_local(path, request.local_roots, "The base model")
     return BaseInput(Path(folder), text, None, read_local_card_data(folder))
+
+
+def _original_source(
+    source: RepoRef | Path, text: str, inputs: ResolvedInputs, hub: _Hub
+) -> tuple[RepoRef | Path, str]:
+    """Target "original": the quantized base's small files and card name the full-precision model it was
+    made from (or the user does); that model becomes the base, the quantized one is kept to measure the cost."""
+    from .quant_targets import find_original_base
+
+    request = hub.request
+    if isinstance(source, RepoRef):
+        sha, files = hub.client.resolve(source)
+        wanted = matching(files, BASE_SMALL_PATTERNS)
+        if request.measure_cost:
+            wanted += sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
+        folder = Path(hub.client.download(source, sha, wanted, cache_dir=request.cache_dir))
+        card, name = hub.client.card_data(source), source.repo_id
+    else:
+        folder = _check_local(source, request.local_roots, "The base model")
+        card, name = read_local_card_data(folder), text
+    config = read_json(folder / "config.json", "the base model's config")
+    if "quantization_config" not in config:
+        raise InvalidOptionError(
+            f"The base {name} is not quantized, so it has no original to merge into; use the default target."
+        )
+    original = (request.original_base or "").strip() or find_original_base(card, config, name)
+    if not original:
+        raise InvalidOptionError(
+            f"Cannot tell which full-precision model {name} was made from (its model card names no base_model); "
+            "give it with --original-base OWNER/NAME."
+        )
+    inputs.quantized_base = BaseInput(folder, name, getattr(source, "revision", None), card)
+    inputs.notes.append(
+        f"Merged into {original}, the full-precision model the quantized base {name} was made from "
+        "(target: original); the adapter was trained on the quantized weights."
+    )
+    return parse_source(original, None), original
 
 
 def _resolve_adapter(request: MergeRequest, hub: _Hub, output_parent: Path) -> ResolvedInputs:
@@ -319,12 +393,21 @@ def resolve_inputs(
             adapter_name=inputs.adapter_id,
             adapter_revision=inputs.adapter_revision,
         )
+        if request.quantized_target == "original":
+            source, text = _original_source(source, text, inputs, hub)
         if isinstance(source, RepoRef):
             inputs.base = _fetch_hub_base(
-                source, inputs.adapter_dir, inputs.options, hub, output_parent=output_parent, progress=progress
+                source,
+                inputs.adapter_dir,
+                inputs.options,
+                hub,
+                output_parent=output_parent,
+                progress=progress,
+                notes=inputs.notes,
             )
         else:
             inputs.base = _local_base(source, text, request)
+            _gguf_preflight(inputs.base.folder, request, inputs.notes)
     except BaseException:
         inputs.release()
         raise

@@ -8,7 +8,7 @@ a front end needs (see ``__all__``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .card import build_model_card
@@ -40,13 +40,15 @@ from .frontend import (
     view_updates,
 )
 from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models
-from .models import GENERATIVE_TASKS
+from .gguf_outputs import rename_for_repo, write_gguf_files
 from .hub import HubClient, PushMode, PushResult, PushTarget
 from .inputs import MergeRequest, ResolvedInputs, parse_adapter_list, resolve_inputs
 from .locks import Claim
 from .merge import execute_plan
+from .models import GENERATIVE_TASKS
 from .plan import MergeOptions, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .quant_targets import COST_ROW, QuantSummary, finish_target, requantize_settings
 from .report import MergeReport
 from .verify import Check, VerificationReport, functional_budget, functional_checks, verify_merge
 from .workdirs import new_workdir, sweep_workdirs
@@ -61,6 +63,8 @@ class MergeResult:
     verification: VerificationReport | None
     sample: SampleGeneration | None = None
     workdir_claim: Claim | None = field(default=None, repr=False)  # the app's per-request folder
+    gguf_files: dict[str, Path] = field(default_factory=dict)  # GGUF type -> file in output_dir
+    quant: QuantSummary | None = None  # a quantized base: what it became and what that cost
 
     @property
     def base_dir(self) -> Path:
@@ -88,6 +92,8 @@ class MergeResult:
             adapter_id=self.inputs.adapter_id,
             adapter_revision=self.inputs.adapter_revision,
             base_card=base.card,
+            gguf_types=list(self.gguf_files),
+            quant=self.quant,
         )
         card.save(self.output_dir / "README.md")
 
@@ -114,21 +120,36 @@ def run_merge(
     GPU through model_checks; the CLI asks for them here."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    request = replace(request, measure_cost=verify, gguf_types=list(request.gguf_types))
     inputs = resolve_inputs(request, workdir, progress)
     try:
         plan = build_plan(inputs.base.folder, inputs.adapter_dir, inputs.options)
+        settings = requantize_settings(plan, request.quantized_target)  # refused before any writing
         output_dir = Path(output_dir) if output_dir is not None else workdir / "merged"
         report = execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
+        report.notes += inputs.notes
         verification = (
             verify_merge(plan, output_dir, functional=functional, device=request.device, progress=progress)
             if verify
             else None
         )
+        fits = functional_budget(plan, "cpu") if verify else (False, "")
+        gguf = write_gguf_files(output_dir, request.gguf_types, verify=verify, fits=fits, progress=progress)
+        quant = finish_target(plan, inputs, output_dir, target=request.quantized_target, settings=settings, fits=fits)
     except BaseException:
         inputs.release()
         raise
+    if verification is not None:
+        verification.checks += gguf.checks + quant.checks
+    report.notes += quant.notes
     result = MergeResult(
-        inputs=inputs, workdir=workdir, output_dir=output_dir, report=report, verification=verification
+        inputs=inputs,
+        workdir=workdir,
+        output_dir=output_dir,
+        report=report,
+        verification=verification,
+        gguf_files=gguf.files,
+        quant=quant if quant.quantized_base else None,
     )
     result.write_card()
     return result
@@ -180,9 +201,15 @@ def model_checks(
 def add_model_checks(result: MergeResult, checks: ModelChecks) -> None:
     if result.verification is None:
         result.verification = VerificationReport()
-    result.verification.checks = [c for c in result.verification.checks if c.group != "function"] + checks.checks
+    # The model checks replace the forward-pass rows, not the GGUF rows or the quantized-base cost.
+    kept = [c for c in result.verification.checks if c.group != "function" or _own_row(c)]
+    result.verification.checks = kept + checks.checks
     result.sample = checks.sample
     result.write_card()
+
+
+def _own_row(check: Check) -> bool:
+    return check.name == COST_ROW or check.name.startswith("gguf ")
 
 
 def whoami_name(token: str, endpoint: str | None = None) -> str:
@@ -215,6 +242,8 @@ def push_merged(
     """Preflight the target, then upload the merged folder (with its card) in ONE commit."""
     client = HubClient(token, endpoint)
     target = client.preflight_push(repo_id, mode, private=private)
+    # llama-cli -hf OWNER/REPO:TYPE looks for <repo-name>-<TYPE>.gguf
+    result.gguf_files = rename_for_repo(result.gguf_files, target.repo_id.split("/")[-1])
     result.write_card(target.repo_id)
     total = result.report.output_bytes
     progress(ProgressUpdate("upload", 0, total, "B", target.repo_id))
