@@ -15,26 +15,24 @@ Everything but the last streams row blocks, so it runs in about one block of mem
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from .peft_types.ops import apply_all_
 from .plan import MergePlan, ModulePlan, OutputTensorPlan, dtype_name
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header, read_rows
 from .sources import start_rows
 from .tensor_math import DEFAULT_BLOCK_ELEMENTS, row_blocks, rows_per_block
 from .verify_function import functional_budget, functional_checks
+from .verify_numerics import verify_changed
 from .verify_report import Check, ModuleNumerics, VerificationReport
 
 # Unit roundoff of each output dtype: the largest relative error of one correct rounding.
 UNIT_ROUNDOFF = {"F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F64": 2.0**-53}
 _LORA_MARKERS = ("lora_", "modules_to_save", "original_module", ".base_layer.")
-PROBE_VECTORS = 4
 
 
 def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]], list[str]]:
@@ -62,157 +60,6 @@ def merged_tensors(merged_dir: Path) -> tuple[dict[str, tuple[Path, TensorInfo]]
             if weight_map and weight_map.get(name) != shard.name:
                 problems.append(f"index maps {name} to {weight_map.get(name)}, found in {shard.name}")
     return found, problems
-
-
-# --- the independent float64 reference ----------------------------------------------------------
-
-
-def _load_ops(tensor: OutputTensorPlan, adapter, start) -> list:
-    """The row ops of merge_core.peft_types for ``tensor``: the same formulas the merge applies (the
-    independent check of these types is the function rows against PeftModel)."""
-    if not tensor.ops:
-        return []
-    from .peft_types import load_ops
-
-    n_rows = tensor.shape[0] if tensor.shape else 1
-    return load_ops(tensor.ops, adapter.tensor, dtype=torch.float64, read_base=lambda: start(0, n_rows).double())
-
-
-class _Reference:
-    """W + scale * orient(B @ A) [+ DoRA], built from ModulePlans and raw adapter tensors."""
-
-    def __init__(self, plan: MergePlan, tensor: OutputTensorPlan, modules: list[ModulePlan], files: OpenFiles):
-        self.plan, self.t, self.files = plan, tensor, files
-        adapter = plan.adapter
-        self.terms = []
-        self.magnitude: torch.Tensor | None = None
-        self.dora_cols = False
-        for m in modules:
-            if m.kind == "replaced" or m.module not in adapter.lora_modules:
-                continue  # a peft_types module: its update is in tensor.ops
-            lm = adapter.lora_modules[m.module]
-            a = adapter.tensor(lm.a).double()  # type: ignore[arg-type]
-            b = adapter.tensor(lm.b).double()  # type: ignore[arg-type]
-            transposed = m.kind == "embedding" or m.fan_in_fan_out
-            self.terms.append((a, b, m.scale, transposed))
-            if lm.magnitude is not None:
-                self.magnitude = adapter.tensor(lm.magnitude).double().reshape(-1)
-                self.dora_cols = transposed
-        self.bias = [(adapter.tensor(k).double().reshape(-1), s) for k, s in tensor.bias_deltas]
-        self._start = start_rows(tensor, base=plan.base, adapter=adapter, files=files)
-        self.ops = _load_ops(tensor, adapter, self._start)
-
-    def exact_rows(self, a: int, b: int, start: torch.Tensor) -> torch.Tensor:
-        """Rows of W + deltas with every other PEFT type's update applied, in float64."""
-        exact = start + self.delta_rows(a, b) if self.terms or self.bias else start.clone()
-        return apply_all_(exact, a, self.ops) if self.ops else exact
-
-    def start(self, a: int, b: int) -> torch.Tensor:
-        return self.start_raw(a, b).double()
-
-    def start_raw(self, a: int, b: int) -> torch.Tensor:
-        """The starting rows as stored (base dtype; float32 when dequantized), for the "did it change" test."""
-        return self._start(a, b)
-
-    def delta_rows(self, a: int, b: int) -> torch.Tensor:
-        out = None
-        for lora_a, lora_b, scale, transposed in self.terms:
-            rows = (lora_a[:, a:b].T @ lora_b.T) if transposed else (lora_b[a:b] @ lora_a)
-            out = rows * scale if out is None else out + rows * scale
-        for vector, scale in self.bias:
-            rows = vector[a:b] * scale
-            out = rows if out is None else out + rows
-        return out if out is not None else torch.zeros(0)
-
-    def probe_rows(self, a: int, b: int, start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(W + delta)[a:b] @ x without forming B @ A: W x + scale * B (A x)."""
-        y = start @ x
-        for lora_a, lora_b, scale, transposed in self.terms:
-            if transposed:  # rows of (B @ A).T = A.T @ B.T
-                y = y + scale * (lora_a[:, a:b].T @ (lora_b.T @ x))
-            else:
-                y = y + scale * (lora_b[a:b] @ (lora_a @ x))
-        for vector, scale in self.bias:
-            y = y + (vector[a:b] * scale).unsqueeze(1)
-        return y
-
-
-@dataclass
-class _ChangedTensor:
-    numerics: ModuleNumerics
-    identical_to_start: bool  # bitwise equal to the base (only decided when the dtypes match)
-    nonfinite: bool
-
-
-def _verify_changed(
-    plan: MergePlan,
-    t: OutputTensorPlan,
-    modules: list[ModulePlan],
-    out_file: BinaryIO,
-    out_info: TensorInfo,
-    files: OpenFiles,
-    block_elements: int,
-    seed: int,
-) -> _ChangedTensor:
-    """One pass over a merged tensor: reference comparison, probes, unchanged test, NaN scan."""
-    ref = _Reference(plan, t, modules, files)
-    out_dtype = out_info.torch_dtype
-    n_rows = t.shape[0]
-    step = rows_per_block(t.shape, block_elements)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(t.shape[1], PROBE_VECTORS, generator=gen, dtype=torch.float64) if len(t.shape) == 2 else None
-
-    col_factor = None
-    if ref.magnitude is not None and ref.dora_cols:
-        sq = torch.zeros(t.shape[1], dtype=torch.float64)
-        for a, b in row_blocks(n_rows, step):
-            sq += ref.exact_rows(a, b, ref.start(a, b)).square().sum(0)
-        col_factor = ref.magnitude / sq.sqrt()
-
-    equal = total = 0
-    err_sq = ref_sq = probe_err_sq = probe_sq = 0.0
-    comparable = t.base is not None and t.base.info.dtype == t.dtype
-    identical, nonfinite = comparable, False
-    for a, b in row_blocks(n_rows, step):
-        start_raw = ref.start_raw(a, b)
-        start = start_raw.double()
-        exact = ref.exact_rows(a, b, start)
-        row_factor = None
-        if ref.magnitude is not None and not ref.dora_cols:
-            row_factor = (ref.magnitude[a:b] / torch.linalg.vector_norm(exact, dim=1)).unsqueeze(1)
-            exact = exact * row_factor
-        elif col_factor is not None:
-            exact = exact * col_factor.unsqueeze(0)
-        written = read_rows(out_file, out_info, a, b)
-        if identical:
-            identical = torch.equal(written.reshape(-1).view(torch.uint8), start_raw.reshape(-1).view(torch.uint8))
-        nonfinite = nonfinite or not bool(torch.isfinite(written).all())
-        expected = exact.to(out_dtype)
-        same = written.view(-1).view(torch.uint8).view(-1, written.element_size()) == expected.reshape(-1).view(
-            torch.uint8
-        ).view(-1, written.element_size())
-        equal += int(same.all(dim=1).sum())
-        total += written.numel()
-        w64 = written.double()
-        err_sq += float((w64 - exact).square().sum())
-        ref_sq += float(exact.square().sum())
-        if x is not None:
-            probe_x = x * col_factor.unsqueeze(1) if col_factor is not None else x
-            y_ref = ref.probe_rows(a, b, start, probe_x) if not ref.ops else exact @ probe_x
-            if row_factor is not None:
-                y_ref = y_ref * row_factor
-            y = w64 @ x
-            probe_err_sq += float((y - y_ref).square().sum())
-            probe_sq += float(y_ref.square().sum())
-    variant = ",".join(sorted({m.variant for m in modules}))
-    numerics = ModuleNumerics(
-        tensor=t.name,
-        variant=variant,
-        bitwise_fraction=equal / total if total else 1.0,
-        relative_error=math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
-        probe_error=math.sqrt(probe_err_sq / probe_sq) if probe_sq else 0.0,
-    )
-    return _ChangedTensor(numerics, identical, nonfinite)
 
 
 # --- the checks ----------------------------------------------------------------------------------
@@ -336,7 +183,7 @@ def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, prog
             shard, info = found.tensors[t.name]
             modules = by_tensor.get(t.name, [])
             if (t.changed and any(m.kind != "replaced" for m in modules)) or t.bias_deltas or t.ops:
-                checked = _verify_changed(plan, t, modules, files.get(shard), info, files, block_elements, seed=i)
+                checked = verify_changed(plan, t, modules, files.get(shard), info, files, block_elements, seed=i)
                 findings.modules.append(checked.numerics)
                 if checked.identical_to_start:
                     findings.unchanged_unexpectedly.append(t.name)
