@@ -128,7 +128,11 @@ def expert_layout(config_dir: Path, shapes: Mapping[str, Sequence[int]], modules
         return ExpertLayout()
     named = dict(model.named_modules())
     order = {m: tuple(n for n, _ in named[m].named_parameters(recurse=False)) for m in modules if m in named}
-    groups = _converted(model, shapes)
+    try:
+        groups = _converted(model, shapes)
+    except Exception as exc:  # noqa: BLE001 - a mapping this transformers cannot apply fuses nothing we can split
+        log.debug("no conversion mapping for %s: %s", config_dir, exc)
+        groups = {}
     fused = {name: _fuse(name, entries, shapes) for name, entries in groups.items()}
     return ExpertLayout(fused, order)
 
