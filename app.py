@@ -280,6 +280,10 @@ def _form_section(ui: dict[str, Any]) -> None:
             info="stack = sum of weighted deltas; others: PEFT add_weighted_adapter",
         )
         ui["density"] = gr.Number(value=None, label="density (ties/dare/magnitude_prune)", elem_id="density")
+        ui["gguf_types"] = gr.Dropdown(list(pipeline.GGUF_TYPES), value=[], multiselect=True, elem_id="gguf-types",
+                                       label="GGUF files too", info=pipeline.GGUF_INFO)  # fmt: skip
+        ui["quantized_target"] = gr.Radio(list(pipeline.QUANT_TARGETS), value="dequantized", elem_id="quantized-target",
+                                          label="Quantized base", info=pipeline.QUANT_INFO)  # fmt: skip
     if LOCAL.has_demo():
         gr.Examples(
             [["demo/adapter", "demo/base"]],

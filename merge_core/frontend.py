@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidOptionError
+from .gguf_export import supported_architectures
 from .progress import ProgressCallback, ProgressUpdate
+from .quant_targets import QUANT_TARGETS
 from .verify import VerificationReport
 
 if TYPE_CHECKING:
@@ -82,6 +84,8 @@ def check_limits(*, prompt: str, max_new_tokens: float, fields: dict[str, str], 
 DTYPES = ["auto", "float16", "bfloat16", "float32"]
 PUSH_MODE_LABELS = {"Create new repo": "new", "Update existing repo": "update", "Open a pull request": "pr"}
 FUNCTIONAL = {"auto (when it fits in memory)": "auto", "always": "always", "never": "never"}
+GGUF_INFO = f"for llama.cpp, Ollama, LM Studio; made for {', '.join(supported_architectures())} (else a note says why)"
+QUANT_INFO = "bitsandbytes/FP8 bases only. " + "; ".join(f"{k}: {v}" for k, v in QUANT_TARGETS.items())
 
 
 class _Keep:
@@ -105,6 +109,8 @@ class MergeForm:
     functional: str = next(iter(FUNCTIONAL))
     combination: str = "stack"
     density: float | None = None
+    gguf_types: list[str] = field(default_factory=list)  # made only for architectures GGUF supports
+    quantized_target: str = "dequantized"  # what a quantized base becomes (merge_core.quant_targets)
     prompt: str = ""
     max_new_tokens: float = 48
     temperature: float = 0.0
@@ -189,6 +195,7 @@ def form_from(cls: type, values: dict[Any, Any], ui: dict[str, Any]) -> Any:
 
 def merge_request(form: MergeForm, token: str | None, local: LocalPaths) -> MergeRequest:
     """The form as a MergeRequest, refused (one sentence) when over a limit or invalid."""
+    from .gguf_outputs import parse_gguf_types
     from .pipeline import MergeRequest
 
     check_limits(
@@ -217,6 +224,9 @@ def merge_request(form: MergeForm, token: str | None, local: LocalPaths) -> Merg
         combination=form.combination or "stack",
         density=float(form.density) if form.density else None,
         local_roots=local.roots,  # defence in depth: merge_core itself refuses folders outside the demo
+        gguf_types=parse_gguf_types(form.gguf_types or []),
+        gguf_optional=True,  # another architecture gets a note in the summary, not a refusal
+        quantized_target=form.quantized_target or "dequantized",
     )
     request.options()  # a bad shard size or dtype is refused before a folder is made
     return request

@@ -18,9 +18,11 @@ from .errors import InvalidOptionError, MergeError, ModelLoadError, PushError, U
 from .frontend import (
     DTYPES,
     FUNCTIONAL,
+    GGUF_INFO,
     KEEP,
     LIMITS,
     PUSH_MODE_LABELS,
+    QUANT_INFO,
     Limits,
     LocalPaths,
     MergeForm,
@@ -40,6 +42,7 @@ from .frontend import (
     view_updates,
 )
 from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models
+from .gguf_export import GGUF_TYPES
 from .gguf_outputs import rename_for_repo, write_gguf_files
 from .hub import HubClient, PushMode, PushResult, PushTarget
 from .inputs import MergeRequest, ResolvedInputs, parse_adapter_list, resolve_inputs
@@ -48,7 +51,7 @@ from .merge import execute_plan
 from .models import GENERATIVE_TASKS
 from .plan import MergeOptions, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
-from .quant_targets import COST_ROW, QuantSummary, finish_target, requantize_settings
+from .quant_targets import COST_ROW, QUANT_TARGETS, QuantSummary, finish_target, requantize_settings
 from .report import MergeReport
 from .verify import Check, VerificationReport, functional_budget, functional_checks, verify_merge
 from .workdirs import new_workdir, sweep_workdirs
@@ -276,6 +279,10 @@ __all__ = [
     "suggest_repo_id",
     "DTYPES",
     "FUNCTIONAL",
+    "GGUF_INFO",
+    "GGUF_TYPES",
+    "QUANT_INFO",
+    "QUANT_TARGETS",
     "KEEP",
     "MergeForm",
     "MergeView",

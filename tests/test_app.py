@@ -346,3 +346,33 @@ def test_two_weighted_adapters_with_a_combination_type(tempdir: Path, demo_prese
     card = (result.output_dir / "README.md").read_text()
     assert "linear(" in card
     app.discard(result)
+
+
+def test_gguf_files_too_are_written_verified_and_kept_beside_the_model(tempdir: Path) -> None:
+    out = merge("demo/adapter", "demo/base", gguf_types=["q8_0", "Q8_0"], quantized_target="dequantized")
+    result = out["state"]
+    assert isinstance(result, app.MergeResult), out["error"]
+    assert list(result.gguf_files) == ["Q8_0"] and result.gguf_files["Q8_0"].is_file()
+    rows = out["table"].set_index("check")
+    assert {"gguf metadata (Q8_0)", "gguf token ids (Q8_0)", "gguf logits (Q8_0)"} <= set(rows.index)
+    assert set(rows.loc[rows.index.str.startswith("gguf "), "result"]) == {"pass"}, rows.to_string()
+    assert "gguf" in (result.output_dir / "README.md").read_text()
+    app.discard(result)
+
+
+def test_gguf_for_an_architecture_without_support_is_a_note_not_a_refusal(
+    tempdir: Path, hub: HubServer, tmp_path: Path
+) -> None:
+    from tests.factories import make_adapter, make_base
+
+    base = make_base(tmp_path / "gpt2", "gpt2")
+    adapter = make_adapter(base, tmp_path / "gpt2-lora", target_modules=["c_attn"])
+    for repo, folder in [("acme/tiny-gpt2", base), ("alice/gpt2-lora", adapter)]:
+        hub.create_repo(repo)
+        hub.upload_dir(repo, folder)
+    out = merge("alice/gpt2-lora", "acme/tiny-gpt2", gguf_types=["F16"])
+    result = out["state"]
+    assert isinstance(result, app.MergeResult), out["error"]
+    assert result.gguf_files == {} and not list(result.output_dir.glob("*.gguf"))
+    assert "No GGUF file was made" in out["summary"] and "'gpt2'" in out["summary"]
+    app.discard(result)
