@@ -117,10 +117,10 @@ def _stored(read: Reader, key: str) -> Tensor:
 def expert_layout(config_dir: Path, shapes: Mapping[str, Sequence[int]], modules: Iterable[str]) -> ExpertLayout:
     """The fused parameters transformers builds from the checkpoint tensors ``shapes``, and the parameter order of
     ``modules`` (model-class names); empty when the model class cannot be built here (custom code)."""
-    from .layouts import _meta_model
+    from .layouts import meta_model
 
     try:
-        model = _meta_model(config_dir)
+        model = meta_model(config_dir)
     except Exception as exc:  # noqa: BLE001 - without the class nothing is fused and names stay as they are
         log.debug("no model class for %s: %s", config_dir, exc)
         return ExpertLayout()

@@ -28,7 +28,7 @@ def _model_class(config) -> type | None:
     return None
 
 
-def _meta_model(config_dir: Path):
+def meta_model(config_dir: Path):
     """The model class named by config.json, instantiated without memory; None when not possible."""
     import torch
     from transformers import AutoConfig
@@ -52,7 +52,7 @@ def model_names(config_dir: Path, checkpoint_names: Iterable[str]) -> dict[str, 
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
 
-        model = _meta_model(config_dir)
+        model = meta_model(config_dir)
         if model is None:
             return {}
         transforms = get_model_conversion_mapping(model)
@@ -76,7 +76,7 @@ def transposed_parameter_modules(config_dir: Path, modules: Iterable[str]) -> se
     transformers marks such expert modules with ``is_transposed`` (gpt-oss); PEFT's ParamWrapper reads it.
     """
     try:
-        model = _meta_model(config_dir)
+        model = meta_model(config_dir)
     except Exception as exc:  # noqa: BLE001 - without the class, nothing is known to be transposed
         log.debug("no model class for %s: %s", config_dir, exc)
         return set()

@@ -100,6 +100,23 @@ class ChangedTensor:
     nonfinite: bool
 
 
+def _column_factor(ref: _Reference, t: OutputTensorPlan, step: int) -> torch.Tensor | None:
+    """DoRA on columns (Conv1D, Embedding): magnitude over the column norms of the whole merged tensor."""
+    if ref.magnitude is None or not ref.dora_cols:
+        return None
+    sq = torch.zeros(t.shape[1], dtype=torch.float64)
+    for a, b in row_blocks(t.shape[0], step):
+        sq += ref.exact_rows(a, b, ref.start(a, b)).square().sum(0)
+    return ref.magnitude / sq.sqrt()
+
+
+def _bitwise_equal(written: torch.Tensor, expected: torch.Tensor) -> int:
+    """How many elements of ``written`` have exactly the bits of ``expected``."""
+    size = written.element_size()
+    same = written.reshape(-1).view(torch.uint8).view(-1, size) == expected.reshape(-1).view(torch.uint8).view(-1, size)
+    return int(same.all(dim=1).sum())
+
+
 def verify_changed(
     plan: MergePlan,
     t: OutputTensorPlan,
@@ -118,12 +135,7 @@ def verify_changed(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(t.shape[1], PROBE_VECTORS, generator=gen, dtype=torch.float64) if len(t.shape) == 2 else None
 
-    col_factor = None
-    if ref.magnitude is not None and ref.dora_cols:
-        sq = torch.zeros(t.shape[1], dtype=torch.float64)
-        for a, b in row_blocks(n_rows, step):
-            sq += ref.exact_rows(a, b, ref.start(a, b)).square().sum(0)
-        col_factor = ref.magnitude / sq.sqrt()
+    col_factor = _column_factor(ref, t, step)
 
     equal = total = 0
     err_sq = ref_sq = probe_err_sq = probe_sq = 0.0
@@ -143,11 +155,7 @@ def verify_changed(
         if identical:
             identical = torch.equal(written.reshape(-1).view(torch.uint8), start_raw.reshape(-1).view(torch.uint8))
         nonfinite = nonfinite or not bool(torch.isfinite(written).all())
-        expected = exact.to(out_dtype)
-        same = written.view(-1).view(torch.uint8).view(-1, written.element_size()) == expected.reshape(-1).view(
-            torch.uint8
-        ).view(-1, written.element_size())
-        equal += int(same.all(dim=1).sum())
+        equal += _bitwise_equal(written, exact.to(out_dtype))
         total += written.numel()
         w64 = written.double()
         err_sq += float((w64 - exact).square().sum())

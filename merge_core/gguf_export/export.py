@@ -95,21 +95,8 @@ def export_gguf(
     sources = _shard_index(merged_dir)
     plan = _plan_tensors(config, spec, sources, extra, qtype)
     partial = out_file.with_name(out_file.name + ".partial")
-    total = sum(_nbytes(p) for p in plan)
     try:
-        for p in plan:
-            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _nbytes(p), raw_dtype=p.ggml_type)
-        writer.write_header_to_file(path=partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done = 0
-        for p in plan:
-            data = _tensor_bytes(p, sources, extra, config, spec)
-            writer.write_tensor_data(data)
-            done += data.nbytes
-            del data  # before the next tensor is read: one tensor in memory at a time
-            progress(ProgressUpdate("gguf", done, total, "B", p.gguf_name))
-        writer.close()
+        _stream(writer, plan, partial, lambda p: _tensor_bytes(p, sources, extra, config, spec), progress)
         os.replace(partial, out_file)
     except OSError as exc:
         _discard(writer, partial)
@@ -129,6 +116,24 @@ def export_gguf(
         vocab_size=int(config.vocab_size),
         pre_tokenizer=vocab.pre,
     )
+
+
+def _stream(writer: Any, plan: list, partial: Path, tensor_bytes: Any, progress: ProgressCallback) -> None:
+    """Header, metadata and tensor infos first, then each tensor's data read only when its turn comes."""
+    total = sum(_nbytes(p) for p in plan)
+    for p in plan:
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _nbytes(p), raw_dtype=p.ggml_type)
+    writer.write_header_to_file(path=partial)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    done = 0
+    for p in plan:
+        data = tensor_bytes(p)
+        writer.write_tensor_data(data)
+        done += data.nbytes
+        del data  # before the next tensor is read: one tensor in memory at a time
+        progress(ProgressUpdate("gguf", done, total, "B", p.gguf_name))
+    writer.close()
 
 
 def _discard(writer: Any, partial: Path) -> None:
