@@ -36,6 +36,8 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def is_repo_id(text: str | None) -> bool:
     """Whether ``text`` has the shape of a Hub repo ID, ``owner/name``."""
     return bool(text) and bool(_REPO_ID.match(str(text)))
+
+
 # The Hub's own limit on a user, organisation or repository name.
 _MAX_NAME_CHARS = 96
 
