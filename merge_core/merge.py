@@ -252,16 +252,29 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) 
 # --- the folder ----------------------------------------------------------------------------------------
 
 
-def _write_folder(ctx: _Context, folder: Path) -> list[str]:
+@dataclass
+class ShardHooks:
+    """Called around each output shard, for a pipeline that streams: ``before(i, tensors)`` may fetch the
+    base shards those tensors read; ``after(i, path)`` may hand the finished shard on (upload it) and drop
+    the inputs it consumed. The executor's open base files are closed before ``after`` runs."""
+
+    before: Callable[[int, list[OutputTensorPlan]], None] = lambda index, tensors: None
+    after: Callable[[int, Path], None] = lambda index, path: None
+
+
+def _write_folder(ctx: _Context, folder: Path, hooks: ShardHooks) -> list[str]:
     plan = ctx.plan
     names = plan.shard_names()
     weight_map: dict[str, str] = {}
-    for shard_name, shard in zip(names, plan.shards, strict=True):
+    for index, (shard_name, shard) in enumerate(zip(names, plan.shards, strict=True)):
+        hooks.before(index, shard)
         writer = StreamingWriter(folder / shard_name, [t.planned() for t in shard], {"format": "pt"})
         with BackgroundWriter(writer) as background:
             for t in shard:
                 _write_tensor(ctx, background, t)
                 weight_map[t.name] = shard_name
+        ctx.files.close()
+        hooks.after(index, folder / shard_name)
     if len(names) > 1:
         index = {"metadata": {"total_size": plan.output_nbytes}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -289,6 +302,7 @@ def execute_plan(
     overwrite: bool = False,
     progress: ProgressCallback = no_progress,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    hooks: ShardHooks | None = None,
 ) -> MergeReport:
     """Write the merged model into output_dir, atomically: all of it or nothing."""
     import time
@@ -308,7 +322,7 @@ def execute_plan(
     try:
         check_disk(output_dir.parent, plan.output_nbytes)
         progress(ProgressUpdate("merge", 0, total, "B", "starting"))
-        names = _write_folder(ctx, staging.folder)
+        names = _write_folder(ctx, staging.folder, hooks or ShardHooks())
         publish(staging, output_dir)
     except OSError as exc:
         discard(staging)
@@ -381,4 +395,4 @@ def merge_adapter(
     return execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
 
 
-__all__ = ["check_disk", "check_output_dir", "execute_plan", "merge_adapter", "protected_inputs"]
+__all__ = ["ShardHooks", "check_disk", "check_output_dir", "execute_plan", "merge_adapter", "protected_inputs"]
