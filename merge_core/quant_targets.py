@@ -119,7 +119,10 @@ def finish_target(
         return QuantSummary()
     if settings is not None:
         requantize_in_place(output_dir, settings)
-        summary.notes.append(f"Written back as a bitsandbytes checkpoint with the base's settings: {settings}.")
+        summary.notes.append(
+            f"Written back as a bitsandbytes checkpoint with the base's settings ({_short(settings)}); the structure "
+            "and numerics rows checked the plain merge before it was written back."
+        )
     if target == "dequantized":
         return summary
     if not fits[0]:
@@ -132,6 +135,17 @@ def finish_target(
     summary.cost = row.detail
     summary.notes.append(row.detail[:1].upper() + row.detail[1:] + ".")
     return summary
+
+
+def _short(settings: dict[str, Any]) -> str:
+    keys = (
+        "load_in_4bit",
+        "load_in_8bit",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_use_double_quant",
+        "bnb_4bit_compute_dtype",
+    )
+    return ", ".join(f"{k}={settings[k]}" for k in keys if settings.get(k) not in (None, False))
 
 
 def _describe(folder: Path) -> str:

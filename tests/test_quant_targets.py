@@ -21,8 +21,9 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quant-targets")
     float_dir = make_float_base(root / "float")
     nf4 = make_bnb_base(float_dir, root / "nf4", "nf4", double_quant=True)
+    int8 = make_bnb_base(float_dir, root / "int8", "int8")
     adapter = make_adapter(float_dir, root / "adapter", target_modules=["q_proj", "v_proj", "up_proj"])
-    return {"float": float_dir, "nf4": nf4, "adapter": adapter}
+    return {"float": float_dir, "nf4": nf4, "int8": int8, "adapter": adapter}
 
 
 def _run(capsys, *argv: str) -> tuple[int, dict, str]:
@@ -82,19 +83,28 @@ def test_original_without_a_named_base_is_refused(bases, tmp_path: Path, capsys)
     assert code == 2 and "--original-base" in err and not out.exists()
 
 
-def test_requantized_keeps_the_settings_loads_and_reports_its_cost(bases, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    "kind, keys, layer",
+    [
+        ("nf4", ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"), "4bit"),
+        ("int8", ("load_in_8bit", "llm_int8_threshold"), "8bit"),
+    ],
+)
+def test_requantized_keeps_the_settings_loads_and_reports_its_cost(
+    bases, tmp_path: Path, capsys, kind: str, keys: tuple[str, ...], layer: str
+) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "requantized"
-    code, data, err = _run(capsys, str(bases["nf4"]), str(bases["adapter"]), str(out),
+    code, data, err = _run(capsys, str(bases[kind]), str(bases["adapter"]), str(out),
                            "--quantized-base", "requantized", "--verify", "--functional", "never")  # fmt: skip
     assert code == 0, err
-    want = json.loads((bases["nf4"] / "config.json").read_text())["quantization_config"]
+    want = json.loads((bases[kind] / "config.json").read_text())["quantization_config"]
     got = json.loads((out / "config.json").read_text())["quantization_config"]
-    for key in ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype"):
+    for key in keys:
         assert got[key] == want[key], key
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    assert any(f"Linear{layer}" in type(m).__name__ for m in model.modules())
     with torch.no_grad():
         assert torch.isfinite(model.train()(torch.tensor([[1, 2, 3]])).logits).all()
     cost = _cost(data)
