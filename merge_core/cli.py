@@ -215,11 +215,15 @@ def _print(args: argparse.Namespace, result: MergeResult, pushed: PushResult | N
         data = report.to_dict()
         if verification is not None:
             data["verification"] = verification.to_dict()
+        if result.gguf_files:
+            data["gguf_files"] = {qtype: str(path) for qtype, path in result.gguf_files.items()}
         if pushed is not None:
             data["push"] = vars(pushed)
         print(json.dumps(data, indent=2, default=str))
         return
     print(report.summary())
+    for qtype, path in result.gguf_files.items():
+        print(f"  gguf {qtype}: {path}")
     if verification is not None:
         print()
         print(verification.to_text())

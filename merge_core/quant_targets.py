@@ -115,6 +115,8 @@ def finish_target(
     elif plan.base.quant is not None:
         summary = QuantSummary(inputs.base.name, plan.base.quant.describe(), target)
         quantized_dir = plan.base.path
+        if original := find_original_base(inputs.base.card, plan.base.config, inputs.base.name):
+            summary.notes.append(f"The quantized base was made from {original}; target 'original' merges into that.")
     else:
         return QuantSummary()
     if settings is not None:

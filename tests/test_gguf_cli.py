@@ -35,7 +35,9 @@ def test_merge_writes_and_verifies_each_gguf_type(llama, tmp_path: Path, capsys)
     )
     assert code == 0, stderr + stdout
     assert sorted(p.name for p in out.glob("*.gguf")) == ["tiny-merged-F16.gguf", "tiny-merged-Q8_0.gguf"]
-    checks = {c["name"]: c for c in json.loads(stdout)["verification"]["checks"]}
+    data = json.loads(stdout)
+    assert data["gguf_files"] == {t: str(out / f"tiny-merged-{t}.gguf") for t in ("F16", "Q8_0")}
+    checks = {c["name"]: c for c in data["verification"]["checks"]}
     rows = [f"gguf {row} ({qtype})" for qtype in ("F16", "Q8_0") for row in ("metadata", "token ids", "logits")]
     assert {name for name in checks if name.startswith("gguf ")} == set(rows)
     for row in rows:

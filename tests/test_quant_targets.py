@@ -67,6 +67,11 @@ def test_original_merges_into_the_model_the_card_names(bases, hub_server, tmp_pa
     assert any("acme/tiny-llama" in note and "original" in note for note in data["notes"])
     card = (original / "README.md").read_text()
     assert "acme/tiny-llama-bnb-4bit" in card and "original" in card and "top-1 agreement" in card
+    # the default target says where the original is, so the user can choose it
+    code, data, err = _run(capsys, "acme/tiny-llama-bnb-4bit", str(bases["adapter"]), str(tmp_path / "default"),
+                           "--endpoint", url)  # fmt: skip
+    assert code == 0, err
+    assert any("made from acme/tiny-llama;" in note for note in data["notes"]), data["notes"]
 
 
 def test_original_without_a_named_base_is_refused(bases, tmp_path: Path, capsys) -> None:
