@@ -1,5 +1,6 @@
 """merge_core: stream a LoRA adapter into its base model, exactly, shard by shard."""
 
+from . import quiet  # noqa: F401 - first, before anything imports bitsandbytes
 from .errors import *  # noqa: F403 - the exception classes are part of the public API
 from .merge import execute_plan, merge_adapter
 from .plan import MergeOptions, MergePlan, build_plan, parse_size
