@@ -376,3 +376,10 @@ def test_gguf_for_an_architecture_without_support_is_a_note_not_a_refusal(
     assert result.gguf_files == {} and not list(result.output_dir.glob("*.gguf"))
     assert "No GGUF file was made" in out["summary"] and "'gpt2'" in out["summary"]
     app.discard(result)
+
+
+def test_quantized_target_on_a_plain_base_is_refused_in_one_sentence(tempdir: Path) -> None:
+    out = merge("demo/adapter", "demo/base", quantized_target="requantized")
+    assert not isinstance(out["state"], app.MergeResult)
+    assert "not quantized" in out["error"]["value"] and "default target" in out["error"]["value"]
+    assert lms_dirs(tempdir) == []
