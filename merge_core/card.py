@@ -184,9 +184,9 @@ def _combination_rows(recipe: dict[str, Any]) -> list[list[Any]]:
 
 
 def _is_hub_id(text: str) -> bool:
-    from .hub import _REPO_ID
+    from .hub import is_repo_id
 
-    return bool(_REPO_ID.match(text)) and not Path(text).exists()
+    return is_repo_id(text) and not Path(text).exists()
 
 
 def _hub_link(repo_id: str) -> str:

@@ -170,7 +170,7 @@ def load_models(
     if tokenizer is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LoadedModels(
-        peft_model.to(dev).eval(),
+        _as_trained(plan, peft_model.to(dev).eval()),
         merged.to(dev).eval(),
         tokenizer,
         dev,
@@ -213,6 +213,20 @@ def _load_reference(plan: MergePlan, choice: ModelChoice, *, dtype: torch.dtype,
         raise ModelLoadError(
             f"PEFT could not load the adapter onto the base {choice.model_class.__name__} ({short_error(exc)})."
         ) from exc
+
+
+def _as_trained(plan: MergePlan, model: Any) -> Any:
+    """On a quantized base, run the reference as training ran it: train mode with every dropout at 0.
+
+    In eval mode bitsandbytes on CPU repacks 4-bit weights (bfloat16 absmax on AVX512-BF16 CPUs) and runs
+    8-bit as an int8 matmul, which drifts about 1e-3 from what training computed.
+    """
+    if plan.base.quant is None or plan.base.quant.config_only:
+        return model
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.train()
 
 
 def token_vocab(model: Any) -> int:

@@ -44,14 +44,14 @@ def target_help() -> str:
 
 def find_original_base(card: dict[str, Any], config: dict[str, Any], quantized_id: str) -> str | None:
     """The full-precision repo a quantized one was made from: its card's base_model, else config hints."""
-    from .hub import _REPO_ID
+    from .hub import is_repo_id
 
     declared = card.get("base_model")
     candidates = list(declared) if isinstance(declared, list) else [declared]
     candidates.append(config.get("_name_or_path"))
     for candidate in candidates:
         text = str(candidate or "").strip()
-        if text and text != quantized_id and _REPO_ID.match(text):
+        if text and text != quantized_id and is_repo_id(text):
             return text
     return None
 

@@ -32,13 +32,22 @@ TOKEN_PROBES: tuple[str, ...] = (
 PROBE_IDS_LENGTH = 8
 
 
-def verify_gguf(merged_dir: Path, gguf_file: Path, *, qtype: str) -> list[Check]:
-    """Metadata, token-id and logit rows for ``gguf_file`` against the merged folder it was exported from."""
+def verify_gguf(merged_dir: Path, gguf_file: Path, *, qtype: str, logits_skipped: str = "") -> list[Check]:
+    """Metadata, token-id and logit rows for ``gguf_file`` against the merged folder it was exported from.
+
+    ``logits_skipped``: the reason the logits row cannot run (two float32 copies do not fit), if so.
+    """
     merged_dir, gguf_file = Path(merged_dir), Path(gguf_file)
+    name = f"gguf logits ({qtype})"
+    logits = (
+        Check(name, "function", None, "-", "-", f"skipped: {logits_skipped}")
+        if logits_skipped
+        else _guarded(name, "function", lambda: _logits_row(merged_dir, gguf_file, qtype))
+    )
     return [
         _guarded("gguf metadata", "structure", lambda: _metadata_row(merged_dir, gguf_file, qtype)),
         _guarded("gguf token ids", "function", lambda: _token_row(merged_dir, gguf_file)),
-        _guarded(f"gguf logits ({qtype})", "function", lambda: _logits_row(merged_dir, gguf_file, qtype)),
+        logits,
     ]
 
 
