@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         "several: 'a/x,b/y:0.5' (comma-separated, optional :weight), combined with --combine",
     )
     p.add_argument("output", help="folder to write the merged model into (must not exist unless --overwrite)")
+    _add_merge_options(p)
+    _add_output_options(p)
+    return p
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-revision", help="branch, tag or commit of the base repo")
     p.add_argument("--adapter-revision", help="branch, tag or commit of the adapter repo")
     p.add_argument(
@@ -60,18 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, help="with ties/dare/magnitude_prune combinations")
     p.add_argument("--svd-rank", type=int, help="with *_svd combinations")
     p.add_argument("--seed", type=int, default=0, help="with dare combinations (reproducible masks)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (atomically)")
-    p.add_argument(
-        "--verify", action="store_true", help="verify the merged files afterwards; exit code 1 if a check fails"
-    )
-    p.add_argument(
-        "--functional",
-        default="auto",
-        choices=["auto", "always", "never"],
-        help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, "
-        "or never",
-    )
-    p.add_argument("--gguf", metavar="TYPE[,TYPE]", default="", help=_gguf_help())
     p.add_argument(
         "--quantized-base",
         default="dequantized",
@@ -86,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --quantized-base original: the full-precision model to merge into (default: the quantized "
         "repo's model card base_model)",
     )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (atomically)")
+    p.add_argument(
+        "--verify", action="store_true", help="verify the merged files afterwards; exit code 1 if a check fails"
+    )
+    p.add_argument(
+        "--functional",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="with --verify: compare logits with PeftModel(base, adapter) when it fits in memory (auto), always, "
+        "or never",
+    )
+    p.add_argument("--gguf", metavar="TYPE[,TYPE]", default="", help=_gguf_help())
     p.add_argument("--push", metavar="REPO_ID", help="push the merged model to this Hub repo in one commit")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.add_argument(
@@ -97,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--json", action="store_true", help="print the merge report (and verification) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def _gguf_help() -> str:
