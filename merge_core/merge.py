@@ -22,7 +22,7 @@ from .outputs import begin_staging, check_output_target, discard, publish
 from .peft_types.ops import apply_all_
 from .plan import MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
-from .report import MergeReport, ModuleReport
+from .report import MergeReport
 from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree
 from .sources import row_alignment, start_rows
 from .tensor_math import (
@@ -339,20 +339,6 @@ def execute_plan(
 def _report(plan: MergePlan, output_dir: Path, shards: list[str], timings: Timings, elapsed: float) -> MergeReport:
     from .combine import read_recipe
 
-    modules = [
-        ModuleReport(
-            module=m.module,
-            tensor=m.tensor,
-            kind=m.kind,
-            variant=m.variant,
-            shape=tuple(m.shape),
-            rank=m.rank,
-            alpha=m.alpha,
-            scale=m.scale,
-            fan_in_fan_out=m.fan_in_fan_out,
-        )
-        for m in plan.modules
-    ]
     config_changes = {k: v for k, v in plan.config.items() if plan.base.config.get(k) != v and k != "text_config"}
     return MergeReport(
         base=plan.options.base_name or plan.base.display_name,
@@ -363,7 +349,7 @@ def _report(plan: MergePlan, output_dir: Path, shards: list[str], timings: Timin
         output_dtype=dtype_name(plan.output_dtype),
         compute_dtype=plan.options.compute_dtype,
         device=plan.options.device,
-        modules=modules,
+        modules=list(plan.modules),
         changed_tensors=[t.name for t in plan.tensors if t.changed],
         copied_tensors=sum(1 for t in plan.tensors if not t.changed),
         shards=shards,

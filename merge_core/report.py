@@ -6,18 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .plan_types import ModulePlan
 
-@dataclass
-class ModuleReport:
-    module: str
-    tensor: str
-    kind: str
-    variant: str
-    shape: tuple[int, ...]
-    rank: int
-    alpha: float
-    scale: float
-    fan_in_fan_out: bool
+# What the report says about each changed module is exactly what the plan decided about it.
+ModuleReport = ModulePlan
 
 
 @dataclass
