@@ -135,14 +135,18 @@ class MergeView:
 
     state: Any = None
     error: Any = None
+    # the verification: verdict line and table
     verdict: Any = ""
     table: Any = None
+    # the three generations side by side, and the line under them
     gen_base: Any = ""
     gen_adapter: Any = ""
     gen_merged: Any = ""
     gen_note: Any = ""
+    # sizes and the merge summary
     sizes: Any = ""
     summary: Any = ""
+    # the push row and the buttons this merge unlocks
     repo_name: Any = KEEP
     push_btn: Any = None
     merge_btn: Any = None
