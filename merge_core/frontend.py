@@ -100,10 +100,12 @@ KEEP: Any = _Keep()  # a view field left as it is on the page
 class MergeForm:
     """What the merge button sends; each field is the app's component of the same name."""
 
+    # what to merge
     adapter: str = ""
     base: str = ""
     adapter_revision: str = ""
     base_revision: str = ""
+    # how (Advanced)
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     functional: str = next(iter(FUNCTIONAL))
