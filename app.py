@@ -135,7 +135,7 @@ def _table(report: VerificationReport | None) -> pd.DataFrame:
 
 
 def _failed(message: str) -> MergeView:
-    return MergeView(
+    return MergeView.cleared(
         state=None,
         error=_error(message),
         table=_table(None),

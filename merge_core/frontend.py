@@ -131,27 +131,36 @@ class PushForm:
     state: MergeResult | None = None
 
 
+# A page after a merge starts from this: nothing shown, the repo name as the user left it.
+_CLEARED: dict[str, Any] = {
+    **dict.fromkeys(("state", "error", "table", "push_btn", "merge_btn")),
+    **dict.fromkeys(("verdict", "gen_base", "gen_adapter", "gen_merged", "gen_note", "sizes", "summary"), ""),
+    "repo_name": KEEP,
+}
+
+
 @dataclass
 class MergeView:
     """What a merge shows, one field per component of the same name; KEEP leaves it as it is."""
 
-    state: Any = None
-    error: Any = None
-    # the verification: verdict line and table
-    verdict: Any = ""
-    table: Any = None
-    # the three generations side by side, and the line under them
-    gen_base: Any = ""
-    gen_adapter: Any = ""
-    gen_merged: Any = ""
-    gen_note: Any = ""
-    # sizes and the merge summary
-    sizes: Any = ""
-    summary: Any = ""
-    # the push row and the buttons this merge unlocks
-    repo_name: Any = KEEP
-    push_btn: Any = None
-    merge_btn: Any = None
+    state: Any
+    error: Any
+    verdict: Any  # the verification: verdict line and table
+    table: Any
+    gen_base: Any  # the three generations side by side, and the line under them
+    gen_adapter: Any
+    gen_merged: Any
+    gen_note: Any
+    sizes: Any  # sizes and the merge summary
+    summary: Any
+    repo_name: Any  # the push row and the buttons this merge unlocks
+    push_btn: Any
+    merge_btn: Any
+
+    @classmethod
+    def cleared(cls, **changes: Any) -> MergeView:
+        """Every field emptied (the repo name kept) except ``changes``."""
+        return cls(**{**_CLEARED, **changes})
 
     @classmethod
     def kept(cls, **changes: Any) -> MergeView:
@@ -163,7 +172,7 @@ class MergeView:
         """The texts of a finished merge; the toolkit-specific fields come in ``changes``."""
         sample = result.sample
         texts = (sample.base, sample.adapter, sample.merged) if sample else ("", "", "")
-        return cls(
+        return cls.cleared(
             state=result,
             verdict=verdict_markdown(result.verification),
             gen_base=texts[0],
