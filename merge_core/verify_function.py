@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .layer_stream import STREAMED_TASKS, streamed_logit_checks
 from .models import LoadedModels, MergedModelLoadError, choose_model_class, load_models, short_error
 from .plan import MergePlan
 from .tasks import LOGIT_ROWS, ProbeInputError, row_names, task_checks
@@ -51,6 +52,8 @@ def functional_checks(
     """The function rows for the adapter's task; skipped rows with one short reason when they cannot run."""
     fits, reason = functional_budget(plan, device, memory_budget)
     if not fits and not force and models is None:
+        if _planned_task(plan) in STREAMED_TASKS:
+            return _streamed(plan, merged_dir, device=device, reason=reason)
         return _skipped(_planned_rows(plan), reason)
     own = models is None
     if own:
@@ -70,6 +73,26 @@ def functional_checks(
     finally:
         if own:
             models.release()
+
+
+def _streamed(plan: MergePlan, merged_dir: Path, *, device: str, reason: str) -> list[Check]:
+    """The causal-LM rows computed one layer at a time, for models too large to hold whole."""
+    why = reason.split(";")[0]
+    try:
+        return streamed_logit_checks(plan, merged_dir, device=device, why=why)
+    except MergedModelLoadError as exc:
+        return _merged_does_not_load(LOGIT_ROWS, str(exc))
+    except ModelLoadError as exc:
+        return _skipped(LOGIT_ROWS, f"{why}, and {str(exc)[:1].lower()}{str(exc)[1:]}")
+    except Exception as exc:  # noqa: BLE001 - transformers' text is long; the row gets one short reason
+        return _skipped(LOGIT_ROWS, f"{why}, and the layer-by-layer forward pass failed ({short_error(exc)})")
+
+
+def _planned_task(plan: MergePlan) -> str | None:
+    try:
+        return choose_model_class(plan).task
+    except ModelLoadError:
+        return None
 
 
 def _planned_rows(plan: MergePlan) -> list[str]:
