@@ -7,6 +7,7 @@ token are explicit; the token is never logged, echoed or written anywhere by thi
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -372,6 +373,125 @@ class HubClient:
             )
         url = f"{self.endpoint}/{target.repo_id}"
         return PushResult(target.repo_id, url, str(info.oid), str(info.commit_url), pr_url)
+
+    # --- streamed push: one file at a time, then one commit --------------------------------------
+
+    def download_file(self, ref: RepoRef, sha: str, filename: str, *, cache_dir: Path | None, tqdm_class=None) -> Path:
+        """One file of ``ref`` at commit ``sha`` into the cache (kept there when already present)."""
+        from huggingface_hub import hf_hub_download
+
+        kwargs: dict[str, Any] = dict(
+            repo_id=ref.repo_id,
+            filename=filename,
+            revision=sha,
+            token=self._token,
+            endpoint=self.endpoint,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
+        if tqdm_class is not None:
+            kwargs["tqdm_class"] = tqdm_class
+        return Path(self._call(ref, lambda: hf_hub_download(**kwargs)))
+
+    def create_target(self, target: PushTarget) -> None:
+        """Create the repository of a NEW target (nothing else is written)."""
+        if target.mode is not PushMode.NEW:
+            return
+        try:
+            self._call(
+                RepoRef(target.repo_id),
+                lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=False),
+            )
+        except HubError as exc:
+            raise PushError(
+                f"Could not create {target.repo_id}: {exc}. Your token needs write access to the "
+                f"namespace {target.repo_id.split('/')[0]!r}."
+            ) from exc
+
+    def preupload_file(
+        self, target: PushTarget, path_in_repo: str, path: Path, *, on_bytes: Callable[[int], None] | None = None
+    ) -> tuple[Any, int]:
+        """Upload one LFS file without committing it: (the operation for create_commit, bytes sent).
+
+        0 bytes sent for an LFS file means the Hub already held that content (the LFS batch answered
+        without an upload action), which is what lets an interrupted push resume.
+        """
+        sent = [0]
+
+        def count(n: int) -> None:
+            sent[0] += n
+            if on_bytes is not None:
+                on_bytes(n)
+
+        op = _counting_add(path_in_repo=path_in_repo, path_or_fileobj=str(path))
+        op.on_read = count
+        self._call(
+            RepoRef(target.repo_id),
+            lambda: self.api.preupload_lfs_files(
+                target.repo_id, additions=[op], create_pr=target.mode is PushMode.PR, free_memory=False
+            ),
+        )
+        return op, sent[0]
+
+    def commit_files(self, target: PushTarget, operations: list[Any], *, message: str, description: str) -> PushResult:
+        """ONE commit (or pull request) of ``operations``; an update also deletes weights the new commit lacks."""
+        from huggingface_hub import CommitOperationDelete
+
+        ref = RepoRef(target.repo_id)
+        ops = list(operations)
+        if target.mode is PushMode.UPDATE:
+            # An update replaces the weights whole: stale shards of an older merge must not survive.
+            kept = {op.path_in_repo for op in ops}
+            present = self._call(ref, lambda: self.api.list_repo_files(target.repo_id))
+            stale = [f for f in present if _is_weight_file(f) and f not in kept]
+            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        info = self._call(
+            ref,
+            lambda: self.api.create_commit(
+                target.repo_id,
+                operations=ops,
+                commit_message=message,
+                commit_description=description,
+                create_pr=target.mode is PushMode.PR,
+            ),
+        )
+        pr_url = getattr(info, "pr_url", None)
+        url = f"{self.endpoint}/{target.repo_id}"
+        return PushResult(target.repo_id, url, str(info.oid), str(info.commit_url), pr_url)
+
+
+def _is_weight_file(path: str) -> bool:
+    return "/" not in path and (path.endswith(".safetensors") or path == "model.safetensors.index.json")
+
+
+@functools.cache
+def _counting_add_class() -> type:
+    """CommitOperationAdd whose file reads are counted: byte-level upload progress (basic LFS transfer)."""
+    from contextlib import contextmanager
+
+    from huggingface_hub import CommitOperationAdd
+
+    class CountingAdd(CommitOperationAdd):
+        on_read: Callable[[int], None] | None = None
+
+        @contextmanager
+        def as_file(self, with_tqdm: bool = False):  # type: ignore[override]
+            with super().as_file(with_tqdm=False) as fileobj:
+                on_read, read = self.on_read, fileobj.read
+                if on_read is not None:
+
+                    def counted(size: int | None = -1) -> bytes:
+                        data = read(size)
+                        on_read(len(data))
+                        return data
+
+                    fileobj.read = counted  # the way huggingface_hub's own tqdm_stream_file counts
+                yield fileobj
+
+    return CountingAdd
+
+
+def _counting_add(**kwargs: Any) -> Any:
+    return _counting_add_class()(**kwargs)
 
 
 def _writable_namespaces(me: dict[str, Any]) -> set[str]:

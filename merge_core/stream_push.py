@@ -1,0 +1,492 @@
+"""Hub to Hub through a bounded disk: download base shards just in time, merge one output shard,
+pre-upload it, delete what no later shard needs, and land everything in ONE commit at the end.
+
+Only metadata is fetched up front (adapter, the base's small files and safetensors headers), so the
+plan is validated before any shard moves. The disk then holds about two input shards (the one being
+read and the one prefetched), two output shards (the one uploading and the one being written), the
+adapter and the small files. Uploaded-but-uncommitted LFS objects are invisible in the repository,
+and the Hub keeps them: a rerun of an interrupted push sends only the shards it does not hold yet.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .card import build_model_card
+from .checkpoint import BaseTensor
+from .errors import BaseCheckpointError, InsufficientDiskError, InvalidOptionError, MergeError, PushError
+from .hub import BASE_SMALL_PATTERNS, HubClient, PushMode, PushResult, PushTarget, RepoRef, base_weight_files, matching
+from .inputs import BaseInput, MergeRequest, ResolvedInputs, _base_source, _Hub, _preflight_checkpoint, _resolve_adapter
+from .merge import ShardHooks, execute_plan
+from .plan import MergePlan, build_plan
+from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .report import MergeReport
+from .safetensors_io import element_size, read_header
+
+# Kept free beside the pipeline by default: logs, the OS and other jobs need some disk too.
+DEFAULT_DISK_MARGIN = 1 << 30
+
+
+@dataclass
+class StreamPushResult:
+    """What a streamed push did; unpacks as ``report, pushed = stream_merge_push(...)``."""
+
+    report: MergeReport
+    push: PushResult
+    peak_disk_bytes: int  # the most bytes the pipeline held under its folders at once (sampled)
+    disk_budget: int
+    disk_needed: int  # the up-front estimate the budget was checked against
+    uploaded: list[str] = field(default_factory=list)
+    already_on_hub: list[str] = field(default_factory=list)  # resumed: the Hub held these bytes
+    downloaded: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)  # base shards found on disk, not downloaded
+
+    def __iter__(self):
+        return iter((self.report, self.push))
+
+
+class _DiskMeter:
+    """Bytes of regular files under some folders, sampled by a thread and at each pipeline event."""
+
+    def __init__(self, roots: list[Path], interval: float = 0.02) -> None:
+        self.roots, self.interval, self.peak = roots, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="disk-meter", daemon=True)
+
+    def usage(self) -> int:
+        seen, total = set(), 0
+        for root in self.roots:
+            for path in root.rglob("*") if root.exists() else ():
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue  # removed while we walked
+                if path.is_symlink() or not path.is_file() or (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+        return total
+
+    def sample(self) -> int:
+        now = self.usage()
+        self.peak = max(self.peak, now)
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> _DiskMeter:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+@dataclass
+class _Base:
+    ref: RepoRef
+    sha: str
+    folder: Path
+    sizes: dict[str, int]  # shard file name -> bytes
+    owned_cache: bool  # the cache is this push's own folder: every consumed shard may go
+
+
+def _resolve_metadata(
+    request: MergeRequest, workdir: Path, progress: ProgressCallback
+) -> tuple[ResolvedInputs, Any, _Base]:
+    """The adapter (downloaded), the base's small files and safetensors headers: no base shard yet."""
+    if request.gguf_types or request.quantized_target == "original":
+        raise InvalidOptionError(
+            "GGUF files and the 'original' target are not streamed; push without them, or merge to a folder first."
+        )
+    hub = _Hub(request)
+    progress(ProgressUpdate("resolve", 0, 2, "", "adapter"))
+    inputs = _resolve_adapter(request, hub, workdir)
+    try:
+        source, _text = _base_source(request, inputs.adapter_dir)
+        if not isinstance(source, RepoRef):
+            raise InvalidOptionError(
+                "A streamed push reads the base from the Hub; give the base as a Hub ID owner/name."
+            )
+        progress(ProgressUpdate("resolve", 1, 2, "", "base"))
+        inputs.options = request.options(
+            base_name=str(source), adapter_name=inputs.adapter_id, adapter_revision=inputs.adapter_revision
+        )
+        client = hub.client
+        sha, files = client.resolve(source)
+        base_weight_files(files, source)  # refuses pickle-only repos
+        folder = client.download(source, sha, matching(files, BASE_SMALL_PATTERNS), cache_dir=request.cache_dir)
+        headers = client.safetensors_headers(source, sha)
+        checkpoint = _preflight_checkpoint(folder, headers, str(source))
+        if checkpoint is None:
+            raise InvalidOptionError(
+                "This quantized base's shapes are only known from its shards, so it cannot be streamed; "
+                "merge it to a folder first, then push."
+            )
+        inputs.base = BaseInput(folder, source.repo_id, source.revision, client.card_data(source))
+    except BaseException:
+        inputs.release()
+        raise
+    progress(ProgressUpdate("resolve", 2, 2, "", "done"))
+    sizes = {s: int(files.get(s, 0)) for s in headers}
+    return inputs, checkpoint, _Base(source, sha, folder, sizes, owned_cache=False)
+
+
+def shard_needs(plan: MergePlan) -> list[set[Path]]:
+    """For each output shard, the base shard files its tensors read (quantized side tensors included)."""
+    where = {name: t.shard for name, t in plan.base.tensors.items()}
+    needs = []
+    for shard in plan.shards:
+        need: set[Path] = set()
+        for t in shard:
+            if t.base is not None:
+                need.add(Path(t.base.shard))
+            if t.quantized is not None:
+                need |= {Path(where[p]) for p in t.quantized.parts.values() if p in where}
+        needs.append(need)
+    return needs
+
+
+def locate_shard(plan: MergePlan, path: Path) -> None:
+    """Point the plan's tensors of one downloaded shard at their absolute offsets in the file.
+
+    A headers-only checkpoint (inputs._preflight_checkpoint) holds the Hub's data offsets, which
+    count from the end of the header; the file on disk tells the header's length, and must agree
+    with everything else the plan was built from.
+    """
+    header = read_header(path)
+    located: dict[str, BaseTensor] = {}
+    for name, planned in plan.base.tensors.items():
+        if Path(planned.shard) != path:
+            continue
+        real = header.tensors.get(name)
+        data_start = (real.begin - planned.info.begin) if real is not None else -1
+        if (
+            real is None
+            or (real.dtype, real.shape, real.nbytes) != (planned.info.dtype, planned.info.shape, planned.info.nbytes)
+            or data_start < 8
+        ):
+            raise BaseCheckpointError(
+                f"The downloaded {path.name} does not match the header read before the merge (tensor {name}); "
+                "the base repository changed during the push: run it again."
+            )
+        located[name] = BaseTensor(path, real)
+    plan.base.tensors.update(located)
+    for t in plan.tensors:
+        if t.base is not None and Path(t.base.shard) == path:
+            t.base = located[t.base.info.name]
+
+
+def output_shard_bytes(plan: MergePlan) -> list[int]:
+    return [sum(math.prod(t.shape) * element_size(t.dtype) for t in shard) for shard in plan.shards]
+
+
+def disk_needed(plan: MergePlan, base: _Base, adapter_dir: Path) -> int:
+    """About two input shards + two output shards + the adapter and the small files."""
+    two_in = sum(sorted(base.sizes.values())[-2:])
+    two_out = sum(sorted(output_shard_bytes(plan))[-2:])
+    small = sum(p.stat().st_size for p in base.folder.iterdir() if p.is_file() and p.name not in base.sizes)
+    adapter = sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
+    return two_in + two_out + small + adapter
+
+
+def default_max_disk(workdir: Path, margin: int = DEFAULT_DISK_MARGIN) -> int:
+    """What is free where the pipeline writes, less a margin."""
+    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
+    return max(0, shutil.disk_usage(existing).free - margin)
+
+
+def check_budget(needed: int, budget: int) -> None:
+    if needed > budget:
+        raise InsufficientDiskError(
+            f"The streamed push needs about {needed / 1e9:.2f} GB of disk (two input shards, two output shards and "
+            f"the adapter) but the budget is {budget / 1e9:.2f} GB; free some space, raise --max-disk or choose a "
+            "smaller --max-shard-size."
+        )
+
+
+class _Fetcher:
+    """Base shards on demand, one download at a time in a background thread (the prefetch)."""
+
+    def __init__(self, client: HubClient, base: _Base, cache_dir: Path | None, progress: ProgressCallback) -> None:
+        self.client, self.base, self.cache_dir, self.progress = client, base, cache_dir, progress
+        self.total, self.done = sum(base.sizes.values()), 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self.jobs: dict[Path, Future] = {}
+        self.downloaded: list[str] = []
+        self.cached: list[str] = []
+
+    def name(self, path: Path) -> str:
+        return path.relative_to(self.base.folder).as_posix()
+
+    def want(self, paths: set[Path]) -> None:
+        for path in sorted(paths):
+            if path not in self.jobs:
+                self.jobs[path] = self.pool.submit(self._fetch, path)
+
+    def wait(self, paths: set[Path]) -> None:
+        self.want(paths)
+        for path in sorted(paths):
+            self.jobs[path].result()
+
+    def _add(self, n: int, message: str = "") -> None:
+        self.done += n
+        self.progress(ProgressUpdate("download", min(self.done, self.total), self.total, "B", message))
+
+    def _fetch(self, path: Path) -> None:
+        name = self.name(path)
+        if path.exists():
+            self.cached.append(name)
+            self._add(self.base.sizes.get(name, 0), f"{name} already in the cache, not downloaded again")
+            return
+        got = self.client.download_file(
+            self.base.ref, self.base.sha, name, cache_dir=self.cache_dir, tqdm_class=_forwarding_tqdm(self._add)
+        )
+        if not path.exists():  # the cache layout would have to change under us
+            raise MergeError(f"{name} was downloaded to {got}, not where the plan reads it ({path}); report this bug.")
+        self.downloaded.append(name)
+
+    def drop(self, path: Path) -> None:
+        """Delete a consumed base shard: any in our own cache, else only what this run downloaded."""
+        if not (self.base.owned_cache or self.name(path) in self.downloaded):
+            return
+        real = path.resolve()
+        path.unlink(missing_ok=True)
+        if real != path:
+            real.unlink(missing_ok=True)  # the cache's blob behind the snapshot link
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _forwarding_tqdm(on_bytes):
+    """A silent tqdm class that forwards huggingface_hub's byte counts."""
+    from tqdm.auto import tqdm
+
+    class Forwarding(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if n:
+                on_bytes(int(n))
+            return super().update(n)
+
+    return Forwarding
+
+
+class _Uploader:
+    """Output shards pre-uploaded in a background thread, one in flight, each deleted once sent."""
+
+    def __init__(self, client: HubClient, target: PushTarget, total: int, progress: ProgressCallback) -> None:
+        self.client, self.target, self.total, self.progress = client, target, total, progress
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+        self.pending: Future | None = None
+        self.done = 0
+        self.operations: list[Any] = []
+        self.uploaded: list[str] = []
+        self.already: list[str] = []
+
+    def _add(self, n: int, message: str = "") -> None:
+        self.done += n
+        self.progress(ProgressUpdate("upload", min(self.done, self.total), self.total, "B", message))
+
+    def submit(self, path: Path) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._upload, path)
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        try:
+            pending.result()
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+            raise PushError(f"Upload failed ({detail}).{_retry_hint(self.target)}") from exc
+
+    def _upload(self, path: Path) -> None:
+        size = path.stat().st_size
+        op, sent = self.client.preupload_file(self.target, path.name, path, on_bytes=self._add)
+        if sent == 0 and getattr(op, "_upload_mode", None) == "lfs" and _counts_bytes():
+            self.already.append(path.name)
+            self._add(size, f"{path.name} is already on the Hub (resumed push), not sent again")
+        else:
+            self.uploaded.append(path.name)
+            self._add(size - sent, f"{path.name} uploaded")
+        self.operations.append(op)
+        path.unlink()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _counts_bytes() -> bool:
+    """Whether uploads go through the LFS basic transfer, whose reads we count (Xet reads paths itself)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_DISABLE_XET)
+
+
+def _retry_hint(target: PushTarget) -> str:
+    again = "run the same push again to resume: the shards the Hub already holds are not sent again."
+    if target.mode is PushMode.NEW:
+        return f" {target.repo_id} was created but nothing was committed; choose 'Update existing repo' and {again}"
+    return f" Nothing was committed, {target.repo_id} is unchanged; {again}"
+
+
+def _pipeline(
+    plan: MergePlan, fetcher: _Fetcher, uploader: _Uploader, output_dir: Path, *, meter: _DiskMeter, progress
+) -> MergeReport:
+    """execute_plan with hooks: base shards just in time (the next one prefetched), each output shard
+    handed to the uploader as soon as it is complete, consumed base shards deleted at once."""
+    needs = shard_needs(plan)
+    last_use = {path: i for i, need in enumerate(needs) for path in need}
+    n, located = len(needs), set[Path]()
+
+    def before(i: int, _tensors: list) -> None:
+        fetcher.wait(needs[i])
+        for path in sorted(needs[i] - located):
+            locate_shard(plan, path)
+            located.add(path)
+        if i + 1 < n:
+            fetcher.want(needs[i + 1])
+        meter.sample()
+
+    def after(i: int, path: Path) -> None:
+        meter.sample()
+        for used in sorted(needs[i]):
+            if last_use[used] == i:
+                fetcher.drop(used)
+        uploader.submit(path)
+        if i == n - 1:
+            uploader.wait()  # the staging folder is renamed into place next: nothing may still read from it
+
+    try:
+        report = execute_plan(plan, output_dir, overwrite=True, progress=progress, hooks=ShardHooks(before, after))
+        uploader.wait()
+    finally:
+        fetcher.close()
+        uploader.close()
+    return report
+
+
+def _commit(
+    client: HubClient,
+    target: PushTarget,
+    output_dir: Path,
+    *,
+    inputs: ResolvedInputs,
+    uploader: _Uploader,
+    report: MergeReport,
+) -> PushResult:
+    """The card, then ONE commit: the pre-uploaded shards plus config, index, tokenizer and card."""
+    from huggingface_hub import CommitOperationAdd
+
+    card = build_model_card(
+        report,
+        None,
+        repo_id=target.repo_id,
+        base_id=inputs.base.name,
+        base_revision=inputs.base.revision,
+        adapter_id=inputs.adapter_id,
+        adapter_revision=inputs.adapter_revision,
+        base_card=inputs.base.card,
+    )
+    card.save(output_dir / "README.md")
+    shards = {op.path_in_repo for op in uploader.operations}
+    small = [
+        CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
+        for p in sorted(output_dir.iterdir())
+        if p.is_file() and p.name not in shards
+    ]
+    operations = sorted(uploader.operations, key=lambda op: op.path_in_repo) + small
+    try:
+        pushed = client.commit_files(
+            target,
+            operations,
+            message=f"Merge {inputs.adapter_id} into {inputs.base.name}",
+            description="Merged with LoRA Merge Space (merge_core), streamed: one commit with weights, config, "
+            "tokenizer and card.",
+        )
+    except Exception as exc:
+        detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+        raise PushError(f"The final commit failed ({detail}).{_retry_hint(target)}") from exc
+    if target.mode is PushMode.PR and not pushed.pr_url:
+        raise PushError(f"{target.repo_id} already holds exactly these files, so no pull request was opened.")
+    return pushed
+
+
+def stream_merge_push(
+    request: MergeRequest,
+    target: PushTarget,
+    workdir: Path,
+    *,
+    max_disk: int | None = None,
+    progress: ProgressCallback = no_progress,
+) -> StreamPushResult:
+    """Merge a Hub base with an adapter and push the result to ``target`` (preflighted, see
+    HubClient.preflight_push) in one commit, holding about two input and two output shards on disk.
+
+    Downloads go to ``request.cache_dir`` (default: ``workdir``/hub-cache, whose consumed shards are
+    deleted); ``max_disk`` defaults to the free space at ``workdir`` less DEFAULT_DISK_MARGIN.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    owned = request.cache_dir is None
+    request = replace(request, cache_dir=Path(request.cache_dir or workdir / "hub-cache"))
+    roots = [workdir] + (
+        [] if Path(request.cache_dir).resolve().is_relative_to(workdir.resolve()) else [request.cache_dir]
+    )
+    with _DiskMeter(roots) as meter:
+        inputs, checkpoint, base = _resolve_metadata(request, workdir, progress)
+        base.owned_cache = owned
+        try:
+            plan = build_plan(checkpoint, inputs.adapter_dir, inputs.options)
+            needed = disk_needed(plan, base, inputs.adapter_dir)
+            budget = default_max_disk(workdir) if max_disk is None else int(max_disk)
+            check_budget(needed, budget)
+            client = HubClient(request.token, request.endpoint)
+            client.create_target(target)
+            fetcher = _Fetcher(client, base, request.cache_dir, progress)
+            uploader = _Uploader(client, target, plan.output_nbytes, progress)
+            output_dir = workdir / "merged"
+            report = _pipeline(plan, fetcher, uploader, output_dir, meter=meter, progress=progress)
+            pushed = _commit(client, target, output_dir, inputs=inputs, uploader=uploader, report=report)
+        finally:
+            inputs.release()
+    return StreamPushResult(
+        report=report,
+        push=pushed,
+        peak_disk_bytes=meter.peak,
+        disk_budget=budget,
+        disk_needed=needed,
+        uploaded=sorted(uploader.uploaded),
+        already_on_hub=sorted(uploader.already),
+        downloaded=sorted(fetcher.downloaded),
+        cached=sorted(fetcher.cached),
+    )
+
+
+__all__ = [
+    "DEFAULT_DISK_MARGIN",
+    "StreamPushResult",
+    "check_budget",
+    "default_max_disk",
+    "disk_needed",
+    "output_shard_bytes",
+    "shard_needs",
+    "stream_merge_push",
+]

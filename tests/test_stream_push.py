@@ -1,0 +1,148 @@
+"""The streamed Hub-to-Hub push (merge_core.stream_push) against the local Hub test server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge_core.errors import InsufficientDiskError, PushError
+from merge_core.hub import HubClient
+from merge_core.inputs import MergeRequest
+from merge_core.progress import ProgressUpdate
+from merge_core.stream_push import stream_merge_push
+from tests.conftest import ALICE, HUB_PORT, start_hub
+from tests.factories import logits, make_adapter, make_base, make_tokenizer, peft_reference, prompt_ids
+from tests.hubserver import HubServer
+
+SHARD = "20KB"
+
+
+@dataclass
+class Env:
+    hub: HubServer
+    base: Path
+    adapter: Path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("stream")
+    base = make_base(root / "base", "llama", max_shard_size=SHARD)
+    make_tokenizer(base)
+    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "acme/sharded-llama"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    # On HF_ENDPOINT's port, so from_pretrained("alice/...") reads back through this server.
+    hub = start_hub(root / "hub", port=HUB_PORT)
+    for repo, folder in [("acme/sharded-llama", base), ("alice/sharded-lora", adapter)]:
+        hub.create_repo(repo)
+        hub.upload_dir(repo, folder)
+    yield Env(hub, base, adapter)
+    hub.stop()
+
+
+def _request(env: Env) -> MergeRequest:
+    return MergeRequest(adapter="alice/sharded-lora", token=ALICE, endpoint=env.hub.url, max_shard_size=SHARD)
+
+
+def _model_commits(hub: HubServer, repo: str) -> list:
+    return [c for c in hub.commits(repo) if ".safetensors" in json.dumps(c)]
+
+
+def _shards(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.glob("model*.safetensors")}
+
+
+def _lfs_puts(hub: HubServer, status: int | None = None) -> list:
+    return [r for r in hub.requests_for("PUT", "/lfs-upload/") if status is None or r.status == status]
+
+
+def test_streamed_push_lands_one_commit_within_the_disk_bound(env: Env, tmp_path: Path) -> None:
+    base_shards = _shards(env.base)
+    assert len(base_shards) >= 4
+    updates: list[ProgressUpdate] = []
+    target = HubClient(ALICE, env.hub.url).preflight_push("alice/streamed", "new")
+    result = stream_merge_push(_request(env), target, tmp_path / "work", progress=updates.append)
+    report, pushed = result
+    assert pushed.repo_id == "alice/streamed" and len(pushed.commit_oid) == 40
+
+    # One commit carries every shard, the index, config, tokenizer and card.
+    assert len(_model_commits(env.hub, "alice/streamed")) == 1
+    files = env.hub.repo_files("alice/streamed")
+    out_shards = [n for n in files if n.startswith("model-") and n.endswith(".safetensors")]
+    assert len(out_shards) >= 4 and sorted(out_shards) == report.shards
+    assert {"model.safetensors.index.json", "config.json", "README.md", "tokenizer.json"} <= set(files)
+    assert result.uploaded == sorted(out_shards) and result.already_on_hub == []
+    assert result.downloaded == sorted(base_shards)
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained("alice/streamed", token=ALICE, dtype=torch.float32).eval()
+    ref = peft_reference(env.base, env.adapter)
+    ids = prompt_ids()
+    assert (logits(merged, ids) - logits(ref, ids)).abs().max().item() <= 1e-4
+
+    # Disk: never base + output at once; at most two input + two output shards, the adapter and small files.
+    out_sizes = sorted(len(files[n]) for n in out_shards)
+    small = sum(len(v) for n, v in files.items() if n not in out_shards) + sum(
+        p.stat().st_size for p in env.base.iterdir() if p.name not in base_shards
+    )
+    adapter = sum(p.stat().st_size for p in env.adapter.iterdir())
+    bound = sum(sorted(base_shards.values())[-2:]) + sum(out_sizes[-2:]) + adapter + small
+    assert 0 < result.peak_disk_bytes <= bound < sum(base_shards.values()) + sum(out_sizes)
+    assert result.disk_needed <= result.disk_budget
+    assert not list((tmp_path / "work").rglob("model-*.safetensors"))  # every shard was deleted once consumed
+
+    # Byte progress for each stage, ending complete.
+    for stage in ("download", "merge", "upload"):
+        seen = [u for u in updates if u.stage == stage]
+        assert seen and all(u.unit == "B" for u in seen), stage
+        assert seen[-1].done == seen[-1].total > 0, stage
+    # Upload bytes are counted as huggingface_hub reads the file (updates without a file message), not per file.
+    assert any(u.message == "" and u.done for u in updates if u.stage == "upload")
+
+
+def test_interrupted_push_leaves_no_commit_and_the_rerun_sends_only_what_is_missing(env: Env, tmp_path: Path) -> None:
+    client = HubClient(ALICE, env.hub.url)
+    target = client.preflight_push("alice/resumed", "new")
+    env.hub.clear_log()
+    env.hub.fail_uploads_after(50_000)  # a little over two output shards
+    try:
+        with pytest.raises(PushError, match="nothing was committed") as failed:
+            stream_merge_push(_request(env), target, tmp_path / "first")
+    finally:
+        env.hub.fail_uploads_after(None)
+    assert "Update existing repo" in str(failed.value)
+    assert _model_commits(env.hub, "alice/resumed") == []
+    assert env.hub.repo_files("alice/resumed").keys() <= {".gitattributes"}
+    sent_first = len(_lfs_puts(env.hub, 200))
+    assert 1 <= sent_first and _lfs_puts(env.hub, 403)
+    created = env.hub.commits("alice/resumed")  # the repository's creation only: the failed push committed nothing
+
+    env.hub.clear_log()
+    updates: list[ProgressUpdate] = []
+    again = client.preflight_push("alice/resumed", "update")
+    result = stream_merge_push(_request(env), again, tmp_path / "second", progress=updates.append)
+    n_shards = len(result.report.shards)
+    assert len(result.already_on_hub) == sent_first and len(result.uploaded) == n_shards - sent_first
+    assert len(_lfs_puts(env.hub)) == n_shards - sent_first  # only the missing shards crossed the wire
+    assert len(_model_commits(env.hub, "alice/resumed")) == 1
+    assert len(env.hub.commits("alice/resumed")) == len(created) + 1
+    assert any("already on the Hub" in u.message for u in updates if u.stage == "upload")
+    files = env.hub.repo_files("alice/resumed")
+    assert set(result.report.shards) <= set(files)
+
+
+def test_a_budget_below_the_pipeline_is_refused_before_any_shard_moves(env: Env, tmp_path: Path) -> None:
+    target = HubClient(ALICE, env.hub.url).preflight_push("alice/too-big", "new")
+    env.hub.clear_log()
+    with pytest.raises(InsufficientDiskError, match="two input shards, two output shards"):
+        stream_merge_push(_request(env), target, tmp_path / "work", max_disk=30_000)
+    shard_reads = env.hub.requests_for("GET", "/model-000")
+    assert shard_reads and all("range" in {k.lower() for k in r.headers} for r in shard_reads)  # headers only
+    assert not HubClient(ALICE, env.hub.url).api.repo_exists("alice/too-big")
