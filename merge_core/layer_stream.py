@@ -201,7 +201,7 @@ def _skeleton(model_class: Any, config_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def _with_adapter(plan: MergePlan, base: torch.nn.Module, workdir: Path) -> tuple[Any, str]:
+def _with_adapter(plan: MergePlan, base: torch.nn.Module, workdir: Path, device: torch.device) -> tuple[Any, str]:
     """PeftModel(base skeleton, adapter): PEFT's own injection, the adapter's tensors real, the base's meta."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -220,7 +220,8 @@ def _with_adapter(plan: MergePlan, base: torch.nn.Module, workdir: Path) -> tupl
         raise LayerStreamError(f"PEFT left the adapter tensor {missing[0]} unloaded on the base skeleton.")
     for param in peft.parameters():
         if not param.is_meta and param.is_floating_point():
-            param.data = param.data.float()  # as PEFT casts the adapter to its float32 base layer
+            # As PEFT moves the adapter to its float32 base layer (PEFT loads it onto its own choice of device).
+            param.data = param.data.to(device, torch.float32)
     return peft.eval(), note
 
 
@@ -257,7 +258,7 @@ def streamed_models(
     with tempfile.TemporaryDirectory(prefix="lms-stream-") as workdir, ExitStack() as stack:
         base = _skeleton(choice.model_class, plan.base.path)
         base_tensors = _by_object(_checkpoint_tensors(base, plan.base.path, plan.base.tensors), base)
-        peft, note = _with_adapter(plan, base, Path(workdir))
+        peft, note = _with_adapter(plan, base, Path(workdir), dev)
         merged_dir = Path(merged_dir)
         try:
             merged = _skeleton(choice.model_class, merged_dir)

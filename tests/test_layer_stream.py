@@ -121,3 +121,12 @@ def test_at_most_one_layer_is_held_at_a_time(tmp_path: Path) -> None:
         assert _materialised(*roots) == 0  # everything went back to the meta device
     assert 0 < peak <= layer < whole / 8
     assert stats.peak == peak and stats.units == 8 + 3  # 8 layers, embedding, final norm, head
+
+
+def test_a_model_that_cannot_be_streamed_gets_skipped_rows_that_say_why(tmp_path: Path) -> None:
+    # Training resized the vocabulary: the reference needs resize_token_embeddings, which a skeleton cannot redo.
+    lora = {"resize_vocab": 104, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}
+    plan, merged = merged_case(tmp_path, "llama", **lora)
+    rows = functional_checks(plan, merged, memory_budget=1000)
+    assert [r.name for r in rows] == LOGIT_ROWS
+    assert all(r.passed is None and "GB" in r.detail and "vocabulary" in r.detail for r in rows), rows
