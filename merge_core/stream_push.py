@@ -11,8 +11,6 @@ and the Hub keeps them: a rerun of an interrupted push sends only the shards it 
 from __future__ import annotations
 
 import math
-import shutil
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +18,8 @@ from typing import Any
 
 from .card import build_model_card
 from .checkpoint import BaseTensor
-from .errors import BaseCheckpointError, InsufficientDiskError, InvalidOptionError, MergeError, PushError
+from .disk_budget import DEFAULT_DISK_MARGIN, DiskMeter, check_budget, default_max_disk
+from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError
 from .hub import BASE_SMALL_PATTERNS, HubClient, PushMode, PushResult, PushTarget, RepoRef, base_weight_files, matching
 from .inputs import BaseInput, MergeRequest, ResolvedInputs, _base_source, _Hub, _preflight_checkpoint, _resolve_adapter
 from .merge import ShardHooks, execute_plan
@@ -28,9 +27,6 @@ from .plan import MergePlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport
 from .safetensors_io import element_size, read_header
-
-# Kept free beside the pipeline by default: logs, the OS and other jobs need some disk too.
-DEFAULT_DISK_MARGIN = 1 << 30
 
 
 @dataclass
@@ -49,48 +45,6 @@ class StreamPushResult:
 
     def __iter__(self):
         return iter((self.report, self.push))
-
-
-class _DiskMeter:
-    """Bytes of regular files under some folders, sampled by a thread and at each pipeline event."""
-
-    def __init__(self, roots: list[Path], interval: float = 0.02) -> None:
-        self.roots, self.interval, self.peak = roots, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="disk-meter", daemon=True)
-
-    def usage(self) -> int:
-        seen, total = set(), 0
-        for root in self.roots:
-            for path in root.rglob("*") if root.exists() else ():
-                try:
-                    st = path.lstat()
-                except OSError:
-                    continue  # removed while we walked
-                if path.is_symlink() or not path.is_file() or (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-        return total
-
-    def sample(self) -> int:
-        now = self.usage()
-        self.peak = max(self.peak, now)
-        return now
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> _DiskMeter:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 @dataclass
@@ -199,21 +153,6 @@ def disk_needed(plan: MergePlan, base: _Base, adapter_dir: Path) -> int:
     small = sum(p.stat().st_size for p in base.folder.iterdir() if p.is_file() and p.name not in base.sizes)
     adapter = sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
     return two_in + two_out + small + adapter
-
-
-def default_max_disk(workdir: Path, margin: int = DEFAULT_DISK_MARGIN) -> int:
-    """What is free where the pipeline writes, less a margin."""
-    existing = next(p for p in (workdir, *workdir.parents) if p.exists())
-    return max(0, shutil.disk_usage(existing).free - margin)
-
-
-def check_budget(needed: int, budget: int) -> None:
-    if needed > budget:
-        raise InsufficientDiskError(
-            f"The streamed push needs about {needed / 1e9:.2f} GB of disk (two input shards, two output shards and "
-            f"the adapter) but the budget is {budget / 1e9:.2f} GB; free some space, raise --max-disk or choose a "
-            "smaller --max-shard-size."
-        )
 
 
 class _Fetcher:
@@ -348,7 +287,7 @@ def _retry_hint(target: PushTarget) -> str:
 
 
 def _pipeline(
-    plan: MergePlan, fetcher: _Fetcher, uploader: _Uploader, output_dir: Path, *, meter: _DiskMeter, progress
+    plan: MergePlan, fetcher: _Fetcher, uploader: _Uploader, output_dir: Path, *, meter: DiskMeter, progress
 ) -> MergeReport:
     """execute_plan with hooks: base shards just in time (the next one prefetched), each output shard
     handed to the uploader as soon as it is complete, consumed base shards deleted at once."""
@@ -450,7 +389,7 @@ def stream_merge_push(
     roots = [workdir] + (
         [] if Path(request.cache_dir).resolve().is_relative_to(workdir.resolve()) else [request.cache_dir]
     )
-    with _DiskMeter(roots) as meter:
+    with DiskMeter(roots) as meter:
         inputs, checkpoint, base = _resolve_metadata(request, workdir, progress)
         base.owned_cache = owned
         try:

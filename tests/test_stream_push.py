@@ -67,7 +67,8 @@ def test_streamed_push_lands_one_commit_within_the_disk_bound(env: Env, tmp_path
     assert len(base_shards) >= 4
     updates: list[ProgressUpdate] = []
     target = HubClient(ALICE, env.hub.url).preflight_push("alice/streamed", "new")
-    result = stream_merge_push(_request(env), target, tmp_path / "work", progress=updates.append)
+    budget = sum(base_shards.values()) * 3 // 2  # less than base + output: the pipeline must stay inside it
+    result = stream_merge_push(_request(env), target, tmp_path / "work", max_disk=budget, progress=updates.append)
     report, pushed = result
     assert pushed.repo_id == "alice/streamed" and len(pushed.commit_oid) == 40
 
@@ -95,7 +96,8 @@ def test_streamed_push_lands_one_commit_within_the_disk_bound(env: Env, tmp_path
     adapter = sum(p.stat().st_size for p in env.adapter.iterdir())
     bound = sum(sorted(base_shards.values())[-2:]) + sum(out_sizes[-2:]) + adapter + small
     assert 0 < result.peak_disk_bytes <= bound < sum(base_shards.values()) + sum(out_sizes)
-    assert result.disk_needed <= result.disk_budget
+    assert budget < sum(base_shards.values()) + sum(out_sizes)
+    assert result.disk_needed <= result.disk_budget == budget and result.peak_disk_bytes <= budget
     assert not list((tmp_path / "work").rglob("model-*.safetensors"))  # every shard was deleted once consumed
 
     # Byte progress for each stage, ending complete.
@@ -114,7 +116,7 @@ def test_interrupted_push_leaves_no_commit_and_the_rerun_sends_only_what_is_miss
     env.hub.fail_uploads_after(50_000)  # a little over two output shards
     try:
         with pytest.raises(PushError, match="nothing was committed") as failed:
-            stream_merge_push(_request(env), target, tmp_path / "first")
+            stream_merge_push(_request(env), target, tmp_path / "work")
     finally:
         env.hub.fail_uploads_after(None)
     assert "Update existing repo" in str(failed.value)
@@ -127,8 +129,13 @@ def test_interrupted_push_leaves_no_commit_and_the_rerun_sends_only_what_is_miss
     env.hub.clear_log()
     updates: list[ProgressUpdate] = []
     again = client.preflight_push("alice/resumed", "update")
-    result = stream_merge_push(_request(env), again, tmp_path / "second", progress=updates.append)
+    result = stream_merge_push(_request(env), again, tmp_path / "work", progress=updates.append)
     n_shards = len(result.report.shards)
+    # Base shards the failed run had fetched but not yet consumed are read from its cache, not downloaded again.
+    assert result.cached and sorted(result.cached + result.downloaded) == sorted(_shards(env.base))
+    full_gets = [r for r in env.hub.requests_for("GET", "/model-000") if "range" not in {k.lower() for k in r.headers}]
+    assert len(full_gets) == len(result.downloaded)
+    assert any("already in the cache" in u.message for u in updates if u.stage == "download")
     assert len(result.already_on_hub) == sent_first and len(result.uploaded) == n_shards - sent_first
     assert len(_lfs_puts(env.hub)) == n_shards - sent_first  # only the missing shards crossed the wire
     assert len(_model_commits(env.hub, "alice/resumed")) == 1
