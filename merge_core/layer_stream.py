@@ -26,7 +26,7 @@ from .layouts import model_names
 from .models import LoadedModels, MergedModelLoadError, choose_model_class, short_error, token_vocab
 from .plan import MergePlan
 from .reference_adapter import adapter_for_model
-from .safetensors_io import DTYPE_FROM_ST
+from .safetensors_io import DTYPE_FROM_ST, OpenFiles, read_rows
 from .tasks import LOGIT_ROWS, _Compared, _three_ways, probe_inputs
 from .verify_report import Check
 
@@ -58,17 +58,16 @@ class _Source:
     tensors: dict[str, BaseTensor]  # by parameter name in the model
     which: str  # "base" or "merged", for messages
     device: torch.device
-    handles: dict[Path, Any] = field(default_factory=dict)
+    files: OpenFiles = field(default_factory=OpenFiles)
 
     def load(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        from safetensors import safe_open
-
         tensor = self.tensors.get(name)
         if tensor is None:
             raise self._error(f"the {self.which} checkpoint has no tensor for {name}")
-        if tensor.shard not in self.handles:
-            self.handles[tensor.shard] = safe_open(str(tensor.shard), framework="pt")
-        value = self.handles[tensor.shard].get_tensor(tensor.info.name).to(self.device, like.dtype)
+        # Plain reads, not a memory map: mapped pages of a 26 GB checkpoint would count as held memory.
+        info = tensor.info
+        value = read_rows(self.files.get(tensor.shard), info, 0, info.shape[0] if info.shape else 1)
+        value = value.to(self.device, like.dtype)
         if tuple(value.shape) != tuple(like.shape):
             raise self._error(
                 f"the {self.which} checkpoint's {tensor.info.name} has shape {list(value.shape)}, "
@@ -274,6 +273,7 @@ def streamed_models(
         ):
             _buffers_to(model, dev)
             stack.callback(_Streamer(model, source, stats).remove)
+            stack.callback(source.files.close)
         models = LoadedModels(
             peft,
             merged,
