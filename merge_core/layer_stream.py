@@ -33,7 +33,6 @@ from .verify_report import Check
 STREAMED_TASKS = ("CAUSAL_LM",)
 # PEFT wraps a base module; the checkpoint names the module itself.
 _WRAPPER_PARTS = (".base_layer", ".original_module")
-_PEFT_PREFIX = "base_model.model."
 
 
 class LayerStreamError(ModelLoadError):
