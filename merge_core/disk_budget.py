@@ -6,7 +6,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from .errors import InsufficientDiskError
+from .errors import DiskBudgetError
 
 # Kept free beside the pipeline by default: logs, the OS and other jobs need some disk too.
 DEFAULT_DISK_MARGIN = 1 << 30
@@ -77,10 +77,12 @@ def human_bytes(n: int) -> str:
 
 def check_budget(needed: int, budget: int) -> None:
     if needed > budget:
-        raise InsufficientDiskError(
+        raise DiskBudgetError(
             f"The streamed push needs about {human_bytes(needed)} of disk (two input shards, two output shards and "
             f"the adapter) but the budget is {human_bytes(budget)}; free some space, raise --max-disk or choose a "
-            "smaller --max-shard-size."
+            "smaller --max-shard-size.",
+            needed=needed,
+            budget=budget,
         )
 
 

@@ -175,3 +175,14 @@ class GgufUnsupportedError(GgufError):
 
 class GgufTokenizerError(GgufError):
     """The tokenizer cannot be described in GGUF metadata (missing, not BPE, unknown split rule)."""
+
+
+# --- streamed push ------------------------------------------------------------------------------
+
+
+class DiskBudgetError(InsufficientDiskError):
+    """The streamed Hub-to-Hub pipeline cannot fit its disk budget; ``needed`` and ``budget`` are bytes."""
+
+    def __init__(self, message: str, *, needed: int, budget: int) -> None:
+        super().__init__(message)
+        self.needed, self.budget = needed, budget

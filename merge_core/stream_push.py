@@ -11,6 +11,7 @@ and the Hub keeps them: a rerun of an interrupted push sends only the shards it 
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,16 +144,22 @@ def locate_shard(plan: MergePlan, path: Path) -> None:
 
 
 def output_shard_bytes(plan: MergePlan) -> list[int]:
-    return [sum(math.prod(t.shape) * element_size(t.dtype) for t in shard) for shard in plan.shards]
+    """Each output shard's file size, its JSON header estimated (a few hundred bytes per tensor)."""
+    return [sum(math.prod(t.shape) * element_size(t.dtype) + 256 for t in shard) + 8 for shard in plan.shards]
 
 
 def disk_needed(plan: MergePlan, base: _Base, adapter_dir: Path) -> int:
-    """About two input shards + two output shards + the adapter and the small files."""
-    two_in = sum(sorted(base.sizes.values())[-2:])
-    two_out = sum(sorted(output_shard_bytes(plan))[-2:])
-    small = sum(p.stat().st_size for p in base.folder.iterdir() if p.is_file() and p.name not in base.sizes)
+    """The least the pipeline can run in, without prefetching: the worst output shard i with the base shards it
+    reads, plus output shard i - 1 still uploading, plus the adapter and the small files."""
+    out = output_shard_bytes(plan)
+    folder = Path(base.folder)
+    worst = max(
+        sum(base.sizes.get(p.relative_to(folder).as_posix(), 0) for p in need) + out[i] + (out[i - 1] if i else 0)
+        for i, need in enumerate(shard_needs(plan))
+    )
+    small = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name not in base.sizes)
     adapter = sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
-    return two_in + two_out + small + adapter
+    return worst + 2 * small + adapter  # the output carries its own config, tokenizer and index
 
 
 class _Fetcher:
@@ -173,6 +180,9 @@ class _Fetcher:
         for path in sorted(paths):
             if path not in self.jobs:
                 self.jobs[path] = self.pool.submit(self._fetch, path)
+
+    def missing_bytes(self, paths: set[Path]) -> int:
+        return sum(self.base.sizes.get(self.name(p), 0) for p in paths if p not in self.jobs and not p.exists())
 
     def wait(self, paths: set[Path]) -> None:
         self.want(paths)
@@ -279,6 +289,17 @@ def _counts_bytes() -> bool:
     return bool(constants.HF_HUB_DISABLE_XET)
 
 
+def _serialized(progress: ProgressCallback) -> ProgressCallback:
+    """Download, merge and upload report from three threads; front ends (tqdm, gr.Progress) expect one at a time."""
+    lock = threading.Lock()
+
+    def call(update: ProgressUpdate) -> None:
+        with lock:
+            progress(update)
+
+    return call
+
+
 def _retry_hint(target: PushTarget) -> str:
     again = "run the same push again to resume: the shards the Hub already holds are not sent again."
     if target.mode is PushMode.NEW:
@@ -287,22 +308,30 @@ def _retry_hint(target: PushTarget) -> str:
 
 
 def _pipeline(
-    plan: MergePlan, fetcher: _Fetcher, uploader: _Uploader, output_dir: Path, *, meter: DiskMeter, progress
+    plan: MergePlan,
+    fetcher: _Fetcher,
+    uploader: _Uploader,
+    output_dir: Path,
+    *,
+    meter: DiskMeter,
+    budget: int,
+    progress: ProgressCallback,
 ) -> MergeReport:
     """execute_plan with hooks: base shards just in time (the next one prefetched), each output shard
     handed to the uploader as soon as it is complete, consumed base shards deleted at once."""
     needs = shard_needs(plan)
     last_use = {path: i for i, need in enumerate(needs) for path in need}
-    n, located = len(needs), set[Path]()
+    n, located, out_bytes = len(needs), set[Path](), output_shard_bytes(plan)
 
     def before(i: int, _tensors: list) -> None:
         fetcher.wait(needs[i])
         for path in sorted(needs[i] - located):
             locate_shard(plan, path)
             located.add(path)
-        if i + 1 < n:
+        held = meter.sample()
+        # Prefetch only within the budget; otherwise the next shard downloads once this one's inputs are gone.
+        if i + 1 < n and held + fetcher.missing_bytes(needs[i + 1]) + out_bytes[i] <= budget:
             fetcher.want(needs[i + 1])
-        meter.sample()
 
     def after(i: int, path: Path) -> None:
         meter.sample()
@@ -384,6 +413,7 @@ def stream_merge_push(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    progress = _serialized(progress)
     owned = request.cache_dir is None
     request = replace(request, cache_dir=Path(request.cache_dir or workdir / "hub-cache"))
     roots = [workdir] + (
@@ -402,7 +432,7 @@ def stream_merge_push(
             fetcher = _Fetcher(client, base, request.cache_dir, progress)
             uploader = _Uploader(client, target, plan.output_nbytes, progress)
             output_dir = workdir / "merged"
-            report = _pipeline(plan, fetcher, uploader, output_dir, meter=meter, progress=progress)
+            report = _pipeline(plan, fetcher, uploader, output_dir, meter=meter, budget=budget, progress=progress)
             pushed = _commit(client, target, output_dir, inputs=inputs, uploader=uploader, report=report)
         finally:
             inputs.release()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge_core.errors import InsufficientDiskError, PushError
+from merge_core.errors import DiskBudgetError, PushError
 from merge_core.hub import HubClient
 from merge_core.inputs import MergeRequest
 from merge_core.progress import ProgressUpdate
@@ -145,11 +145,18 @@ def test_interrupted_push_leaves_no_commit_and_the_rerun_sends_only_what_is_miss
     assert set(result.report.shards) <= set(files)
 
 
-def test_a_budget_below_the_pipeline_is_refused_before_any_shard_moves(env: Env, tmp_path: Path) -> None:
-    target = HubClient(ALICE, env.hub.url).preflight_push("alice/too-big", "new")
+def test_the_budget_is_refused_below_the_pipeline_and_respected_at_it(env: Env, tmp_path: Path) -> None:
+    target = HubClient(ALICE, env.hub.url).preflight_push("alice/tight", "new")
     env.hub.clear_log()
-    with pytest.raises(InsufficientDiskError, match="two input shards, two output shards"):
-        stream_merge_push(_request(env), target, tmp_path / "work", max_disk=30_000)
+    with pytest.raises(DiskBudgetError, match="two input shards, two output shards") as refused:
+        stream_merge_push(_request(env), target, tmp_path / "refused", max_disk=30_000)
     shard_reads = env.hub.requests_for("GET", "/model-000")
     assert shard_reads and all("range" in {k.lower() for k in r.headers} for r in shard_reads)  # headers only
-    assert not HubClient(ALICE, env.hub.url).api.repo_exists("alice/too-big")
+    assert not HubClient(ALICE, env.hub.url).api.repo_exists("alice/tight")
+
+    # Exactly the stated need: the pipeline runs (prefetching only where the budget allows) and stays inside it.
+    needed = refused.value.needed
+    result = stream_merge_push(_request(env), target, tmp_path / "work", max_disk=needed)
+    assert needed < sum(_shards(env.base).values()) + result.report.output_bytes
+    assert result.disk_needed == needed and 0 < result.peak_disk_bytes <= needed
+    assert len(_model_commits(env.hub, "alice/tight")) == 1
