@@ -24,8 +24,8 @@ CASES = {
 }
 
 
-def merged_case(tmp: Path, arch: str, *, layers: int = 2, **lora: object):
-    base = make_base(tmp / "base", arch, layers=layers)
+def merged_case(tmp: Path, arch: str, *, layers: int = 2, shard: str | None = None, **lora: object):
+    base = make_base(tmp / "base", arch, layers=layers, max_shard_size=shard)
     adapter = make_adapter(base, tmp / "adapter", **lora)
     merge_adapter(base, adapter, tmp / "merged", MergeOptions())
     return build_plan(base, adapter, MergeOptions()), tmp / "merged"
@@ -102,7 +102,8 @@ def _materialised(*models: torch.nn.Module) -> int:
 
 
 def test_at_most_one_layer_is_held_at_a_time(tmp_path: Path) -> None:
-    plan, merged = merged_case(tmp_path, "llama", layers=8)
+    plan, merged = merged_case(tmp_path, "llama", layers=8, shard="100KB")
+    assert len(plan.base.shards) > 2  # layers come from several files
     peak = 0
     with streamed_models(plan, merged) as (models, stats):
         roots = (models.peft, models.merged)
