@@ -160,3 +160,16 @@ def test_the_budget_is_refused_below_the_pipeline_and_respected_at_it(env: Env, 
     assert needed < sum(_shards(env.base).values()) + result.report.output_bytes
     assert result.disk_needed == needed and 0 < result.peak_disk_bytes <= needed
     assert len(_model_commits(env.hub, "alice/tight")) == 1
+
+
+def test_update_replaces_stale_weights_and_a_pull_request_leaves_main_alone(env: Env, tmp_path: Path) -> None:
+    env.hub.create_repo("alice/older")
+    env.hub.add_files("alice/older", {"model-00001-of-00009.safetensors": b"stale", "notes.txt": b"kept"})
+    client = HubClient(ALICE, env.hub.url)
+    result = stream_merge_push(_request(env), client.preflight_push("alice/older", "pr"), tmp_path / "pr")
+    on_main = set(env.hub.repo_files("alice/older")) - {".gitattributes"}
+    assert result.push.pr_url and on_main == {"model-00001-of-00009.safetensors", "notes.txt"}
+    stream_merge_push(_request(env), client.preflight_push("alice/older", "update"), tmp_path / "update")
+    files = env.hub.repo_files("alice/older")
+    assert "model-00001-of-00009.safetensors" not in files and "notes.txt" in files
+    assert {n for n in files if n.startswith("model-")} == set(result.report.shards)
