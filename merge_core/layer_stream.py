@@ -27,7 +27,7 @@ from .models import LoadedModels, MergedModelLoadError, choose_model_class, shor
 from .plan import MergePlan
 from .reference_adapter import adapter_for_model
 from .safetensors_io import DTYPE_FROM_ST, OpenFiles, read_rows
-from .tasks import LOGIT_ROWS, _Compared, _three_ways, probe_inputs
+from .tasks import LOGIT_ROWS, Compared, probe_inputs, three_ways
 from .verify_report import Check
 
 STREAMED_TASKS = ("CAUSAL_LM",)
@@ -312,8 +312,8 @@ def streamed_logit_checks(
     """The causal-LM function rows (logits, top-1, adapter effect) computed layer by layer; greedy says why not."""
     with streamed_models(plan, merged_dir, device=device) as (models, stats):
         inputs = probe_inputs(models)
-        ref, got, base = (out.logits.float() for out in _three_ways(models, inputs))
-    compared = _Compared.of(models, ref, got, base)
+        ref, got, base = (out.logits.float() for out in three_ways(models, inputs))
+    compared = Compared.of(models, ref, got, base)
     tol = compared.tol
     top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
     shape = " x ".join(str(n) for n in inputs["input_ids"].shape)

@@ -143,7 +143,7 @@ def _decoder_start(config: Any, vocab: int) -> int:
 
 
 @torch.no_grad()
-def _three_ways(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> tuple[Any, Any, Any]:
+def three_ways(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> tuple[Any, Any, Any]:
     """Outputs of base + adapter, merged and base alone, for one input dict."""
     adapted = models.peft.get_base_model()
     ref = adapted(**inputs)
@@ -160,7 +160,7 @@ def _detail(models: LoadedModels, text: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Compared:
+class Compared:
     """The three outputs of one task reduced to what its first and last rows read."""
 
     tol: Tolerance
@@ -169,7 +169,7 @@ class _Compared:
     effect: float  # max |base - (base + adapter)|: the adapter must change something
 
     @classmethod
-    def of(cls, models: LoadedModels, ref: torch.Tensor, got: torch.Tensor, base: torch.Tensor) -> _Compared:
+    def of(cls, models: LoadedModels, ref: torch.Tensor, got: torch.Tensor, base: torch.Tensor) -> Compared:
         tol = Tolerance(models.merged_dtype in (torch.float16, torch.bfloat16))
         diff, scale = float((ref - got).abs().max()), float(ref.abs().max()) or 1.0
         return cls(tol, diff, scale, float((base - ref).abs().max()))
@@ -185,8 +185,8 @@ class _Compared:
 
 def logit_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Causal LM, VLM (text only) and seq2seq: logits, top-1 tokens, greedy decoding, adapter effect."""
-    ref, got, base = (out.logits.float() for out in _three_ways(models, inputs))
-    compared = _Compared.of(models, ref, got, base)
+    ref, got, base = (out.logits.float() for out in three_ways(models, inputs))
+    compared = Compared.of(models, ref, got, base)
     tol = compared.tol
     top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
     shape = " x ".join(str(n) for n in next(iter(inputs.values())).shape)
@@ -244,8 +244,8 @@ def _head_logits(out: Any) -> torch.Tensor:
 
 def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Classification heads (sequence, token, image, audio, QA, masked LM): logits and predicted labels."""
-    ref, got, base = (_head_logits(out) for out in _three_ways(models, inputs))
-    compared = _Compared.of(models, ref, got, base)
+    ref, got, base = (_head_logits(out) for out in three_ways(models, inputs))
+    compared = Compared.of(models, ref, got, base)
     tol = compared.tol
     dim = -2 if models.task == "QUESTION_ANS" else -1  # answer span: argmax over positions
     agree = float((ref.argmax(dim) == got.argmax(dim)).float().mean())
@@ -278,8 +278,8 @@ def _features(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def feature_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Feature extraction: hidden states / embeddings, their max difference and cosine similarity."""
-    (ref, ref_emb), (got, got_emb), (base, _) = (_features(out) for out in _three_ways(models, inputs))
-    compared = _Compared.of(models, ref, got, base)
+    (ref, ref_emb), (got, got_emb), (base, _) = (_features(out) for out in three_ways(models, inputs))
+    compared = Compared.of(models, ref, got, base)
     cosine = float(torch.nn.functional.cosine_similarity(ref_emb, got_emb, dim=-1).min())
     cos_needed = 0.999 if compared.tol.low_precision else 0.99999
     return [
