@@ -12,7 +12,7 @@ from merge_core.layer_stream import streamed_logit_checks, streamed_models
 from merge_core.merge import merge_adapter
 from merge_core.options import MergeOptions
 from merge_core.plan import build_plan
-from merge_core.tasks import LOGIT_ROWS, _three_ways, probe_inputs
+from merge_core.tasks import LOGIT_ROWS, three_ways, probe_inputs
 from merge_core.verify_function import functional_checks
 from tests.factories import make_adapter, make_base
 
@@ -53,7 +53,7 @@ def test_streamed_logits_equal_peft_model_within_1e_5(tmp_path: Path) -> None:
     reference = peft_reference(tmp_path / "base", tmp_path / "adapter")
     with streamed_models(plan, merged) as (models, _):
         inputs = probe_inputs(models)
-        streamed_ref, streamed_merged, _base = (o.logits for o in _three_ways(models, inputs))
+        streamed_ref, streamed_merged, _base = (o.logits for o in three_ways(models, inputs))
     with torch.no_grad():
         want = reference(**inputs).logits
     assert float((streamed_ref - want).abs().max()) <= 1e-5
@@ -116,7 +116,7 @@ def test_at_most_one_layer_is_held_at_a_time(tmp_path: Path) -> None:
 
         handle = torch.nn.modules.module.register_module_forward_hook(measure)
         try:
-            _three_ways(models, probe_inputs(models))
+            three_ways(models, probe_inputs(models))
         finally:
             handle.remove()
         assert _materialised(*roots) == 0  # everything went back to the meta device
