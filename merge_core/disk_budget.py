@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 from pathlib import Path
 
 from .errors import DiskBudgetError
+from .plan import MergePlan
+from .safetensors_io import element_size
 
 # Kept free beside the pipeline by default: logs, the OS and other jobs need some disk too.
 DEFAULT_DISK_MARGIN = 1 << 30
@@ -87,3 +90,37 @@ def check_budget(needed: int, budget: int) -> None:
 
 
 __all__ = ["DEFAULT_DISK_MARGIN", "DiskMeter", "check_budget", "default_max_disk", "human_bytes"]
+
+
+def shard_needs(plan: MergePlan) -> list[set[Path]]:
+    """For each output shard, the base shard files its tensors read (quantized side tensors included)."""
+    where = {name: t.shard for name, t in plan.base.tensors.items()}
+    needs = []
+    for shard in plan.shards:
+        need: set[Path] = set()
+        for t in shard:
+            if t.base is not None:
+                need.add(Path(t.base.shard))
+            if t.quantized is not None:
+                need |= {Path(where[p]) for p in t.quantized.parts.values() if p in where}
+        needs.append(need)
+    return needs
+
+
+def output_shard_bytes(plan: MergePlan) -> list[int]:
+    """Each output shard's file size, its JSON header estimated (a few hundred bytes per tensor)."""
+    return [sum(math.prod(t.shape) * element_size(t.dtype) + 256 for t in shard) + 8 for shard in plan.shards]
+
+
+def disk_needed(plan: MergePlan, *, folder: Path, sizes: dict[str, int], adapter_dir: Path) -> int:
+    """The least the pipeline can run in, without prefetching: the worst output shard i with the base shards it
+    reads, plus output shard i - 1 still uploading, plus the adapter and the small files."""
+    out = output_shard_bytes(plan)
+    folder = Path(folder)
+    worst = max(
+        sum(sizes.get(p.relative_to(folder).as_posix(), 0) for p in need) + out[i] + (out[i - 1] if i else 0)
+        for i, need in enumerate(shard_needs(plan))
+    )
+    small = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name not in sizes)
+    adapter = sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
+    return worst + 2 * small + adapter  # the output carries its own config, tokenizer and index

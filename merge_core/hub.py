@@ -6,9 +6,7 @@ token are explicit; the token is never logged, echoed or written anywhere by thi
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,8 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import (
-    AdapterConfigError,
-    BaseCheckpointError,
     HubError,
     HubNetworkError,
     InvalidOptionError,
@@ -26,98 +22,19 @@ from .errors import (
     RepoAccessError,
     RepoNotFound,
     RevisionNotFound,
-    explain_os_error,
 )
+from .hub_files import (  # noqa: F401 - re-exported: the rest of merge_core imports them from hub
+    ADAPTER_PATTERNS,
+    BASE_SMALL_PATTERNS,
+    adapter_files,
+    base_weight_files,
+    matching,
+    pickle_only,
+)
+from .hub_ids import MAX_NAME_CHARS, RepoRef, is_repo_id, is_repo_name, parse_source  # noqa: F401 - re-exported
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 
 T = TypeVar("T")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_repo_id(text: str | None) -> bool:
-    """Whether ``text`` has the shape of a Hub repo ID, ``owner/name``."""
-    return bool(text) and bool(_REPO_ID.match(str(text)))
-
-
-# The Hub's own limit on a user, organisation or repository name.
-_MAX_NAME_CHARS = 96
-
-# What a tokenizer may consist of: copied with the adapter or the base's small files.
-_TOKENIZER_PATTERNS = [
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "chat_template.*",
-    "*.model",
-    "*.tiktoken",
-]
-ADAPTER_PATTERNS = [
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "README.md",
-    *_TOKENIZER_PATTERNS,
-]
-BASE_SMALL_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "model.safetensors.index.json",
-    "README.md",
-    *_TOKENIZER_PATTERNS,
-    "*.py",
-    "preprocessor_config.json",
-]
-
-
-@dataclass(frozen=True)
-class RepoRef:
-    repo_id: str
-    revision: str | None = None
-    subfolder: str = ""  # PEFT's multi-adapter layout keeps each adapter in a subfolder
-
-    def __str__(self) -> str:
-        sub = f"/{self.subfolder}" if self.subfolder else ""
-        return self.repo_id + sub + (f"@{self.revision}" if self.revision else "")
-
-
-def parse_source(text: str, revision: str | None = None) -> RepoRef | Path:
-    """A local folder if one exists at that path, else a Hub ID ``owner/name[@revision]``."""
-    text = (text or "").strip()
-    if not text:
-        raise ValueError("Enter a Hub model ID like owner/name, or a local folder.")
-    path = Path(text).expanduser()
-    if _is_local(path, text):
-        return path
-    if "@" in text:
-        text, _, rev = text.partition("@")
-        revision = revision or rev or None
-    parts = text.strip("/").split("/")
-    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
-    too_long = any(len(part) > _MAX_NAME_CHARS for part in parts[:2])
-    if too_long or not _REPO_ID.match(repo_id) or ".." in text or repo_id.endswith((".", "-")):
-        shown = text if len(text) <= 120 else text[:60] + "…" + text[-40:]
-        raise ValueError(f"{shown!r} is neither a local folder nor a Hub model ID of the form owner/name.")
-    return RepoRef(repo_id, (revision or "").strip() or None, subfolder)
-
-
-def _is_local(path: Path, text: str) -> bool:
-    """True for an existing folder or a text written as a path; an unusable path is refused in
-    one sentence (the operating system's reason), never as a traceback."""
-    written_as_path = text.startswith((".", "/", "~"))
-    try:
-        exists = path.exists()
-        is_dir = path.is_dir()
-    except OSError as exc:
-        if not written_as_path:
-            return False  # e.g. a 10,000-character "ID": the Hub ID rules refuse it next
-        raise InvalidOptionError(explain_os_error(exc, "read the folder", text)) from None
-    if not (exists or written_as_path):
-        return False
-    if not is_dir:
-        raise ValueError(f"{text} is not a folder.")
-    return True
 
 
 class PushMode(StrEnum):
@@ -308,13 +225,12 @@ class HubClient:
         repo_id = (repo_id or "").strip()
         if "/" not in repo_id:
             repo_id = f"{me.get('name')}/{repo_id}"
-        owner, _, name = repo_id.partition("/")
-        if not _REPO_ID.match(repo_id) or len(owner) > _MAX_NAME_CHARS or len(name) > _MAX_NAME_CHARS:
+        if not is_repo_name(repo_id):
             raise PushError(
                 f"{repo_id[:200]!r} is not a repository name the Hub accepts; use owner/name "
-                f"(letters, digits, '-', '_', '.'; at most {_MAX_NAME_CHARS} characters each)."
+                f"(letters, digits, '-', '_', '.'; at most {MAX_NAME_CHARS} characters each)."
             )
-        writable = _writable_namespaces(me)
+        writable, owner = _writable_namespaces(me), repo_id.partition("/")[0]
         if mode is not PushMode.PR and owner not in writable:
             raise PushError(
                 f"Your token cannot write to the namespace {owner!r} (it can write to: "
@@ -503,10 +419,6 @@ def _writable_namespaces(me: dict[str, Any]) -> set[str]:
     return names - {""}
 
 
-def matching(files: Iterable[str], patterns: list[str]) -> list[str]:
-    return [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in patterns)]
-
-
 def _progress_tqdm(progress: ProgressCallback, stage: str, total: int):
     """A tqdm class that forwards snapshot_download's byte counts to our callback."""
     from tqdm.auto import tqdm
@@ -527,47 +439,3 @@ def _progress_tqdm(progress: ProgressCallback, stage: str, total: int):
             return super().update(n)
 
     return ForwardingTqdm
-
-
-def pickle_only(files: Iterable[str]) -> bool:
-    names = set(files)
-    has_safe = any(f.endswith(".safetensors") and "/" not in f and not f.startswith("adapter_") for f in names)
-    has_pickle = any(f.startswith("pytorch_model") and f.endswith((".bin", ".bin.index.json")) for f in names)
-    return has_pickle and not has_safe
-
-
-def base_weight_files(files: dict[str, int], ref: RepoRef) -> list[str]:
-    if "model.safetensors.index.json" in files:
-        return []  # listed by the index, read after the small files arrive
-    if "model.safetensors" in files:
-        return ["model.safetensors"]
-    if pickle_only(files):
-        raise BaseCheckpointError(
-            f"{ref} only has pickle weights (pytorch_model*.bin). This tool streams safetensors and never executes "
-            "pickles. Pick a revision with safetensors (Hub repos often have a 'Adding `safetensors` variant' pull "
-            "request, e.g. revision refs/pr/1)."
-        )
-    raise BaseCheckpointError(
-        f"{ref} has no model weights (model.safetensors or its index). Is it a transformers model repo?"
-    )
-
-
-def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> list[str]:
-    subfolder = subfolder or ref.subfolder
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    if f"{prefix}adapter_config.json" not in files:
-        subdirs = sorted({f[: -len("/adapter_config.json")] for f in files if f.endswith("/adapter_config.json")})
-        if subdirs:
-            raise AdapterConfigError(
-                f"{ref} keeps its adapters in subfolders ({', '.join(subdirs)}); pick one by adding it to the ID, "
-                f"e.g. {ref.repo_id}/{subdirs[0]}."
-            )
-        if "config.json" in files:
-            raise AdapterConfigError(
-                f"{ref} is a full model, not a LoRA adapter (no adapter_config.json). Did you swap base and adapter?"
-            )
-        raise AdapterConfigError(f"{ref} has no adapter_config.json, so it is not a PEFT adapter repo.")
-    if f"{prefix}adapter_model.safetensors" not in files and f"{prefix}adapter_model.bin" not in files:
-        raise AdapterConfigError(f"{ref} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
-    local = {f[len(prefix) :]: f for f in files if f.startswith(prefix)}
-    return [local[f] for f in matching(local, ADAPTER_PATTERNS)]

@@ -10,7 +10,6 @@ and the Hub keeps them: a rerun of an interrupted push sends only the shards it 
 
 from __future__ import annotations
 
-import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,15 @@ from typing import Any
 
 from .card import build_model_card
 from .checkpoint import BaseTensor
-from .disk_budget import DEFAULT_DISK_MARGIN, DiskMeter, check_budget, default_max_disk
+from .disk_budget import (
+    DEFAULT_DISK_MARGIN,
+    DiskMeter,
+    check_budget,
+    default_max_disk,
+    disk_needed,
+    output_shard_bytes,
+    shard_needs,
+)
 from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError
 from .hub import BASE_SMALL_PATTERNS, HubClient, PushMode, PushResult, PushTarget, RepoRef, base_weight_files, matching
 from .inputs import BaseInput, MergeRequest, ResolvedInputs, _base_source, _Hub, _preflight_checkpoint, _resolve_adapter
@@ -27,7 +34,7 @@ from .merge import ShardHooks, execute_plan
 from .plan import MergePlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .report import MergeReport
-from .safetensors_io import element_size, read_header
+from .safetensors_io import read_header
 
 
 @dataclass
@@ -98,21 +105,6 @@ def _resolve_metadata(
     return inputs, checkpoint, _Base(source, sha, folder, sizes, owned_cache=False)
 
 
-def shard_needs(plan: MergePlan) -> list[set[Path]]:
-    """For each output shard, the base shard files its tensors read (quantized side tensors included)."""
-    where = {name: t.shard for name, t in plan.base.tensors.items()}
-    needs = []
-    for shard in plan.shards:
-        need: set[Path] = set()
-        for t in shard:
-            if t.base is not None:
-                need.add(Path(t.base.shard))
-            if t.quantized is not None:
-                need |= {Path(where[p]) for p in t.quantized.parts.values() if p in where}
-        needs.append(need)
-    return needs
-
-
 def locate_shard(plan: MergePlan, path: Path) -> None:
     """Point the plan's tensors of one downloaded shard at their absolute offsets in the file.
 
@@ -141,25 +133,6 @@ def locate_shard(plan: MergePlan, path: Path) -> None:
     for t in plan.tensors:
         if t.base is not None and Path(t.base.shard) == path:
             t.base = located[t.base.info.name]
-
-
-def output_shard_bytes(plan: MergePlan) -> list[int]:
-    """Each output shard's file size, its JSON header estimated (a few hundred bytes per tensor)."""
-    return [sum(math.prod(t.shape) * element_size(t.dtype) + 256 for t in shard) + 8 for shard in plan.shards]
-
-
-def disk_needed(plan: MergePlan, base: _Base, adapter_dir: Path) -> int:
-    """The least the pipeline can run in, without prefetching: the worst output shard i with the base shards it
-    reads, plus output shard i - 1 still uploading, plus the adapter and the small files."""
-    out = output_shard_bytes(plan)
-    folder = Path(base.folder)
-    worst = max(
-        sum(base.sizes.get(p.relative_to(folder).as_posix(), 0) for p in need) + out[i] + (out[i - 1] if i else 0)
-        for i, need in enumerate(shard_needs(plan))
-    )
-    small = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name not in base.sizes)
-    adapter = sum(p.stat().st_size for p in Path(adapter_dir).rglob("*") if p.is_file())
-    return worst + 2 * small + adapter  # the output carries its own config, tokenizer and index
 
 
 class _Fetcher:
@@ -424,7 +397,7 @@ def stream_merge_push(
         base.owned_cache = owned
         try:
             plan = build_plan(checkpoint, inputs.adapter_dir, inputs.options)
-            needed = disk_needed(plan, base, inputs.adapter_dir)
+            needed = disk_needed(plan, folder=base.folder, sizes=base.sizes, adapter_dir=inputs.adapter_dir)
             budget = default_max_disk(workdir) if max_disk is None else int(max_disk)
             check_budget(needed, budget)
             client = HubClient(request.token, request.endpoint)
