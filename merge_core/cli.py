@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MergeError, explain_os_error
+from .errors import InvalidOptionError, MergeError, explain_os_error
 from .outputs import check_output_target
 from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES
 from .progress import TqdmProgress
@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA adapter: local folder or Hub ID (owner/name[/subfolder][@revision]); "
         "several: 'a/x,b/y:0.5' (comma-separated, optional :weight), combined with --combine",
     )
-    p.add_argument("output", help="folder to write the merged model into (must not exist unless --overwrite)")
+    p.add_argument(
+        "output",
+        help="folder to write the merged model into (must not exist unless --overwrite); '-' with --push: "
+        "no local copy, Hub to Hub through a bounded disk (base shards fetched just in time, each output shard "
+        "uploaded as soon as it is written, one commit)",
+    )
     _add_merge_options(p)
     _add_output_options(p)
     return p
@@ -96,6 +101,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gguf", metavar="TYPE[,TYPE]", default="", help=_gguf_help())
     p.add_argument("--push", metavar="REPO_ID", help="push the merged model to this Hub repo in one commit")
+    p.add_argument(
+        "--max-disk",
+        metavar="SIZE",
+        help="with OUTPUT '-': the disk the pipeline may use, e.g. 20GB "
+        "(default: what is free minus 1 GiB); refused up front when it cannot fit",
+    )
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.add_argument(
         "--push-mode",
@@ -249,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     2: refused or failed, with one sentence on stderr and nothing left behind."""
     args = build_parser().parse_args(argv)
     progress = TqdmProgress(disable=args.quiet)
+    if args.output == "-":
+        return _main_streamed(args, progress)
     try:
         result, pushed = _merge(args, _token(), progress)
     except (MergeError, ValueError) as exc:
@@ -263,6 +276,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.close()
     _print(args, result, pushed)
     return 0 if _passed(result.verification) else 1
+
+
+def _main_streamed(args: argparse.Namespace, progress: TqdmProgress) -> int:
+    """OUTPUT '-': Hub to Hub with no local copy; the same exit codes and one-sentence errors."""
+    from .options import parse_size
+    from .pipeline import stream_push
+
+    try:
+        if not args.push:
+            raise InvalidOptionError("OUTPUT '-' keeps no local copy, so it needs --push OWNER/NAME.")
+        if args.verify or args.gguf:
+            raise InvalidOptionError(
+                "--verify and --gguf read the merged files, which OUTPUT '-' does not keep; give an OUTPUT folder."
+            )
+        request = _request(args, _token())
+        max_disk = parse_size(args.max_disk) if args.max_disk else None
+        result = stream_push(
+            request, args.push, mode=args.push_mode, private=args.private, max_disk=max_disk, progress=progress
+        )
+    except (MergeError, ValueError, OSError) as exc:
+        progress.close()
+        message = explain_os_error(exc, "read or write", exc.filename) if isinstance(exc, OSError) else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    progress.close()
+    report, pushed = result
+    print(report.summary())
+    print(f"peak disk {result.peak_disk_bytes / 1e9:.3f} GB of a {result.disk_budget / 1e9:.3f} GB budget")
+    print(f"\npushed: {pushed.repo_url} (commit {pushed.commit_oid[:12]})")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -173,7 +173,7 @@ def _check_local(path: Path, roots: list[Path] | None, what: str) -> Path:
 
 
 @dataclass
-class _Hub:
+class HubSession:
     """The request's Hub client, made on first use (a local-only merge never needs one)."""
 
     request: MergeRequest
@@ -183,7 +183,7 @@ class _Hub:
         return HubClient(self.request.token, self.request.endpoint)
 
 
-def _fetch_adapter(spec: str, weight: float, revision: str | None, hub: _Hub) -> AdapterInput:
+def _fetch_adapter(spec: str, weight: float, revision: str | None, hub: HubSession) -> AdapterInput:
     source = parse_source(spec, revision)
     if isinstance(source, Path):
         return AdapterInput(_check_local(source, hub.request.local_roots, "The adapter"), spec, None, weight)
@@ -214,7 +214,7 @@ def _combine(adapters: list[AdapterInput], request: MergeRequest, parent: Path) 
     return Path(folder), f"{request.combination}({parts})", claimed
 
 
-def _base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Path, str]:
+def base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Path, str]:
     """The base as typed, or the one the adapter declares, with the declared-base rules: a
     declared local folder is read only where local folders are allowed (never the server's
     own folders on a public app), and a trainer's path gets a message saying what to do."""
@@ -243,7 +243,7 @@ def _base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Pa
     return source, declared
 
 
-def _preflight_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], name: str) -> BaseCheckpoint | None:
+def headers_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], name: str) -> BaseCheckpoint | None:
     """A BaseCheckpoint from remote headers, so the plan validates before the shards download.
 
     None when a 4-bit weight's shape can only be read from its quant state (inside the shards): the
@@ -276,7 +276,7 @@ def _fetch_hub_base(
     ref: RepoRef,
     adapter_dir: Path,
     options: MergeOptions,
-    hub: _Hub,
+    hub: HubSession,
     *,
     output_parent: Path,
     progress: ProgressCallback,
@@ -291,7 +291,7 @@ def _fetch_hub_base(
     base_dir = client.download(ref, sha, small, cache_dir=cache)
     _gguf_preflight(Path(base_dir), hub.request, notes)
     headers = client.safetensors_headers(ref, sha)
-    checkpoint = _preflight_checkpoint(base_dir, headers, str(ref))
+    checkpoint = headers_checkpoint(base_dir, headers, str(ref))
     shards = sorted(headers)
     shard_bytes = sum(files.get(s, 0) for s in shards)
     check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
@@ -318,7 +318,7 @@ def _local_base(path: Path, text: str, request: MergeRequest) -> BaseInput:
 
 
 def _original_source(
-    source: RepoRef | Path, text: str, inputs: ResolvedInputs, hub: _Hub
+    source: RepoRef | Path, text: str, inputs: ResolvedInputs, hub: HubSession
 ) -> tuple[RepoRef | Path, str]:
     """Target "original": the quantized base's small files and card name the full-precision model it was
     made from (or the user does); that model becomes the base, the quantized one is kept to measure the cost."""
@@ -354,7 +354,7 @@ def _original_source(
     return parse_source(original, None), original
 
 
-def _resolve_adapter(request: MergeRequest, hub: _Hub, output_parent: Path) -> ResolvedInputs:
+def resolve_adapter(request: MergeRequest, hub: HubSession, output_parent: Path) -> ResolvedInputs:
     """The request's adapters as one local adapter folder (combined when there are several)."""
     entries = parse_adapter_list(request.adapter)
     revision = request.adapter_revision if len(entries) == 1 else None
@@ -382,12 +382,12 @@ def resolve_inputs(
     merge plan is validated from the safetensors headers before any shard is downloaded."""
     request.options()  # a bad option is refused before anything is read or downloaded
     sweep_combined(output_parent)
-    hub = _Hub(request)
+    hub = HubSession(request)
     progress(ProgressUpdate("resolve", 0, 2, "", "adapter"))
-    inputs = _resolve_adapter(request, hub, output_parent)
+    inputs = resolve_adapter(request, hub, output_parent)
     try:
         progress(ProgressUpdate("resolve", 1, 2, "", "base"))
-        source, text = _base_source(request, inputs.adapter_dir)
+        source, text = base_source(request, inputs.adapter_dir)
         inputs.options = request.options(
             base_name=str(source) if isinstance(source, RepoRef) else text,
             adapter_name=inputs.adapter_id,

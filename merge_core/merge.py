@@ -303,8 +303,12 @@ def execute_plan(
     progress: ProgressCallback = no_progress,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     hooks: ShardHooks | None = None,
+    check_space: bool = True,
 ) -> MergeReport:
-    """Write the merged model into output_dir, atomically: all of it or nothing."""
+    """Write the merged model into output_dir, atomically: all of it or nothing.
+
+    ``check_space=False`` for a pipeline whose hooks move each finished shard away (it checks its own budget).
+    """
     import time
 
     output_dir = check_output_target(output_dir, protected=protected_inputs(plan), overwrite=overwrite)
@@ -320,7 +324,8 @@ def execute_plan(
     # Staging first: an unwritable location is then reported as such, not as a lack of space.
     staging = begin_staging(output_dir)
     try:
-        check_disk(output_dir.parent, plan.output_nbytes)
+        if check_space:
+            check_disk(output_dir.parent, plan.output_nbytes)
         progress(ProgressUpdate("merge", 0, total, "B", "starting"))
         names = _write_folder(ctx, staging.folder, hooks or ShardHooks())
         publish(staging, output_dir)

@@ -53,6 +53,7 @@ from .plan import MergeOptions, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .quant_targets import COST_ROW, QUANT_TARGETS, QuantSummary, finish_target, requantize_settings
 from .report import MergeReport
+from .stream_push import StreamPushResult, stream_merge_push
 from .verify import Check, VerificationReport, functional_budget, functional_checks, verify_merge
 from .workdirs import new_workdir, sweep_workdirs
 
@@ -332,3 +333,24 @@ __all__ = [
     "sweep_workdirs",
     "whoami_name",
 ]
+
+
+def stream_push(
+    request: MergeRequest,
+    repo_id: str,
+    *,
+    mode: PushMode | str = PushMode.NEW,
+    private: bool = False,
+    max_disk: int | None = None,
+    progress: ProgressCallback = no_progress,
+) -> StreamPushResult:
+    """Hub to Hub with no local copy: base shards fetched just in time, each output shard uploaded as soon
+    as it is written, one commit at the end (merge_core.stream_push). The target is checked first."""
+    from .workdirs import new_workdir
+
+    target = HubClient(request.token, request.endpoint).preflight_push(repo_id, mode, private=private)
+    workdir = new_workdir()
+    try:
+        return stream_merge_push(request, target, workdir.folder, max_disk=max_disk, progress=progress)
+    finally:
+        workdir.release(remove_folder=True)

@@ -29,7 +29,15 @@ from .disk_budget import (
 )
 from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError
 from .hub import BASE_SMALL_PATTERNS, HubClient, PushMode, PushResult, PushTarget, RepoRef, base_weight_files, matching
-from .inputs import BaseInput, MergeRequest, ResolvedInputs, _base_source, _Hub, _preflight_checkpoint, _resolve_adapter
+from .inputs import (
+    BaseInput,
+    HubSession,
+    MergeRequest,
+    ResolvedInputs,
+    base_source,
+    headers_checkpoint,
+    resolve_adapter,
+)
 from .merge import ShardHooks, execute_plan
 from .plan import MergePlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
@@ -72,11 +80,11 @@ def _resolve_metadata(
         raise InvalidOptionError(
             "GGUF files and the 'original' target are not streamed; push without them, or merge to a folder first."
         )
-    hub = _Hub(request)
+    hub = HubSession(request)
     progress(ProgressUpdate("resolve", 0, 2, "", "adapter"))
-    inputs = _resolve_adapter(request, hub, workdir)
+    inputs = resolve_adapter(request, hub, workdir)
     try:
-        source, _text = _base_source(request, inputs.adapter_dir)
+        source, _text = base_source(request, inputs.adapter_dir)
         if not isinstance(source, RepoRef):
             raise InvalidOptionError(
                 "A streamed push reads the base from the Hub; give the base as a Hub ID owner/name."
@@ -90,7 +98,7 @@ def _resolve_metadata(
         base_weight_files(files, source)  # refuses pickle-only repos
         folder = client.download(source, sha, matching(files, BASE_SMALL_PATTERNS), cache_dir=request.cache_dir)
         headers = client.safetensors_headers(source, sha)
-        checkpoint = _preflight_checkpoint(folder, headers, str(source))
+        checkpoint = headers_checkpoint(folder, headers, str(source))
         if checkpoint is None:
             raise InvalidOptionError(
                 "This quantized base's shapes are only known from its shards, so it cannot be streamed; "
@@ -108,7 +116,7 @@ def _resolve_metadata(
 def locate_shard(plan: MergePlan, path: Path) -> None:
     """Point the plan's tensors of one downloaded shard at their absolute offsets in the file.
 
-    A headers-only checkpoint (inputs._preflight_checkpoint) holds the Hub's data offsets, which
+    A headers-only checkpoint (inputs.headers_checkpoint) holds the Hub's data offsets, which
     count from the end of the header; the file on disk tells the header's length, and must agree
     with everything else the plan was built from.
     """
@@ -316,7 +324,9 @@ def _pipeline(
             uploader.wait()  # the staging folder is renamed into place next: nothing may still read from it
 
     try:
-        report = execute_plan(plan, output_dir, overwrite=True, progress=progress, hooks=ShardHooks(before, after))
+        report = execute_plan(
+            plan, output_dir, overwrite=True, progress=progress, hooks=ShardHooks(before, after), check_space=False
+        )
         uploader.wait()
     finally:
         fetcher.close()

@@ -173,3 +173,25 @@ def test_update_replaces_stale_weights_and_a_pull_request_leaves_main_alone(env:
     files = env.hub.repo_files("alice/older")
     assert "model-00001-of-00009.safetensors" not in files and "notes.txt" in files
     assert {n for n in files if n.startswith("model-")} == set(result.report.shards)
+
+
+def test_cli_output_dash_streams_hub_to_hub(env: Env, capsys, monkeypatch) -> None:
+    """The CLI's OUTPUT '-': no local copy, one commit, the model equals base + adapter; refusals first."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_core.cli import main as cli_main
+
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    args = ["-", "alice/sharded-lora", "-", "--max-shard-size", SHARD, "--endpoint", env.hub.url, "--quiet"]
+    assert cli_main([*args, "--push", "cli-streamed", "--max-disk", "10MB"]) == 0
+    out = capsys.readouterr().out
+    assert "pushed:" in out and "peak disk" in out
+    assert len(_model_commits(env.hub, "alice/cli-streamed")) == 1
+    merged = AutoModelForCausalLM.from_pretrained("alice/cli-streamed", token=ALICE, dtype=torch.float32).eval()
+    ids = prompt_ids()
+    assert (logits(merged, ids) - logits(peft_reference(env.base, env.adapter), ids)).abs().max().item() <= 1e-4
+
+    for extra, words in ([[], "needs --push"], [["--push", "x", "--verify"], "does not keep"]):
+        assert cli_main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
