@@ -266,7 +266,7 @@ class HubClient:
                     commit_description=description,
                     create_pr=target.mode is PushMode.PR,
                     # An update replaces the weights whole: stale shards of an older merge must not survive.
-                    delete_patterns=["*.safetensors", "model.safetensors.index.json"]
+                    delete_patterns=["*.safetensors", "model.safetensors.index.json", "*.gguf"]
                     if target.mode is PushMode.UPDATE
                     else None,
                 ),
