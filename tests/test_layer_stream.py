@@ -12,7 +12,7 @@ from merge_core.layer_stream import streamed_logit_checks, streamed_models
 from merge_core.merge import merge_adapter
 from merge_core.options import MergeOptions
 from merge_core.plan import build_plan
-from merge_core.tasks import LOGIT_ROWS, three_ways, probe_inputs
+from merge_core.tasks import LOGIT_ROWS, probe_inputs, three_ways
 from merge_core.verify_function import functional_checks
 from tests.factories import make_adapter, make_base
 
