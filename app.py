@@ -228,7 +228,7 @@ def push(
     except Exception as exc:  # noqa: BLE001 - one sentence, never a stack trace
         return failure(pipeline.failure_message(exc, token, action="pushing", user_errors=(gr.Error,)))
     return PushView(
-        gr.update(value=pipeline.push_markdown(pushed), visible=True),
+        gr.update(value=pipeline.push_markdown(pushed, list(result.gguf_files)), visible=True),
         NO_ERROR,
         gr.update(interactive=True),
         gr.update(interactive=True),

@@ -81,17 +81,49 @@ def build_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
 
 
+def usage_snippets(repo_id: str) -> list[str]:
+    """Copy-ready Markdown for running ``repo_id``: transformers, vLLM and TGI (the GGUF route is separate)."""
+    return [
+        "transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'generate = pipeline("text-generation", model="{repo_id}")',
+        "```",
+        "",
+        "vLLM (OpenAI-compatible server):",
+        "",
+        "```sh",
+        f"vllm serve {repo_id}",
+        "```",
+        "",
+        "Text Generation Inference:",
+        "",
+        "```sh",
+        "docker run --gpus all --shm-size 1g -p 8080:80 -v $PWD/data:/data \\",
+        f"    ghcr.io/huggingface/text-generation-inference:latest --model-id {repo_id}",
+        "```",
+    ]
+
+
+def gguf_snippets(repo_id: str, types: list[str]) -> list[str]:
+    """llama.cpp and Ollama lines for the GGUF files pushed beside the weights; none without any."""
+    if not types:
+        return []
+    from .gguf_outputs import gguf_usage
+
+    return ["llama.cpp / Ollama (GGUF):", "", "```sh", *gguf_usage(repo_id, types), "```"]
+
+
 def _usage(load_id: str) -> list[str]:
     return [
         "",
         "## Use",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{load_id}", dtype="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{load_id}")',
-        "```",
+        *usage_snippets(load_id),
         "",
         "Merged with [LoRA Merge Space](https://huggingface.co/spaces) (`merge_core`).",
     ]

@@ -126,13 +126,20 @@ def suggest_repo_id(typed: str, previous_name: str | None, suggested: str, owner
     return f"{name}/{suggested}" if name else suggested
 
 
-def push_markdown(pushed: PushResult) -> str:
+def push_markdown(pushed: PushResult, gguf_types: list[str] | None = None) -> str:
+    """The pushed repo's links, then how to run it (transformers, vLLM, TGI; llama.cpp/Ollama with GGUF files)."""
+    from .card import gguf_snippets, usage_snippets
+
     lines = [
         f"### ✅ Pushed to [{pushed.repo_id}]({pushed.repo_url})",
         f"Commit [`{pushed.commit_oid[:10]}`]({pushed.commit_url})",
     ]
     if pushed.pr_url:
         lines.append(f"Pull request: [{pushed.pr_url}]({pushed.pr_url})")
+    lines.append(
+        "#### Use it\n\n"
+        + "\n".join([*usage_snippets(pushed.repo_id), "", *gguf_snippets(pushed.repo_id, gguf_types or [])])
+    )
     return "\n\n".join(lines)
 
 

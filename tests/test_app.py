@@ -283,6 +283,7 @@ def test_hub_adapter_base_from_its_config_then_push_and_pr(tempdir: Path, hub: H
     assert pushed["error"]["visible"] is False, pushed["error"]
     text = pushed["push_result"]["value"]
     assert pushed["push_result"]["visible"] and f"[{out['repo_name']}]({hub.url}/{out['repo_name']})" in text
+    assert f"vllm serve {out['repo_name']}" in text and "llama-cli" not in text  # no GGUF files, no GGUF lines
     files = hub.repo_files(out["repo_name"])
     assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= set(files)
     assert b"alice/tiny-lora" in files["README.md"]
@@ -348,7 +349,7 @@ def test_two_weighted_adapters_with_a_combination_type(tempdir: Path, demo_prese
     app.discard(result)
 
 
-def test_gguf_files_too_are_written_verified_and_kept_beside_the_model(tempdir: Path) -> None:
+def test_gguf_files_too_are_written_verified_and_kept_beside_the_model(tempdir: Path, hub: HubServer) -> None:
     out = merge("demo/adapter", "demo/base", gguf_types=["q8_0", "Q8_0"], quantized_target="dequantized")
     result = out["state"]
     assert isinstance(result, app.MergeResult), out["error"]
@@ -357,6 +358,21 @@ def test_gguf_files_too_are_written_verified_and_kept_beside_the_model(tempdir: 
     assert {"gguf metadata (Q8_0)", "gguf token ids (Q8_0)", "gguf logits (Q8_0)"} <= set(rows.index)
     assert set(rows.loc[rows.index.str.startswith("gguf "), "result"]) == {"pass"}, rows.to_string()
     assert "gguf" in (result.output_dir / "README.md").read_text()
+
+    # After the push: how to run the pushed repo, in the result and in the card, GGUF lines included.
+    pushed = push(result, "alice/demo-gguf", token=ALICE)
+    assert pushed["error"]["visible"] is False, pushed["error"]
+    text = pushed["push_result"]["value"]
+    card = hub.repo_files("alice/demo-gguf")["README.md"].decode()
+    for snippet in [
+        'AutoModelForCausalLM.from_pretrained("alice/demo-gguf"',
+        'pipeline("text-generation", model="alice/demo-gguf")',
+        "vllm serve alice/demo-gguf",
+        "--model-id alice/demo-gguf",
+        "llama-cli -hf alice/demo-gguf:Q8_0",
+        "ollama run hf.co/alice/demo-gguf:Q8_0",
+    ]:
+        assert snippet in text and snippet in card, snippet
     app.discard(result)
 
 
