@@ -21,7 +21,8 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from merge_core import pipeline
+from merge_core import frontend, pipeline
+from merge_core.frontend import KEEP, Prefill
 from merge_core.pipeline import (  # the names this page uses most
     FUNCTIONAL,
     GenerationSettings,
@@ -235,6 +236,15 @@ def push(
     )
 
 
+def prefill(request: gr.Request | None) -> Prefill:
+    """The form as the page's link asks (?adapter=…&base=…&adapter_revision=…&base_revision=…&dtype=…),
+    under the typed input's rules; it never starts a merge."""
+    params = getattr(request, "query_params", None) or {}
+    filled = frontend.prefill({k: params.get(k) or "" for k in field_names(Prefill)}, LOCAL)
+    filled.error = _error(filled.error) if isinstance(filled.error, str) else filled.error
+    return filled
+
+
 # --- layout ------------------------------------------------------------------------------------------
 
 
@@ -434,6 +444,16 @@ def build_demo() -> gr.Blocks:
                     log.warning("could not clean up session state", exc_info=True)
 
         demo.unload(end_session)
+        prefill_outputs = [ui[name] for name in field_names(Prefill)]
+
+        def on_load(request: gr.Request) -> dict[Any, Any]:
+            # gr.skip() rather than leaving fields out: gradio refuses an empty dict of updates
+            filled = prefill(request)
+            return {
+                ui[n]: gr.skip() if getattr(filled, n) is KEEP else getattr(filled, n) for n in field_names(Prefill)
+            }
+
+        demo.load(on_load, None, prefill_outputs, queue=False, show_progress="hidden")
     demo.queue(default_concurrency_limit=2)
     return demo
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -312,6 +312,58 @@ class LocalPaths:
         if len(entries) == 1 and entries[0][1] == 1.0:
             return self.source(entries[0][0], "Adapter")
         return ", ".join(f"{self.source(spec, 'Adapter')}:{weight!r}" for spec, weight in entries)
+
+
+# --- deep links: ?adapter=…&base=… fills the form ------------------------------------------------------
+
+PREFILL_FIELDS = {
+    "adapter": "Adapter",
+    "base": "Base model",
+    "adapter_revision": "Adapter revision",
+    "base_revision": "Base revision",
+    "dtype": "Output dtype",
+}
+
+
+@dataclass
+class Prefill:
+    """What a link's query fills in, one field per component of the same name; KEEP leaves it as it is."""
+
+    adapter: Any = KEEP
+    base: Any = KEEP
+    adapter_revision: Any = KEEP
+    base_revision: Any = KEEP
+    dtype: Any = KEEP
+    error: Any = KEEP  # the refused values, one sentence each (text; the app renders it)
+
+
+def _check_prefilled(name: str, value: str, local: LocalPaths, limits: Limits) -> None:
+    check_limits(prompt="", max_new_tokens=1, fields={PREFILL_FIELDS[name]: value}, limits=limits)
+    if name == "adapter":
+        local.adapters(value)
+    elif name == "base":
+        local.source(value, PREFILL_FIELDS[name])
+    elif name == "dtype" and value not in DTYPES:
+        raise InvalidOptionError(f"Unknown dtype {value!r}; choose one of {', '.join(DTYPES)}.")
+
+
+def prefill(params: Mapping[str, str], local: LocalPaths, limits: Limits = LIMITS) -> Prefill:
+    """The form as a link asks (never a merge): each value under the same limits and local-path rules
+    as typed input; a refused one is left out and named in ``error``."""
+    out, refused = Prefill(), []
+    for name in PREFILL_FIELDS:
+        value = (params.get(name) or "").strip()
+        if not value:
+            continue
+        try:
+            _check_prefilled(name, value, local, limits)
+        except ValueError as exc:  # InvalidOptionError is one
+            refused.append(str(exc))
+            continue
+        setattr(out, name, value)
+    if refused:
+        out.error = "Not filled in from the link: " + " ".join(refused)
+    return out
 
 
 def _amount(n: float, unit: str) -> str:

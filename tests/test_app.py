@@ -399,3 +399,31 @@ def test_quantized_target_on_a_plain_base_is_refused_in_one_sentence(tempdir: Pa
     assert not isinstance(out["state"], app.MergeResult)
     assert "not quantized" in out["error"]["value"] and "default target" in out["error"]["value"]
     assert lms_dirs(tempdir) == []
+
+
+def test_a_link_prefills_the_form_under_the_rules_of_typed_input() -> None:
+    from merge_core.frontend import KEEP
+
+    query = {
+        "adapter": "alice/tiny-lora",
+        "base": "demo/base",
+        "adapter_revision": "v1.0",
+        "base_revision": "0123abcd",
+        "dtype": "bfloat16",
+        "prompt": "ignored: a link fills the model fields only",
+    }
+    filled = app.prefill(app.gr.Request(query_params=query))
+    got = (filled.adapter, filled.base, filled.adapter_revision, filled.base_revision, filled.dtype)
+    assert got == ("alice/tiny-lora", "demo/base", "v1.0", "0123abcd", "bfloat16")
+    assert filled.error is KEEP  # nothing refused: the error box stays as it is
+
+    bad = {"adapter": "x/" + "y" * 1_000, "base": "/etc", "dtype": "int3", "base_revision": " main "}
+    refused = app.prefill(app.gr.Request(query_params=bad))
+    assert (refused.adapter, refused.base, refused.dtype) == (KEEP, KEEP, KEEP)
+    assert refused.base_revision == "main" and refused.adapter_revision is KEEP
+    message = refused.error["value"]
+    assert refused.error["visible"] and message.startswith("⚠️ Not filled in from the link:")
+    assert "limit is 1,000" in message and "'/etc' is a local path" in message and "Unknown dtype 'int3'" in message
+
+    nothing = app.prefill(app.gr.Request(query_params={}))
+    assert all(getattr(nothing, name) is KEEP for name in app.field_names(type(nothing)))

@@ -1,0 +1,43 @@
+"""The app as other pages and programs use it: a deep link that prefills the form (in the browser) and the
+named API endpoints driven with the real gradio_client, both against `python app.py` on a free port."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from playwright.sync_api import Browser
+
+from tests import test_app_browser as in_browser
+
+# The browser tests' module fixtures, each started again for this module: the app on a free port, the local Hub.
+app_server, browser, demo_present, hub = (
+    in_browser.app_server,
+    in_browser.browser,
+    in_browser.demo_present,
+    in_browser.hub,
+)
+open_page = in_browser.open_page
+
+
+def field_value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def test_a_deep_link_prefills_the_form_and_starts_nothing(app_server: dict, browser: Browser) -> None:
+    query = {"adapter": "demo/adapter", "base": "demo/base", "adapter_revision": "v2", "base_revision": "main"}
+    page = open_page(browser, app_server["url"] + "?" + urlencode(query))
+    page.wait_for_function("() => document.querySelector('#adapter-id textarea, #adapter-id input').value !== ''")
+    page.get_by_text("Advanced").click()  # the revisions sit in the closed accordion
+    assert {name: field_value(page, elem) for name, elem in [
+        ("adapter", "adapter-id"), ("base", "base-id"), ("adapter_revision", "adapter-revision"),
+        ("base_revision", "base-revision"),
+    ]} == query  # fmt: skip
+    assert page.locator("#verdict").inner_text().strip() == ""  # no merge started by the link
+    assert page.locator("#push-btn").is_disabled() and page.locator("#error-box").is_hidden()
+    page.context.close()
+
+    refused = open_page(browser, app_server["url"] + "?" + urlencode({"adapter": "/etc", "base": "demo/base"}))
+    refused.wait_for_selector("#error-box:has-text('Not filled in from the link')")
+    assert "'/etc' is a local path" in refused.locator("#error-box").inner_text()
+    assert field_value(refused, "adapter-id") == "" and field_value(refused, "base-id") == "demo/base"
+    refused.context.close()
