@@ -407,13 +407,15 @@ def _handlers(ui: dict[str, Any]) -> tuple[Callable[..., Any], ...]:
 def _wire(ui: dict[str, Any]) -> None:
     on_merge, on_push, start_merge, start_push = _handlers(ui)
     merge_outputs = [ui[name] for name in field_names(MergeView)]
-    first = ui["merge_btn"].click(
-        start_merge, None, [*merge_outputs, ui["push_result"]], queue=False, show_progress="hidden"
-    )
-    first.then(on_merge, {ui[n] for n in field_names(MergeForm)}, merge_outputs, show_progress_on=[ui["verdict"]])
+    # The API is /merge and /push (README, "The app"); the button-locking steps are the page's own.
+    hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+    first = ui["merge_btn"].click(start_merge, None, [*merge_outputs, ui["push_result"]], **hidden)
+    merge_inputs = {ui[n] for n in field_names(MergeForm)}
+    first.then(on_merge, merge_inputs, merge_outputs, show_progress_on=[ui["verdict"]], api_name="merge")
     push_outputs = [ui[name] for name in field_names(PushView)]
-    first = ui["push_btn"].click(start_push, None, push_outputs, queue=False, show_progress="hidden")
-    first.then(on_push, {ui[n] for n in field_names(PushForm)}, push_outputs, show_progress_on=[ui["push_result"]])
+    first = ui["push_btn"].click(start_push, None, push_outputs, **hidden)
+    push_inputs = {ui[n] for n in field_names(PushForm)}
+    first.then(on_push, push_inputs, push_outputs, show_progress_on=[ui["push_result"]], api_name="push")
 
 
 def build_demo() -> gr.Blocks:
@@ -453,7 +455,7 @@ def build_demo() -> gr.Blocks:
                 ui[n]: gr.skip() if getattr(filled, n) is KEEP else getattr(filled, n) for n in field_names(Prefill)
             }
 
-        demo.load(on_load, None, prefill_outputs, queue=False, show_progress="hidden")
+        demo.load(on_load, None, prefill_outputs, queue=False, show_progress="hidden", api_visibility="private")
     demo.queue(default_concurrency_limit=2)
     return demo
 

@@ -41,3 +41,27 @@ def test_a_deep_link_prefills_the_form_and_starts_nothing(app_server: dict, brow
     assert "'/etc' is a local path" in refused.locator("#error-box").inner_text()
     assert field_value(refused, "adapter-id") == "" and field_value(refused, "base-id") == "demo/base"
     refused.context.close()
+
+
+def test_the_named_api_merges_and_pushes_with_gradio_client(app_server: dict, hub) -> None:
+    from gradio_client import Client
+
+    client = Client(app_server["url"], verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/merge", "/push"} <= set(endpoints)
+    labels = [p["label"] for p in endpoints["/merge"]["parameters"]]
+    assert labels[:3] == ["or paste a write token", "Adapter", "Base model (optional)"] and labels[-1] == "Target repo"
+
+    # Positional, in the page's order (README, "The app"): token, adapter, base, dtype, ... repo name.
+    merged = client.predict(
+        "", "demo/adapter", "demo/base", "auto", "", "", "5GB", "auto (when it fits in memory)", "stack", None,
+        [], "dequantized", "Hello", 8, 0.0, 0, "api-merged", api_name="/merge",
+    )  # fmt: skip
+    error, verdict, table, gen_base, gen_adapter, gen_merged, note, sizes, summary, repo_name = merged
+    assert "checks passed" in str(verdict), merged
+    assert gen_merged and gen_merged == gen_adapter != gen_base
+    assert table["headers"] == ["group", "check", "value", "threshold", "result", "detail"] and table["data"]
+
+    push_result, push_error = client.predict(in_browser.ALICE, "api-merged", False, "Create new repo", api_name="/push")
+    assert "alice/api-merged" in str(push_result) and "vllm serve alice/api-merged" in str(push_result), push_error
+    assert "model.safetensors" in hub.repo_files("alice/api-merged")
