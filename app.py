@@ -21,7 +21,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from merge_core import frontend, pipeline
+from merge_core import frontend, pipeline, speed
 from merge_core.frontend import KEEP, Prefill
 from merge_core.pipeline import (  # the names this page uses most
     FUNCTIONAL,
@@ -60,6 +60,7 @@ LOGIN_HINT = (
 
 STATE_TTL_SECONDS = 2 * 3600
 GPU_BASE_SECONDS, GPU_SECONDS_PER_GB, GPU_MAX_SECONDS = 60, 8, 240
+SPEED_TOKENS = 16  # new tokens per timed run: enough for a rate, short enough for a shared CPU
 
 
 # --- small helpers ----------------------------------------------------------------------------------
@@ -107,9 +108,31 @@ def run_model_checks(
     return pipeline.model_checks(base_dir, adapter_dir, output_dir, settings, device=device, functional=functional)
 
 
+@spaces.GPU(duration=_gpu_seconds)
+def run_speed(
+    base_dir: Path,
+    adapter_dir: Path,
+    output_dir: Path,
+    settings: GenerationSettings | None,
+    merged_gb: float,
+    functional: str = "auto",
+) -> speed.SpeedComparison:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = min(int(settings.max_new_tokens), SPEED_TOKENS) if settings else SPEED_TOKENS
+    prompt = settings.prompt if settings else "Hello"
+    return speed.measure(base_dir, adapter_dir, output_dir, prompt=prompt, new_tokens=tokens, device=device)
+
+
 def _run_checks(result: MergeResult, settings: GenerationSettings | None, functional: str) -> pipeline.ModelChecks:
     merged_gb = result.sizes()["merged_gb"]
-    return run_model_checks(result.base_dir, result.adapter_dir, result.output_dir, settings, merged_gb, functional)
+    dirs = (result.base_dir, result.adapter_dir, result.output_dir)
+    checks = run_model_checks(*dirs, settings, merged_gb, functional)
+    if checks.sample is not None:  # both models fit and generate: time them too (merged vs separate)
+        try:
+            result.speed = run_speed(*dirs, settings, merged_gb, functional)  # read by merge() below
+        except Exception:  # a failed timing must not cost the merge its checks
+            log.warning("speed comparison failed", exc_info=True)
+    return checks
 
 
 def _owner(token: str | None, profile: gr.OAuthProfile | None) -> str:
@@ -178,7 +201,7 @@ def merge(
     except pipeline.SessionBusyError as exc:  # the session already runs a merge: leave its result alone
         return MergeView.kept(error=_error(str(exc)), merge_btn=gr.update(interactive=True))
     owner = lambda: _owner(token, profile)  # noqa: E731 - asked only when a name is suggested
-    return MergeView.of_result(
+    view = MergeView.of_result(
         result,
         form.prompt,
         error=NO_ERROR,
@@ -187,6 +210,10 @@ def merge(
         push_btn=gr.update(interactive=True),
         merge_btn=gr.update(interactive=True),
     )
+    timed = getattr(result, "speed", None)
+    if timed is not None:  # beside the generations: merged vs separate, measured
+        view.gen_note = f"{view.gen_note}\n\n{speed.speed_markdown(timed)}"
+    return view
 
 
 def push(

@@ -167,6 +167,15 @@ def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
     assert out["gen_merged"] and out["gen_merged"] == out["gen_adapter"]
     assert out["gen_base"] != out["gen_adapter"]
     assert "identical" in out["gen_note"]
+    # Merged vs separate, measured: a warm-up then 3 runs each, shown beside the generations.
+    timed = result.speed
+    assert timed.runs == 3 and all(
+        len(t.tokens_per_s) == len(t.first_token_s) == 3 for t in (timed.separate, timed.merged)
+    )
+    assert all(v > 0 for t in (timed.separate, timed.merged) for v in [t.load_s, *t.tokens_per_s, *t.first_token_s])
+    assert timed.separate_bytes > timed.merged_bytes > 0  # base + adapter vs the merged files
+    assert "| needs PEFT at inference | yes | no |" in out["gen_note"] and "tokens/s" in out["gen_note"]
+    assert timed.verdict() in out["gen_note"]
     assert "MB" in out["sizes"] and "GB" in out["sizes"] and "e-" not in out["sizes"]
     assert result.report.summary() == out["summary"]
     assert out["repo_name"] == result.inputs.suggested_name  # no login, no token: no owner prefix
@@ -246,6 +255,17 @@ def test_model_checks_failure_keeps_the_merge_and_says_why(tempdir: Path, monkey
     assert out["verdict"].startswith("### ✅ All") and "1 skipped" in out["verdict"]
     assert out["gen_merged"] == "" and "No sample generation" in out["gen_note"]
     app.discard(result)
+
+
+def test_speed_verdict_claims_a_difference_only_outside_the_runs_spread() -> None:
+    from merge_core.speed import SpeedComparison, Timing
+
+    def comparison(separate: list[float], merged: list[float]) -> SpeedComparison:
+        return SpeedComparison(Timing(1.0, separate, [0.1] * 3), Timing(1.0, merged, [0.1] * 3), 10, 9, 3, 16, "cpu")
+
+    assert comparison([100, 110, 120], [115, 125, 130]).verdict().startswith("no measurable difference")
+    assert comparison([100, 101, 102], [120, 121, 125]).verdict() == "merged generates 20% faster than base + adapter"
+    assert comparison([120, 121, 125], [100, 101, 102]).verdict() == "merged generates 17% slower than base + adapter"
 
 
 def test_gpu_duration_grows_with_model_size_and_is_capped() -> None:

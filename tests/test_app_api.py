@@ -60,6 +60,7 @@ def test_the_named_api_merges_and_pushes_with_gradio_client(app_server: dict, hu
     error, verdict, table, gen_base, gen_adapter, gen_merged, note, sizes, summary, repo_name = merged
     assert "checks passed" in str(verdict), merged
     assert gen_merged and gen_merged == gen_adapter != gen_base
+    assert "Merged vs separate, measured" in note and "| needs PEFT at inference | yes | no |" in note
     assert table["headers"] == ["group", "check", "value", "threshold", "result", "detail"] and table["data"]
 
     push_result, push_error = client.predict(in_browser.ALICE, "api-merged", False, "Create new repo", api_name="/push")
