@@ -21,7 +21,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from merge_core import frontend, pipeline, speed
+from merge_core import card, frontend, pipeline, speed
 from merge_core.frontend import KEEP, Prefill
 from merge_core.pipeline import (  # the names this page uses most
     FUNCTIONAL,
@@ -212,7 +212,7 @@ def merge(
     )
     timed = getattr(result, "speed", None)
     if timed is not None:  # beside the generations: merged vs separate, measured
-        view.gen_note = f"{view.gen_note}\n\n{speed.speed_markdown(timed)}"
+        view.gen_note = f"{view.gen_note}\n\n{card.speed_markdown(timed)}"
     return view
 
 

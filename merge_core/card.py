@@ -7,6 +7,7 @@ from typing import Any
 
 from .quant_targets import QUANT_TARGETS, QuantSummary
 from .report import MergeReport
+from .speed import SpeedComparison, Timing
 from .verify import VerificationReport
 
 TAGS = ["merge", "lora", "peft", "merged-lora", "lora-merge-space"]
@@ -33,6 +34,7 @@ def build_model_card(
     base_card: dict[str, Any] | None = None,
     gguf_types: list[str] | None = None,
     quant: QuantSummary | None = None,
+    speed: SpeedComparison | None = None,
 ):
     """A huggingface_hub.ModelCard; the caller saves it as README.md beside the weights."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -76,6 +78,8 @@ def build_model_card(
             "",
             _table(["group", "check", "value", "threshold", "result"], [r[:5] for r in verification.rows()]),
         ]
+    if speed is not None:
+        parts += ["", speed_markdown(speed, heading="##")]
     parts += _usage(repo_id or "path/to/this/model")
     parts += _gguf_usage(repo_id or "OWNER/REPO", gguf_types or [])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
@@ -213,6 +217,25 @@ def _combination_rows(recipe: dict[str, Any]) -> list[list[Any]]:
     if parameters:
         rows.append(["combination parameters", ", ".join(f"{k}={number(v)}" for k, v in parameters.items())])
     return rows
+
+
+def speed_markdown(speed: SpeedComparison, heading: str = "####") -> str:
+    """The comparison as a Markdown table in the seed's terms, with the honest verdict under it."""
+    s, m = speed.separate, speed.merged
+    rows = [
+        ("generation, tokens/s", Timing.spread(s.tokens_per_s), Timing.spread(m.tokens_per_s)),
+        ("first-token latency, s", Timing.spread(s.first_token_s), Timing.spread(m.first_token_s)),
+        ("load time, s", f"{s.load_s:.3g}", f"{m.load_s:.3g}"),
+        ("size on disk, MB", f"{speed.separate_bytes / 1e6:,.1f}", f"{speed.merged_bytes / 1e6:,.1f}"),
+        ("needs PEFT at inference", "yes", "no"),
+    ]
+    lines = ["| | base + adapter (PEFT, unmerged) | merged |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    note = (
+        f"Median (min–max) of {speed.runs} runs after a warm-up, {speed.new_tokens} new tokens, greedy, "
+        f"on {speed.device}: **{speed.verdict()}**."
+    )
+    return "\n".join([f"{heading} Merged vs separate, measured", "", *lines, "", note])
 
 
 def _is_hub_id(text: str) -> bool:

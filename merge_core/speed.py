@@ -107,23 +107,4 @@ def measure(
     )
 
 
-def speed_markdown(speed: SpeedComparison) -> str:
-    """The comparison as a Markdown table in the seed's terms, with the honest verdict under it."""
-    s, m = speed.separate, speed.merged
-    rows = [
-        ("generation, tokens/s", Timing.spread(s.tokens_per_s), Timing.spread(m.tokens_per_s)),
-        ("first-token latency, s", Timing.spread(s.first_token_s), Timing.spread(m.first_token_s)),
-        ("load time, s", f"{s.load_s:.3g}", f"{m.load_s:.3g}"),
-        ("size on disk, MB", f"{speed.separate_bytes / 1e6:,.1f}", f"{speed.merged_bytes / 1e6:,.1f}"),
-        ("needs PEFT at inference", "yes", "no"),
-    ]
-    lines = ["| | base + adapter (PEFT, unmerged) | merged |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    note = (
-        f"Median (min–max) of {speed.runs} runs after a warm-up, {speed.new_tokens} new tokens, greedy, "
-        f"on {speed.device}: **{speed.verdict()}**."
-    )
-    return "\n".join(["#### Merged vs separate, measured", "", *lines, "", note])
-
-
-__all__ = ["SpeedComparison", "Timing", "measure", "speed_markdown"]
+__all__ = ["SpeedComparison", "Timing", "measure"]

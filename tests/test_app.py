@@ -176,6 +176,11 @@ def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
     assert timed.separate_bytes > timed.merged_bytes > 0  # base + adapter vs the merged files
     assert "| needs PEFT at inference | yes | no |" in out["gen_note"] and "tokens/s" in out["gen_note"]
     assert timed.verdict() in out["gen_note"]
+    model_card = app.card.build_model_card(
+        result.report, result.verification, repo_id="alice/x", base_id="acme/base", base_revision=None,
+        adapter_id="alice/lora", adapter_revision=None, speed=timed,
+    )  # fmt: skip
+    assert "## Merged vs separate, measured" in str(model_card) and timed.verdict() in str(model_card)
     assert "MB" in out["sizes"] and "GB" in out["sizes"] and "e-" not in out["sizes"]
     assert result.report.summary() == out["summary"]
     assert out["repo_name"] == result.inputs.suggested_name  # no login, no token: no owner prefix
