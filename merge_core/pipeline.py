@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .card import build_model_card
+from .card import build_model_card, speed_markdown
 from .checkpoint import read_json
 from .combine import COMBINATION_TYPES
 from .errors import InvalidOptionError, MergeError, ModelLoadError, PushError, UnsafeOutputError, explain_os_error
@@ -27,6 +27,7 @@ from .frontend import (
     LocalPaths,
     MergeForm,
     MergeView,
+    Prefill,
     PushForm,
     PushView,
     SessionBusyError,
@@ -34,6 +35,7 @@ from .frontend import (
     field_names,
     form_from,
     merge_request,
+    prefill,
     progress_adapter,
     sample_note,
     session_slot,
@@ -53,6 +55,7 @@ from .plan import MergeOptions, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .quant_targets import COST_ROW, QUANT_TARGETS, QuantSummary, finish_target, requantize_settings
 from .report import MergeReport
+from .speed import SpeedComparison, measure
 from .stream_push import StreamPushResult, stream_merge_push
 from .verify import Check, VerificationReport, functional_budget, functional_checks, verify_merge
 from .workdirs import new_workdir, sweep_workdirs
@@ -69,6 +72,7 @@ class MergeResult:
     workdir_claim: Claim | None = field(default=None, repr=False)  # the app's per-request folder
     gguf_files: dict[str, Path] = field(default_factory=dict)  # GGUF type -> file in output_dir
     quant: QuantSummary | None = None  # a quantized base: what it became and what that cost
+    speed: SpeedComparison | None = None  # merged vs base + adapter, measured (the app's sample settings)
 
     @property
     def base_dir(self) -> Path:
@@ -98,6 +102,7 @@ class MergeResult:
             base_card=base.card,
             gguf_types=list(self.gguf_files),
             quant=self.quant,
+            speed=self.speed,
         )
         card.save(self.output_dir / "README.md")
 
@@ -271,6 +276,12 @@ def cleanup(result: MergeResult | None) -> None:
 from .jobs import ChecksRunner, failure_message, push_markdown, run_job, scrub, suggest_repo_id  # noqa: E402
 
 __all__ = [
+    "Prefill",
+    "SpeedComparison",
+    "measure",
+    "prefill",
+    "speed_markdown",
+
     "PUSH_MODE_LABELS",
     "ChecksRunner",
     "failure_message",

@@ -13,13 +13,15 @@ from typing import Any
 import pytest
 
 import app
+from merge_core import pipeline
+from merge_core.card import build_model_card
 from tests.conftest import HUB_PORT
 from tests.hubserver import HubServer
 
 ALICE = "hf_alice_app_write_token_0123456789"
 ALICE_READ = "hf_alice_app_read_token_0123456789"
 
-FUNCTIONAL_AUTO = next(iter(app.FUNCTIONAL))
+FUNCTIONAL_AUTO = next(iter(pipeline.FUNCTIONAL))
 DEMO_DIR = app.DEMO_DIR
 
 
@@ -158,7 +160,7 @@ def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
     checks = result.verification.checks
     assert out["verdict"] == f"### ✅ All {len(checks)} checks passed", out["verdict"]
     table = out["table"]
-    assert list(table.columns) == app.VerificationReport.HEADERS
+    assert list(table.columns) == pipeline.VerificationReport.HEADERS
     assert len(table) == len(checks) >= 10
     assert set(table["result"]) == {"pass"}, table.to_string()
     assert {"structure", "numerics", "function"} <= set(table["group"])
@@ -176,7 +178,7 @@ def test_merge_of_the_demo_passes_every_check(tempdir: Path) -> None:
     assert timed.separate_bytes > timed.merged_bytes > 0  # base + adapter vs the merged files
     assert "| needs PEFT at inference | yes | no |" in out["gen_note"] and "tokens/s" in out["gen_note"]
     assert timed.verdict() in out["gen_note"]
-    model_card = app.card.build_model_card(
+    model_card = build_model_card(
         result.report, result.verification, repo_id="alice/x", base_id="acme/base", base_revision=None,
         adapter_id="alice/lora", adapter_revision=None, speed=timed,
     )  # fmt: skip
