@@ -14,6 +14,7 @@ import html
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,53 +85,52 @@ def _token(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
 # --- GPU part: the only code that ZeroGPU runs on a GPU ------------------------------------------------
 
 
-def _gpu_seconds(
-    base_dir: Path,
-    adapter_dir: Path,
-    output_dir: Path,
-    settings: GenerationSettings | None,
-    merged_gb: float,
-    functional: str = "auto",
-) -> int:
+@dataclass(frozen=True)
+class GpuJob:
+    """What a ZeroGPU call needs (picklable: it crosses into the GPU worker)."""
+
+    base_dir: Path
+    adapter_dir: Path
+    output_dir: Path
+    settings: GenerationSettings | None
+    merged_gb: float
+    functional: str = "auto"
+
+
+def gpu_seconds(job: GpuJob) -> int:
     """ZeroGPU reservation: loading base+adapter and the merged model dominates, so it grows with size."""
-    return int(min(GPU_MAX_SECONDS, GPU_BASE_SECONDS + GPU_SECONDS_PER_GB * max(0.0, merged_gb)))
+    return int(min(GPU_MAX_SECONDS, GPU_BASE_SECONDS + GPU_SECONDS_PER_GB * max(0.0, job.merged_gb)))
 
 
-@spaces.GPU(duration=_gpu_seconds)
-def run_model_checks(
-    base_dir: Path,
-    adapter_dir: Path,
-    output_dir: Path,
-    settings: GenerationSettings | None,
-    merged_gb: float,
-    functional: str = "auto",
-) -> pipeline.ModelChecks:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return pipeline.model_checks(base_dir, adapter_dir, output_dir, settings, device=device, functional=functional)
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@spaces.GPU(duration=_gpu_seconds)
-def run_speed(
-    base_dir: Path,
-    adapter_dir: Path,
-    output_dir: Path,
-    settings: GenerationSettings | None,
-    merged_gb: float,
-    functional: str = "auto",
-) -> pipeline.SpeedComparison:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+@spaces.GPU(duration=gpu_seconds)
+def run_model_checks(job: GpuJob) -> pipeline.ModelChecks:
+    return pipeline.model_checks(
+        job.base_dir, job.adapter_dir, job.output_dir, job.settings, device=_device(), functional=job.functional
+    )
+
+
+@spaces.GPU(duration=gpu_seconds)
+def run_speed(job: GpuJob) -> pipeline.SpeedComparison:
+    settings = job.settings
     tokens = min(int(settings.max_new_tokens), SPEED_TOKENS) if settings else SPEED_TOKENS
     prompt = settings.prompt if settings else "Hello"
-    return pipeline.measure(base_dir, adapter_dir, output_dir, prompt=prompt, new_tokens=tokens, device=device)
+    return pipeline.measure(
+        job.base_dir, job.adapter_dir, job.output_dir, prompt=prompt, new_tokens=tokens, device=_device()
+    )
 
 
 def _run_checks(result: MergeResult, settings: GenerationSettings | None, functional: str) -> pipeline.ModelChecks:
-    merged_gb = result.sizes()["merged_gb"]
-    dirs = (result.base_dir, result.adapter_dir, result.output_dir)
-    checks = run_model_checks(*dirs, settings, merged_gb, functional)
+    job = GpuJob(
+        result.base_dir, result.adapter_dir, result.output_dir, settings, result.sizes()["merged_gb"], functional
+    )
+    checks = run_model_checks(job)
     if checks.sample is not None:  # both models fit and generate: time them too (merged vs separate)
         try:
-            result.speed = run_speed(*dirs, settings, merged_gb, functional)  # read by merge() below
+            result.speed = run_speed(job)  # read by merge() below
         except Exception:  # a failed timing must not cost the merge its checks
             log.warning("speed comparison failed", exc_info=True)
     return checks

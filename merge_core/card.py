@@ -123,14 +123,8 @@ def gguf_snippets(repo_id: str, types: list[str]) -> list[str]:
 
 
 def _usage(load_id: str) -> list[str]:
-    return [
-        "",
-        "## Use",
-        "",
-        *usage_snippets(load_id),
-        "",
-        "Merged with [LoRA Merge Space](https://huggingface.co/spaces) (`merge_core`).",
-    ]
+    footer = "Merged with [LoRA Merge Space](https://huggingface.co/spaces) (`merge_core`)."
+    return ["", "## Use", "", *usage_snippets(load_id), "", footer]
 
 
 def _gguf_usage(repo_id: str, types: list[str]) -> list[str]:

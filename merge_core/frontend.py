@@ -187,10 +187,12 @@ class MergeView:
 
 @dataclass
 class PushView:
-    push_result: Any = None
-    error: Any = None
-    merge_btn: Any = None
-    push_btn: Any = None
+    """What a push shows: its result (or nothing), the error box, and both buttons."""
+
+    push_result: Any
+    error: Any
+    merge_btn: Any
+    push_btn: Any
 
 
 def view_updates(view: Any, ui: dict[str, Any]) -> dict[Any, Any]:

@@ -175,20 +175,25 @@ class HubClient:
     ) -> Path:
         from huggingface_hub import snapshot_download
 
-        names = sorted(set(files))
         tqdm_class = _progress_tqdm(progress, f"download {ref.repo_id}", total_bytes) if total_bytes else None
+        kwargs = self._download_kwargs(ref, sha, cache_dir, tqdm_class, allow_patterns=sorted(set(files)))
+        return Path(self._call(ref, lambda: snapshot_download(**kwargs)))
+
+    def _download_kwargs(
+        self, ref: RepoRef, sha: str, cache_dir: Path | None, tqdm_class: Any, **extra: Any
+    ) -> dict[str, Any]:
+        """The arguments every download shares: the pinned commit, this client's token and endpoint."""
         kwargs: dict[str, Any] = dict(
             repo_id=ref.repo_id,
             revision=sha,
-            allow_patterns=names,
             token=self._token,
             endpoint=self.endpoint,
             cache_dir=str(cache_dir) if cache_dir else None,
+            **extra,
         )
         if tqdm_class is not None:
             kwargs["tqdm_class"] = tqdm_class
-        path = self._call(ref, lambda: snapshot_download(**kwargs))
-        return Path(path)
+        return kwargs
 
     def safetensors_headers(self, ref: RepoRef, sha: str) -> dict[str, dict[str, Any]]:
         """{shard: {tensor: (dtype, shape)}} from HTTP range reads of the headers, no weights."""
@@ -296,16 +301,7 @@ class HubClient:
         """One file of ``ref`` at commit ``sha`` into the cache (kept there when already present)."""
         from huggingface_hub import hf_hub_download
 
-        kwargs: dict[str, Any] = dict(
-            repo_id=ref.repo_id,
-            filename=filename,
-            revision=sha,
-            token=self._token,
-            endpoint=self.endpoint,
-            cache_dir=str(cache_dir) if cache_dir else None,
-        )
-        if tqdm_class is not None:
-            kwargs["tqdm_class"] = tqdm_class
+        kwargs = self._download_kwargs(ref, sha, cache_dir, tqdm_class, filename=filename)
         return Path(self._call(ref, lambda: hf_hub_download(**kwargs)))
 
     def create_target(self, target: PushTarget) -> None:

@@ -281,7 +281,6 @@ __all__ = [
     "measure",
     "prefill",
     "speed_markdown",
-
     "PUSH_MODE_LABELS",
     "ChecksRunner",
     "failure_message",

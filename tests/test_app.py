@@ -276,9 +276,9 @@ def test_speed_verdict_claims_a_difference_only_outside_the_runs_spread() -> Non
 
 
 def test_gpu_duration_grows_with_model_size_and_is_capped() -> None:
-    small = app._gpu_seconds(Path("b"), Path("a"), Path("o"), None, 0.0001)
-    seven_b = app._gpu_seconds(Path("b"), Path("a"), Path("o"), None, 14.5)
-    huge = app._gpu_seconds(Path("b"), Path("a"), Path("o"), None, 500.0)
+    small = app.gpu_seconds(app.GpuJob(Path("b"), Path("a"), Path("o"), None, 0.0001))
+    seven_b = app.gpu_seconds(app.GpuJob(Path("b"), Path("a"), Path("o"), None, 14.5))
+    huge = app.gpu_seconds(app.GpuJob(Path("b"), Path("a"), Path("o"), None, 500.0))
     assert small == app.GPU_BASE_SECONDS < seven_b < huge == app.GPU_MAX_SECONDS
 
 
