@@ -68,21 +68,27 @@ def build_model_card(
     ]
     if report.notes or report.warnings:
         parts += ["", *[f"- {n}" for n in report.notes], *[f"- ⚠️ {w}" for w in report.warnings]]
-    if verification is not None:
-        verdict = "all checks passed" if verification.passed else f"{len(verification.failed())} check(s) FAILED"
-        parts += [
-            "",
-            "## Verification",
-            "",
-            f"Measured on the merged files ({verdict}):",
-            "",
-            _table(["group", "check", "value", "threshold", "result"], [r[:5] for r in verification.rows()]),
-        ]
+    parts += _verification_section(verification)
     if speed is not None:
         parts += ["", speed_markdown(speed, heading="##")]
     parts += _usage(repo_id or "path/to/this/model")
     parts += _gguf_usage(repo_id or "OWNER/REPO", gguf_types or [])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts) + "\n")
+
+
+def _verification_section(verification: VerificationReport | None) -> list[str]:
+    if verification is None:
+        return []
+    verdict = "all checks passed" if verification.passed else f"{len(verification.failed())} check(s) FAILED"
+    rows = [r[:5] for r in verification.rows()]
+    return [
+        "",
+        "## Verification",
+        "",
+        f"Measured on the merged files ({verdict}):",
+        "",
+        _table(["group", "check", "value", "threshold", "result"], rows),
+    ]
 
 
 def usage_snippets(repo_id: str) -> list[str]:
