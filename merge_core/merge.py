@@ -30,9 +30,9 @@ from .tensor_math import (
     ColumnNorms,
     LoadedDelta,
     Workspace,
-    all_finite,
     apply_deltas_,
     dora_row_factor,
+    finite_state,
     row_blocks,
     rows_per_block,
 )
@@ -70,6 +70,7 @@ class _Context:
     workspace: Workspace
     files: OpenFiles = field(default_factory=OpenFiles)
     timings: Timings = field(default_factory=Timings)
+    check_workspace: Workspace = field(default_factory=Workspace)  # the writer thread's own buffers
 
     def adapter_tensor(self, key: str, transpose: bool = False) -> torch.Tensor:
         t = self.plan.adapter.tensor(key).to(device=self.device, dtype=self.plan.compute_dtype)
@@ -113,40 +114,45 @@ def _start_rows(ctx: _Context, t: OutputTensorPlan, step: int) -> Rows:
 
 
 def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> None:
-    """Round ``work`` once to the output dtype, queue it for the disk, and refuse Inf/NaN."""
+    """Round ``work`` once to the output dtype and queue it for the disk; the writer thread refuses Inf/NaN."""
     out_dtype = DTYPE_FROM_ST[t.dtype]
+    check = _finite_check(ctx, t, rows)
     with ctx.timings.phase("write"):
         if work.device.type != "cpu":
             # Round on the accelerator: the copy back then moves 2 bytes per element, not 8.
             rounded = ctx.workspace.get("rounded", tuple(work.shape), out_dtype)
             rounded.copy_(work)
-            staged = writer.write(rounded, out_dtype)
+            staged = writer.write(rounded, out_dtype, check=check)
         else:
-            staged = writer.write(work, out_dtype)
-    if not all_finite(staged, ctx.workspace):
-        raise NonFiniteOutputError(_non_finite_message(ctx, t, work, rows))
+            staged = writer.write(work, out_dtype, check=check)
     ctx.on_bytes(staged.numel() * element_size(t.dtype))
 
 
-def _non_finite_message(ctx: _Context, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> str:
-    values = work.detach().double()
-    if torch.isnan(values).any():
+def _finite_check(ctx: _Context, t: OutputTensorPlan, rows: range):
+    """The check the writer thread runs on a rounded block (it alone uses ``check_workspace``)."""
+
+    def check(staged: torch.Tensor) -> None:
+        state = finite_state(staged, ctx.check_workspace)
+        if state != "finite":
+            raise NonFiniteOutputError(_non_finite_message(t, rows, state))
+
+    return check
+
+
+def _non_finite_message(t: OutputTensorPlan, rows: range, state: str) -> str:
+    where = f"The merged tensor {t.name} (rows {rows.start}-{rows.stop - 1})"
+    if state == "nan":
         return (
-            f"The merged tensor {t.name} (rows {rows.start}-{rows.stop - 1}) contains NaN, so nothing was "
-            "written; the base or the adapter holds invalid values there: check both files."
+            f"{where} contains NaN, so nothing was written; the base or the adapter holds invalid values there: "
+            "check both files."
         )
-    largest = float(values.abs().max())
     limit = torch.finfo(DTYPE_FROM_ST[t.dtype]).max
-    name = dtype_name(t.dtype)
     hint = (
         "choose bfloat16 output, which has float32's range"
         if t.dtype == "F16"
         else "check the adapter's scale (lora_alpha / r), which is implausibly large"
     )
-    return (
-        f"The merged tensor {t.name} reaches {largest:.4g}, beyond {name}'s largest value {limit:.4g}, so nothing "
-        f"was written; {hint}."
-    )
+    return f"{where} goes beyond {dtype_name(t.dtype)}'s largest value {limit:.4g}, so nothing was written; {hint}."
 
 
 def _convert(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -385,7 +385,9 @@ class BackgroundWriter(_ClosesOnSuccess):
                 if kind == "begin":
                     self._writer.begin(*args)
                 elif kind == "write":
-                    staged, nbytes = args
+                    staged, nbytes, view, check = args
+                    if check is not None:
+                        check(view)  # here, not in the caller: it overlaps the caller's next block of math
                     self._writer.write(staged[:nbytes])
                 else:
                     self._writer.copy_from(*args)
@@ -405,7 +407,9 @@ class BackgroundWriter(_ClosesOnSuccess):
     def begin(self, name: str) -> None:
         self._put(("begin", name))
 
-    def write(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def write(
+        self, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, check: Callable | None = None
+    ) -> torch.Tensor:
         """Queue ``tensor`` converted to ``dtype`` (default: its own); the conversion writes
         straight into a staging buffer, so rounding and staging are one pass.
 
@@ -424,7 +428,7 @@ class BackgroundWriter(_ClosesOnSuccess):
         view = staged[:nbytes].view(dtype).view(data.shape)
         if nbytes:
             view.copy_(data)
-        self._put(("write", staged, nbytes))
+        self._put(("write", staged, nbytes, view, check))
         return view
 
     def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:

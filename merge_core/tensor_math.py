@@ -126,3 +126,12 @@ def all_finite(values: torch.Tensor, workspace: Workspace) -> bool:
     scratch = workspace.get("finite", tuple(bits.shape), int_dtype, values.device)
     torch.bitwise_and(bits, mask, out=scratch)
     return int(scratch.max()) < inf_bits
+
+
+def finite_state(values: torch.Tensor, workspace: Workspace) -> str:
+    """ "finite", "inf" (a value overflowed) or "nan", decided on the bits like all_finite."""
+    if all_finite(values, workspace):
+        return "finite"
+    int_dtype, _, inf_bits = _FLOAT_BITS[values.dtype]
+    scratch = workspace.get("finite", (values.numel(),), int_dtype, values.device)
+    return "nan" if int(scratch.max()) > inf_bits else "inf"
