@@ -11,6 +11,7 @@ layout transformers itself can load. The merged checkpoint keeps the base's name
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,11 +30,22 @@ def _model_class(config) -> type | None:
 
 
 def meta_model(config_dir: Path):
-    """The model class named by config.json, instantiated without memory; None when not possible."""
+    """The model class named by config.json, instantiated without memory; None when not possible.
+
+    One plan asks for it up to three times (names, transposed experts, expert layout): it is built once per
+    config.json as it is on disk, and only read, never changed, by its callers.
+    """
+    config_file = Path(config_dir) / "config.json"
+    stat = config_file.stat()
+    return _meta_model_of(str(config_file.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model_of(config_file: str, _mtime_ns: int, _size: int):
     import torch
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(config_dir)
+    config = AutoConfig.from_pretrained(Path(config_file).parent)
     cls = _model_class(config)
     if cls is None:
         return None
