@@ -87,11 +87,6 @@ def check_disk(directory: Path, needed: int, what: str = "the merged model") -> 
         )
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless overwriting was asked for (inputs are checked by execute_plan)."""
-    check_output_target(output_dir, protected=(), overwrite=overwrite)
-
-
 # --- the four kinds of output tensor -----------------------------------------------------------------
 
 
@@ -392,4 +387,4 @@ def merge_adapter(
     return execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
 
 
-__all__ = ["ShardHooks", "check_disk", "check_output_dir", "execute_plan", "merge_adapter", "protected_inputs"]
+__all__ = ["ShardHooks", "check_disk", "execute_plan", "merge_adapter", "protected_inputs"]
