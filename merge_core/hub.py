@@ -70,12 +70,14 @@ class PushResult:
 
 
 class HubClient:
-    def __init__(self, token: str | None = None, endpoint: str | None = None):
+    def __init__(self, token: str | None = None, endpoint: str | None = None, *, oauth_scope: str | None = None):
         from huggingface_hub import HfApi
 
         # token=False keeps huggingface_hub from sending a cached login or HF_TOKEN the
         # caller did not hand us (on a Space that would be the Space owner's secret).
         self._token: Any = token if token else False
+        # A Space login's scopes ("openid profile contribute-repos ..."): whoami-v2 does not show them.
+        self.oauth_scope = oauth_scope
         self.api = HfApi(endpoint=endpoint, token=self._token)
         self.endpoint = self.api.endpoint
 
@@ -217,16 +219,14 @@ class HubClient:
                 "The Hub did not accept this token. Log in again or create a new token with write access."
             ) from exc
 
-    def preflight_push(self, repo_id: str, mode: PushMode | str, *, private: bool = False) -> PushTarget:
-        """Everything a push can be refused for, checked before any merge or upload: the token
-        can write, the namespace is the account's own or one of its organisations, and the
-        target is free (new) or exists (update, pull request)."""
+    def check_push_permission(self, repo_id: str, mode: PushMode | str) -> str:
+        """The token may push to ``repo_id`` in ``mode``: it can write the namespace (new, update) and
+        holds the mode's permission (merge_core.permissions). Whether the repo exists is not asked, so
+        a re-merge after a push passes too. Returns the repo id with the account's name added if needed."""
+        from .permissions import TokenAccess, Verdict, refusal, verdict
+
         mode = PushMode.parse(mode)
         me = self.whoami()
-        if ((me.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
-            raise PushError(
-                "Your token is read-only. Create a token with write access (Settings → Access Tokens) or log in again."
-            )
         repo_id = (repo_id or "").strip()
         if "/" not in repo_id:
             repo_id = f"{me.get('name')}/{repo_id}"
@@ -235,12 +235,36 @@ class HubClient:
                 f"{repo_id[:200]!r} is not a repository name the Hub accepts; use owner/name "
                 f"(letters, digits, '-', '_', '.'; at most {MAX_NAME_CHARS} characters each)."
             )
+        access = TokenAccess.from_whoami(me, self.oauth_scope)
+        found = verdict(access, mode, repo_id)
+        if found is Verdict.ASK_HUB and self._hub_refuses_writes(repo_id):
+            found = Verdict.MISSING
+        if found is Verdict.MISSING:
+            raise PushError(refusal(access, mode, repo_id, endpoint=self.endpoint))
         writable, owner = _writable_namespaces(me), repo_id.partition("/")[0]
         if mode is not PushMode.PR and owner not in writable:
             raise PushError(
                 f"Your token cannot write to the namespace {owner!r} (it can write to: "
                 f"{', '.join(sorted(writable)) or 'none'}); push to one of those or open a pull request."
             )
+        return repo_id
+
+    def _hub_refuses_writes(self, repo_id: str) -> bool:
+        """Ask the Hub whether this token may write ``repo_id``: a preupload of no files writes nothing
+        and is refused (403) exactly when a commit would be. Any other answer is left to the push."""
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        url = f"{self.endpoint}/api/models/{repo_id}/preupload/main"
+        headers = build_hf_headers(token=self._token)
+        answer = self._call(RepoRef(repo_id), lambda: get_session().post(url, json={"files": []}, headers=headers))
+        return answer.status_code in (401, 403)
+
+    def preflight_push(self, repo_id: str, mode: PushMode | str, *, private: bool = False) -> PushTarget:
+        """Everything a push can be refused for, checked before any merge or upload: the token holds
+        the mode's permission, the namespace is the account's own or one of its organisations, and
+        the target is free (new) or exists (update, pull request)."""
+        mode = PushMode.parse(mode)
+        repo_id = self.check_push_permission(repo_id, mode)
         exists = self._call(RepoRef(repo_id), lambda: self.api.repo_exists(repo_id))
         if mode is PushMode.NEW and exists:
             raise PushError(

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from . import auth
 from .blobs import FileEntry, front_matter, wants_lfs
 from .state import REPO_TYPES, HubError, HubState, PendingUpload, RepoKey, TokenInfo, check_path
 
@@ -47,7 +48,7 @@ def whoami(state: HubState, caller: TokenInfo | None, *, had_token: bool) -> dic
         "isPro": False,
         "avatarUrl": f"{state.base_url}/avatars/{name}.png",
         "orgs": orgs,
-        "auth": {"type": "access_token", "accessToken": {"displayName": f"{name}-token", "role": role}},
+        "auth": auth.whoami_auth(state, caller),
     }
 
 
@@ -71,12 +72,7 @@ def create_repo(state: HubState, caller: TokenInfo | None, body: dict) -> dict:
     namespace = org or (caller.user if caller else "")
     if not _NAME.match(name) or (org is not None and not _NAME.match(str(org))):
         raise HubError(400, f"Invalid repo name {namespace}/{name}")
-    if caller is None:
-        raise HubError(403, "You must be authenticated with a write token to create a repo.")
-    if not caller.write:
-        raise HubError(403, "This token is read-only: it cannot create repos. Use a token with write access.")
-    if not state.owns(caller.user, namespace):
-        raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {namespace}")
+    caller = auth.require_create(state, caller, namespace, repo_type)
     # 2.x sends "visibility"; 1.x sent "private": accept both.
     private = body.get("visibility") == "private" or body.get("private") is True
     repo_id = f"{namespace}/{name}"
@@ -85,7 +81,7 @@ def create_repo(state: HubState, caller: TokenInfo | None, body: dict) -> dict:
         if (repo_type, repo_id) in state.repos:
             # create_repo(exist_ok=True) swallows the 409 and then reads "url" from this body.
             raise HubError(409, f"You already created this {repo_type} repo: {repo_id}", extra={"url": url})
-        state.new_repo(repo_type, repo_id, private=private, gated=False)
+        state.new_repo(repo_type, repo_id, private=private, gated=False).created_by_app = caller.app
     return {"url": url, "name": repo_id, "id": repo_id}
 
 
@@ -95,7 +91,7 @@ def delete_repo(state: HubState, caller: TokenInfo | None, body: dict) -> dict:
     repo_id = f"{namespace}/{body.get('name')}"
     with state.lock:
         repo = state.visible_repo(caller, (repo_type, repo_id))
-        state.require_writer(caller, repo.namespace, f"delete {repo_id}")
+        auth.require_write(state, caller, repo, f"delete {repo_id}")
         del state.repos[(repo_type, repo_id)]
     return {}
 
@@ -190,10 +186,12 @@ def resolve_file(state: HubState, caller: TokenInfo | None, key: RepoKey, revisi
 # --- uploads ---------------------------------------------------------------------------------------
 
 
-def preupload(state: HubState, caller: TokenInfo | None, key: RepoKey, revision: str, files: list[dict]) -> dict:
+def preupload(
+    state: HubState, caller: TokenInfo | None, key: RepoKey, revision: str, files: list[dict], *, create_pr: bool
+) -> dict:
     with state.lock:
         repo = state.visible_repo(caller, key)
-        state.require_writer(caller, repo.namespace, f"write to {repo.repo_id}")
+        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", pr=create_pr)
         current = repo.commits[state.resolve(repo, revision)].files
     out = []
     for item in files:
@@ -212,7 +210,8 @@ def lfs_batch(state: HubState, caller: TokenInfo | None, key: RepoKey, body: dic
         repo = state.visible_repo(caller, key)
         if body.get("operation") != "upload":
             raise HubError(400, "hubserver: only the LFS 'upload' operation is supported")
-        state.require_writer(caller, repo.namespace, f"write to {repo.repo_id}")
+        # The batch does not say whether a pull request follows: whoever may open one may upload.
+        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", pr=True)
         objects = []
         for obj in body.get("objects") or []:
             oid, size = str(obj.get("oid")), int(obj.get("size") or 0)
@@ -328,7 +327,7 @@ def commit(
     # 1. Who may write, and where.
     with state.lock:
         repo = state.visible_repo(caller, key)
-        state.require_writer(caller, repo.namespace, f"write to {repo.repo_id}")
+        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", pr=create_pr)
         if state.commits_fail:
             raise HubError(400, "injected failure: commit refused")
         if revision not in repo.refs:

@@ -127,7 +127,8 @@ def _tree(state: HubState, req: Request, p: Params) -> Response:
 
 def _preupload(state: HubState, req: Request, p: Params) -> Response:
     files = (req.json() or {}).get("files") or []
-    return json_response(ops.preupload(state, req.caller, _key(p), unquote(p["rev"]), files))
+    create_pr = req.flag("create_pr")
+    return json_response(ops.preupload(state, req.caller, _key(p), unquote(p["rev"]), files, create_pr=create_pr))
 
 
 def _commit(state: HubState, req: Request, p: Params) -> Response:

@@ -44,8 +44,16 @@ class HubError(Exception):
 
 @dataclass(frozen=True)
 class TokenInfo:
+    """One token: a classic one (``write`` is its role), an OAuth one (``scopes``, issued to ``app``) or
+    a fine-grained one (``global_permissions``, and ``scoped`` per user, organisation or repo name)."""
+
     user: str
     write: bool
+    kind: str = "classic"  # "classic", "oauth" or "fineGrained" (see auth.py)
+    scopes: frozenset[str] = frozenset()
+    app: str | None = None
+    global_permissions: frozenset[str] = frozenset()
+    scoped: tuple[tuple[str, frozenset[str]], ...] = ()
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)  # insertion order = history order
     grants: set[str] = field(default_factory=set)  # user names with read access
     lfs_objects: set[str] = field(default_factory=set)  # sha256 of LFS objects uploaded to this repo
+    created_by_app: str | None = None  # the OAuth app whose token created it (contribute-repos writes these)
     next_pr: int = 1
 
     @property
@@ -129,6 +138,28 @@ class HubState:
         with self.lock:
             self.users.setdefault(name, set()).update(orgs)
             self.tokens[token] = TokenInfo(name, write)
+
+    def add_oauth_token(self, name: str, token: str, scopes: str, *, app: str = "lora-merge-space") -> None:
+        """An OAuth token of ``app`` acting as user ``name`` with the space-separated ``scopes``."""
+        with self.lock:
+            self.users.setdefault(name, set())
+            self.tokens[token] = TokenInfo(name, False, "oauth", frozenset(scopes.split()), app)
+
+    def add_fine_grained_token(
+        self,
+        name: str,
+        token: str,
+        *,
+        global_permissions: tuple[str, ...] = (),
+        scoped: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """A fine-grained token of user ``name``: ``scoped`` maps a user, org or repo name to its permissions."""
+        entries = tuple((entity, frozenset(perms)) for entity, perms in (scoped or {}).items())
+        with self.lock:
+            self.users.setdefault(name, set())
+            self.tokens[token] = TokenInfo(
+                name, False, "fineGrained", global_permissions=frozenset(global_permissions), scoped=entries
+            )
 
     def create_repo(
         self,
@@ -250,9 +281,13 @@ class HubState:
 
     def visible_repo(self, caller: TokenInfo | None, key: RepoKey) -> Repo:
         """The repo if the caller may see it; private repos are hidden as 404, like the Hub does."""
+        from .auth import may_read_private
+
         user = caller.user if caller else None
         repo = self.repos.get(key)
         if repo is None or (repo.private and not self.owns(user, repo.namespace) and user not in repo.grants):
+            raise repo_not_found(key[1])
+        if repo.private and caller is not None and not may_read_private(caller, repo):
             raise repo_not_found(key[1])
         return repo
 
@@ -265,15 +300,6 @@ class HubState:
                 "authenticated to access it. Please log in.",
                 "GatedRepo",
             )
-
-    def require_writer(self, caller: TokenInfo | None, namespace: str, what: str) -> TokenInfo:
-        if caller is None:
-            raise HubError(403, f"You must be authenticated with a write token to {what}.")
-        if not caller.write:
-            raise HubError(403, f"This token is read-only: it cannot {what}. Use a token with write access.")
-        if not self.owns(caller.user, namespace):
-            raise HubError(403, f"You don't have the rights to {what} (namespace {namespace}).")
-        return caller
 
     def resolve(self, repo: Repo, revision: str) -> str:
         """A branch, PR ref or full commit sha -> commit sha."""
