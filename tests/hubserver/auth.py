@@ -88,11 +88,13 @@ def may_open_pr(caller: TokenInfo, repo: Repo) -> bool:
     return caller.write
 
 
-def require_write(state: HubState, caller: TokenInfo | None, repo: Repo, what: str, *, pr: bool = False) -> TokenInfo:
-    """Write access to ``repo`` (or, with ``pr``, the right to open a pull request on it)."""
+def require_write(
+    state: HubState, caller: TokenInfo | None, repo: Repo, what: str, *, write: bool = True, pr: bool = False
+) -> TokenInfo:
+    """Write access to ``repo`` (``write``) and/or the right to open a pull request on it (``pr``)."""
     if caller is None:
         raise HubError(403, f"You must be authenticated with a write token to {what}.")
-    if may_write(state, caller, repo) or (pr and may_open_pr(caller, repo)):
+    if (write and may_write(state, caller, repo)) or (pr and may_open_pr(caller, repo)):
         return caller
     if caller.kind == CLASSIC and not caller.write:
         raise HubError(403, f"This token is read-only: it cannot {what}. Use a token with write access.")

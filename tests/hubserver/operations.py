@@ -191,7 +191,7 @@ def preupload(
 ) -> dict:
     with state.lock:
         repo = state.visible_repo(caller, key)
-        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", pr=create_pr)
+        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", write=not create_pr, pr=create_pr)
         current = repo.commits[state.resolve(repo, revision)].files
     out = []
     for item in files:
@@ -327,7 +327,7 @@ def commit(
     # 1. Who may write, and where.
     with state.lock:
         repo = state.visible_repo(caller, key)
-        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", pr=create_pr)
+        auth.require_write(state, caller, repo, f"write to {repo.repo_id}", write=not create_pr, pr=create_pr)
         if state.commits_fail:
             raise HubError(400, "injected failure: commit refused")
         if revision not in repo.refs:
