@@ -82,6 +82,14 @@ def _token(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
     return None
 
 
+def _oauth_scope(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
+    """The login's scopes when its token is the one used (whoami-v2 does not show an OAuth token's scopes);
+    None for a pasted token and for the local mock, which stands for this machine's own token."""
+    if (pasted or "").strip() or oauth_token is None or not oauth_token.token:
+        return None
+    return None if oauth_token.token == MOCK_OAUTH_TOKEN and not ON_SPACE else oauth_token.scope
+
+
 # --- GPU part: the only code that ZeroGPU runs on a GPU ------------------------------------------------
 
 
@@ -195,7 +203,13 @@ def merge(
             discard(previous)
             try:
                 result = pipeline.run_job(
-                    form, token=token, local=LOCAL, progress=progress, run_checks=_run_checks, user_errors=(gr.Error,)
+                    form,
+                    token=token,
+                    local=LOCAL,
+                    progress=progress,
+                    run_checks=_run_checks,
+                    user_errors=(gr.Error,),
+                    oauth_scope=_oauth_scope(form.token, oauth_token),
                 )
             except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
                 return _failed(pipeline.failure_message(exc, token, user_errors=(gr.Error,)))
@@ -253,6 +267,7 @@ def push(
             private=bool(form.private),
             mode=pipeline.PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"),
             progress=pipeline.progress_adapter(progress),
+            oauth_scope=_oauth_scope(form.token, oauth_token),
         )
     except Exception as exc:  # noqa: BLE001 - one sentence, never a stack trace
         return failure(pipeline.failure_message(exc, token, action="pushing", user_errors=(gr.Error,)))

@@ -118,6 +118,7 @@ class MergeForm:
     temperature: float = 0.0
     seed: float = 0
     repo_name: str = ""
+    push_mode: str = "Create new repo"  # with a target repo and a token, its permission is checked first
     token: str = field(default="", repr=False)  # the pasted token; never stored, logged or returned
     state: MergeResult | None = None  # the session's previous result
 

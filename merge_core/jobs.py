@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import MergeError, explain_os_error
-from .frontend import KEEP, LocalPaths, MergeForm, merge_request, progress_adapter
+from .frontend import KEEP, PUSH_MODE_LABELS, LocalPaths, MergeForm, merge_request, progress_adapter
 from .generate import GenerationSettings
-from .hub import PushResult
+from .hub import HubClient, PushMode, PushResult
 from .verify import Check
 
 if TYPE_CHECKING:
@@ -62,6 +62,21 @@ def _with_model_checks(
     pipeline.add_model_checks(result, checks)
 
 
+def check_push_permission(
+    form: MergeForm, token: str | None, *, oauth_scope: str | None = None, endpoint: str | None = None
+) -> None:
+    """Before a merge: with a login or token and a target repo the user chose, the token must hold the
+    push mode's permission (merge_core.permissions), so that a refusal costs no download. The repo's
+    existence is Push's to check: a re-merge after a push must pass. The name a previous merge
+    suggested is not a choice yet, unless a mode other than "new" was picked for it."""
+    repo_id = (form.repo_name or "").strip()
+    mode = PushMode.parse(PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"))
+    previous = getattr(getattr(form.state, "inputs", None), "suggested_name", None)
+    if not token or not repo_id or (mode is PushMode.NEW and repo_id.split("/")[-1] == previous):
+        return
+    HubClient(token, endpoint, oauth_scope=oauth_scope).check_push_permission(repo_id, mode)
+
+
 def run_job(
     form: MergeForm,
     *,
@@ -70,12 +85,15 @@ def run_job(
     progress: Callable[..., Any],
     run_checks: ChecksRunner,
     user_errors: tuple[type[BaseException], ...] = (),
+    oauth_scope: str | None = None,
 ) -> MergeResult:
     """The merge in a claimed per-request folder (Hub downloads included, so removing the
-    folder frees the disk again); on any failure the folder is removed before raising."""
+    folder frees the disk again); on any failure the folder is removed before raising.
+    The push mode's permission is checked first (check_push_permission)."""
     from . import pipeline  # at call time: pipeline re-exports this module (and tests patch run_merge there)
 
     request = merge_request(form, token, local)
+    check_push_permission(form, token, oauth_scope=oauth_scope, endpoint=request.endpoint)
     claimed = pipeline.new_workdir()  # sweeps the folders of dead processes first
     try:
         request.cache_dir = claimed.folder / "hub"
@@ -143,4 +161,12 @@ def push_markdown(pushed: PushResult, gguf_types: list[str] | None = None) -> st
     return "\n\n".join(lines)
 
 
-__all__ = ["ChecksRunner", "failure_message", "push_markdown", "run_job", "scrub", "suggest_repo_id"]
+__all__ = [
+    "ChecksRunner",
+    "check_push_permission",
+    "failure_message",
+    "push_markdown",
+    "run_job",
+    "scrub",
+    "suggest_repo_id",
+]

@@ -247,9 +247,11 @@ def push_merged(
     mode: PushMode | str = PushMode.NEW,
     endpoint: str | None = None,
     progress: ProgressCallback = no_progress,
+    oauth_scope: str | None = None,
 ) -> PushResult:
-    """Preflight the target, then upload the merged folder (with its card) in ONE commit."""
-    client = HubClient(token, endpoint)
+    """Preflight the target, then upload the merged folder (with its card) in ONE commit.
+    ``oauth_scope``: a Space login's scopes (merge_core.permissions)."""
+    client = HubClient(token, endpoint, oauth_scope=oauth_scope)
     target = client.preflight_push(repo_id, mode, private=private)
     # llama-cli -hf OWNER/REPO:TYPE looks for <repo-name>-<TYPE>.gguf
     result.gguf_files = rename_for_repo(result.gguf_files, target.repo_id.split("/")[-1])

@@ -50,7 +50,8 @@ def test_the_named_api_merges_and_pushes_with_gradio_client(app_server: dict, hu
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/merge", "/push"} <= set(endpoints)
     labels = [p["label"] for p in endpoints["/merge"]["parameters"]]
-    assert labels[:3] == ["or paste a write token", "Adapter", "Base model (optional)"] and labels[-1] == "Target repo"
+    assert labels[:3] == ["or paste a write token", "Adapter", "Base model (optional)"]
+    assert labels[-2:] == ["Target repo", "Push mode"]
 
     # Positional, in the page's order (README, "The app"): token, adapter, base, dtype, ... repo name.
     merged = client.predict(

@@ -279,3 +279,31 @@ def test_push_from_the_browser_with_a_pasted_token(app_server: dict, browser: Br
     assert page.locator("#error-box").is_hidden()
     page.context.close()
     assert ALICE not in app_server["log"].read_text()
+
+
+def test_a_pull_request_without_discussion_write_is_refused_before_the_merge(
+    app_server: dict, browser: Browser, hub: HubServer
+) -> None:
+    """Issue #15: a token lacking the pull-request permission, PR mode chosen: Merge refuses at once, naming it."""
+    token = "hf_alice_browser_fine_grained_0123456789"
+    hub.state.add_fine_grained_token("alice", token, scoped={"alice": ("repo.read", "repo.write")})
+    page = open_page(browser, app_server["url"])
+    before = set(_lms_dirs(app_server["tmpdir"]))
+    fill(page, "token-box", token)
+    fill(page, "adapter-id", "demo/adapter")
+    fill(page, "base-id", "demo/base")
+    fill(page, "repo-name", "alice/browser-pr-target")
+    page.locator("#push-mode").get_by_text("Open a pull request").click()
+    hub.clear_log()
+    page.click("#merge-btn")
+    error = page.locator("#error-box")
+    error.wait_for(state="visible", timeout=MERGE_TIMEOUT_MS)
+    message = error.inner_text()
+    assert "Opening a pull request needs the permission discussion.write on alice/browser-pr-target" in message
+    assert "fine-grained" in message and "/settings/tokens" in message, message
+    assert [r.path for r in hub.request_log] == ["/api/whoami-v2"]  # the check, and nothing else
+    assert page.locator("#verdict").inner_text().strip() == "" and page.locator("#push-btn").is_disabled()
+    assert set(_lms_dirs(app_server["tmpdir"])) <= before  # no merge folder was made
+    assert token not in page.content()
+    page.context.close()
+    assert token not in app_server["log"].read_text()
