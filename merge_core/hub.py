@@ -308,6 +308,10 @@ class HubClient:
                 else f" Nothing was committed; {target.repo_id} is unchanged."
             )
             detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RepoAccessError):  # a token whose permissions nothing showed beforehand
+                from .permissions import hub_refused
+
+                detail = hub_refused(target.mode, target.repo_id, endpoint=self.endpoint)
             raise PushError(f"Upload failed ({detail}).{hint}") from exc
         pr_url = getattr(info, "pr_url", None)
         if target.mode is PushMode.PR and not pr_url:

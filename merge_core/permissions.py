@@ -140,6 +140,16 @@ def refusal(access: TokenAccess, mode: PushMode, repo_id: str, *, endpoint: str)
     )
 
 
+def hub_refused(mode: PushMode, repo_id: str, *, endpoint: str) -> str:
+    """The Hub refused a push the token info could not predict (an OAuth token pasted without its scopes)."""
+    need = NEEDS[mode]
+    target = repo_id if need.on_repo else repo_id.partition("/")[0]
+    return (
+        f"the Hub refused it: {need.action[0].lower()}{need.action[1:]} needs the {need.scopes[0]} permission "
+        f"(Space sign-in) or a token with {need.permission} on {target} ({endpoint}/settings/tokens)"
+    )
+
+
 def permissions_table() -> str:
     """The README's table: one row per push mode, from NEEDS (tests/test_docs.py keeps them equal)."""
     from .frontend import PUSH_MODE_LABELS

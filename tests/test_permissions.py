@@ -101,6 +101,19 @@ def test_contribute_repos_updates_what_this_app_created(hub: HubServer) -> None:
     assert not _hub_allows(client, "alice/target", PushMode.UPDATE)
 
 
+def test_a_refusal_nothing_predicted_still_names_the_permission(hub: HubServer, tmp_path: Path) -> None:
+    """An OAuth token pasted without its scopes: whoami cannot tell, the Hub refuses, the sentence names the scope."""
+    hub.state.add_oauth_token("alice", OAUTH, f"{SIGN_IN} contribute-repos")
+    client = HubClient(OAUTH, hub.url)  # no oauth_scope: the preflight cannot know
+    target = client.preflight_push("alice/target", PushMode.PR)
+    (tmp_path / "w.bin").write_bytes(b"w")
+    with pytest.raises(PushError) as err:
+        client.push_folder(target, tmp_path, message="m", description="d")
+    assert "write-discussions" in str(err.value) and "discussion.write on alice/target" in str(err.value)
+    assert "alice/target is unchanged" in str(err.value) and OAUTH not in str(err.value)
+    assert [c["branch"] for c in hub.commits("alice/target")] == ["main"]
+
+
 def test_whoami_shows_each_token_kind_as_the_hub_does(hub: HubServer) -> None:
     _oauth(hub, "contribute-repos")
     _fine(hub, global_permissions=("discussion.write",), scoped={"alice/target": ("repo.write",)})
