@@ -223,7 +223,7 @@ class HubClient:
         """The token may push to ``repo_id`` in ``mode``: it can write the namespace (new, update) and
         holds the mode's permission (merge_core.permissions). Whether the repo exists is not asked, so
         a re-merge after a push passes too. Returns the repo id with the account's name added if needed."""
-        from .permissions import TokenAccess, Verdict, refusal, verdict
+        from .permissions import require_permission
 
         mode = PushMode.parse(mode)
         me = self.whoami()
@@ -235,18 +235,9 @@ class HubClient:
                 f"{repo_id[:200]!r} is not a repository name the Hub accepts; use owner/name "
                 f"(letters, digits, '-', '_', '.'; at most {MAX_NAME_CHARS} characters each)."
             )
-        access = TokenAccess.from_whoami(me, self.oauth_scope)
-        found = verdict(access, mode, repo_id)
-        if found is Verdict.ASK_HUB and self._hub_refuses_writes(repo_id):
-            found = Verdict.MISSING
-        if found is Verdict.MISSING:
-            raise PushError(refusal(access, mode, repo_id, endpoint=self.endpoint))
-        writable, owner = _writable_namespaces(me), repo_id.partition("/")[0]
-        if mode is not PushMode.PR and owner not in writable:
-            raise PushError(
-                f"Your token cannot write to the namespace {owner!r} (it can write to: "
-                f"{', '.join(sorted(writable)) or 'none'}); push to one of those or open a pull request."
-            )
+        require_permission(
+            me, mode, repo_id, oauth_scope=self.oauth_scope, endpoint=self.endpoint, ask_hub=self._hub_refuses_writes
+        )
         return repo_id
 
     def _hub_refuses_writes(self, repo_id: str) -> bool:
@@ -432,15 +423,6 @@ def _counting_add_class() -> type:
 
 def _counting_add(**kwargs: Any) -> Any:
     return _counting_add_class()(**kwargs)
-
-
-def _writable_namespaces(me: dict[str, Any]) -> set[str]:
-    """The account's own name and the organisations where its role allows writing."""
-    names = {str(me.get("name") or "")}
-    for org in me.get("orgs") or []:
-        if isinstance(org, dict) and org.get("name") and org.get("roleInOrg") != "read":
-            names.add(str(org["name"]))
-    return names - {""}
 
 
 def _progress_tqdm(progress: ProgressCallback, stage: str, total: int):

@@ -10,10 +10,12 @@ organisation or repository). A Space login is an OAuth token: whoami-v2 only say
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .errors import PushError
 from .hub import PushMode
 
 # What the Space asks for at sign-in (README front matter, hf_oauth_scopes). write-repos is not among
@@ -114,6 +116,40 @@ def verdict(access: TokenAccess, mode: PushMode, repo_id: str) -> Verdict:
     owner = repo_id.partition("/")[0]
     names = {owner, repo_id} if need.on_repo else {owner}
     return Verdict.ALLOWED if need.permission in access.permissions_on(names) else Verdict.MISSING
+
+
+def require_permission(
+    me: dict[str, Any],
+    mode: PushMode,
+    repo_id: str,
+    *,
+    oauth_scope: str | None,
+    endpoint: str,
+    ask_hub: Callable[[str], bool],
+) -> None:
+    """Refuse (PushError, one sentence) a token without the mode's permission or the target's namespace.
+    ``me`` is whoami-v2's answer; ``ask_hub(repo_id)`` is True when the Hub refuses writes to it."""
+    access = TokenAccess.from_whoami(me, oauth_scope)
+    found = verdict(access, mode, repo_id)
+    if found is Verdict.ASK_HUB and ask_hub(repo_id):
+        found = Verdict.MISSING
+    if found is Verdict.MISSING:
+        raise PushError(refusal(access, mode, repo_id, endpoint=endpoint))
+    writable, owner = writable_namespaces(me), repo_id.partition("/")[0]
+    if mode is not PushMode.PR and owner not in writable:
+        raise PushError(
+            f"Your token cannot write to the namespace {owner!r} (it can write to: "
+            f"{', '.join(sorted(writable)) or 'none'}); push to one of those or open a pull request."
+        )
+
+
+def writable_namespaces(me: dict[str, Any]) -> set[str]:
+    """The account's own name and the organisations where its role allows writing."""
+    names = {str(me.get("name") or "")}
+    for org in me.get("orgs") or []:
+        if isinstance(org, dict) and org.get("name") and org.get("roleInOrg") != "read":
+            names.add(str(org["name"]))
+    return names - {""}
 
 
 def refusal(access: TokenAccess, mode: PushMode, repo_id: str, *, endpoint: str) -> str:
