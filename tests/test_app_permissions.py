@@ -29,12 +29,6 @@ def test_a_login_without_write_discussions_is_refused_before_the_merge(tempdir, 
     assert [r.path for r in hub.request_log] == ["/api/whoami-v2"]  # nothing downloaded, nothing written
     assert lms_dirs(tempdir) == []
 
-    # A merge-only request (no target chosen) is not held up by what a push would need.
-    hub.clear_log()
-    plain = merge("alice/tiny-lora", oauth=login(SIGN_IN))
-    assert isinstance(plain["state"], app.MergeResult), plain["error"]
-    app.discard(plain["state"])
-
     # With the scope (signed in again), the same request merges, and Push opens the pull request.
     full = login(f"{SIGN_IN} write-discussions")
     hub.state.add_oauth_token("alice", OAUTH, full.scope)

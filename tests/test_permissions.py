@@ -148,6 +148,28 @@ def test_cli_refuses_a_pull_request_without_discussion_write_before_any_download
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_checks_only_a_target_the_user_chose(hub: HubServer) -> None:
+    """Before a merge: no target, or the name a previous merge suggested in mode "new", asks nothing;
+    a typed target asks whoami only, never whether the repo exists (a re-merge after a push passes)."""
+    from types import SimpleNamespace
+
+    from merge_core.jobs import check_push_permission
+    from merge_core.pipeline import MergeForm
+
+    hub.state.add_oauth_token("alice", OAUTH, SIGN_IN)
+    previous = SimpleNamespace(inputs=SimpleNamespace(suggested_name="lora-merged"))
+    hub.clear_log()
+    for form in [MergeForm(push_mode="Open a pull request"), MergeForm(repo_name="alice/lora-merged", state=previous)]:
+        check_push_permission(form, OAUTH, oauth_scope=SIGN_IN, endpoint=hub.url)
+    assert hub.request_log == []
+    scope = f"{SIGN_IN} contribute-repos"
+    check_push_permission(MergeForm(repo_name="alice/target"), OAUTH, oauth_scope=scope, endpoint=hub.url)
+    with pytest.raises(PushError, match="write-discussions"):
+        form = MergeForm(repo_name="alice/lora-merged", push_mode="Open a pull request", state=previous)
+        check_push_permission(form, OAUTH, oauth_scope=f"{SIGN_IN} contribute-repos", endpoint=hub.url)
+    assert [r.path for r in hub.request_log] == ["/api/whoami-v2"] * 2
+
+
 def test_readme_has_the_permissions_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert permissions_table() in readme, "paste merge_core.permissions.permissions_table() into README"
