@@ -89,8 +89,8 @@ class TokenAccess:
                 if isinstance(item, dict)
             )
             return cls("fineGrained", global_permissions=frozenset(grained.get("global") or ()), scoped=scoped)
-        if role in ("read", "write"):
-            return cls(role)
+        if role in ("read", "write", "admin"):
+            return cls("read" if role == "read" else "write")
         return cls("unknown")
 
     def permissions_on(self, names: set[str]) -> frozenset[str]:

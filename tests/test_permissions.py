@@ -55,6 +55,7 @@ def _preflight_allows(client: HubClient, repo_id: str, mode: PushMode) -> str | 
 
 @pytest.fixture
 def hub(hub_server: HubServer) -> HubServer:
+    hub_server.add_user("alice", ALICE, orgs=("acme",))
     hub_server.create_repo("alice/target")  # made on the website, not by this app
     return hub_server
 
@@ -73,13 +74,17 @@ CASES = [
     ("fine", {"global_permissions": ("discussion.write",)}, PushMode.UPDATE, False, ("repo.write on alice/target",)),
     ("fine", {"global_permissions": ("discussion.write",)}, PushMode.PR, True, ()),
     ("fine", {"scoped": {"alice": ("repo.write",)}}, PushMode.PR, False, ("discussion.write on alice/target",)),
+    ("fine", {"scoped": {"acme": ("repo.write",)}}, PushMode.NEW, True, ()),
+    ("fine", {"scoped": {"alice": ("repo.write",)}}, PushMode.NEW, False, ("repo.write on acme",)),
 ]
+ORG_CASES = 2  # the last CASES create in the organisation acme
 
 
-@pytest.mark.parametrize(("kind", "grant", "mode", "allowed", "words"), CASES)
-def test_preflight_agrees_with_the_hub(hub: HubServer, kind, grant, mode, allowed, words) -> None:
+@pytest.mark.parametrize(("case", "kind", "grant", "mode", "allowed", "words"), [(i, *c) for i, c in enumerate(CASES)])
+def test_preflight_agrees_with_the_hub(hub: HubServer, case, kind, grant, mode, allowed, words) -> None:
     client = _oauth(hub, **grant) if kind == "oauth" else _fine(hub, **grant)
-    repo_id = "alice/fresh" if mode is PushMode.NEW else "alice/target"
+    owner = "acme" if case >= len(CASES) - ORG_CASES else "alice"
+    repo_id = f"{owner}/fresh" if mode is PushMode.NEW else "alice/target"
     refusal = _preflight_allows(client, repo_id, mode)
     assert (refusal is None) is allowed, refusal
     for word in words:
@@ -87,7 +92,8 @@ def test_preflight_agrees_with_the_hub(hub: HubServer, kind, grant, mode, allowe
     before = hub.commits("alice/target")
     assert _hub_allows(client, repo_id, mode) is allowed  # the preflight said what the Hub then does
     if not allowed:
-        assert hub.commits("alice/target") == before and "alice/fresh" not in {k[1] for k in hub.state.repos}
+        assert hub.commits("alice/target") == before
+        assert mode is not PushMode.NEW or repo_id not in {key[1] for key in hub.state.repos}
 
 
 def test_contribute_repos_updates_what_this_app_created(hub: HubServer) -> None:

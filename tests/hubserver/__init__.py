@@ -13,6 +13,8 @@ Where each part lives:
 
 * ``blobs``: file bytes on disk, content-addressed by sha256; git/LFS naming of one file.
 * ``state``: the Hub's memory (users, tokens, repos, commits, access rules, injected failures), no sockets.
+* ``auth``: what each token may do (classic read/write, OAuth scopes, fine-grained permissions) and how
+  whoami-v2 shows it; enforced on repo creation, preupload, the LFS batch and commits.
 * ``operations``: one function per Hub API operation over the state; plain values in and out.
 * ``routes``: the HTTP shapes, a table from (method, path pattern) to handler; ``respond`` needs no socket.
 * ``server``: the threaded HTTP server, the request log, and ``HubServer``, which ties it all together.

@@ -36,7 +36,8 @@ def whoami(state: HubState, caller: TokenInfo | None, *, had_token: bool) -> dic
     if caller is None:
         message = "Invalid credentials in Authorization header" if had_token else "Authorization header is required"
         raise HubError(401, message)
-    name, role = caller.user, "write" if caller.write else "read"
+    # A classic read token reads as a read role everywhere; other tokens show the user's own (write) role.
+    name, role = caller.user, "read" if caller.kind == "classic" and not caller.write else "write"
     orgs = [{"type": "org", "name": o, "fullname": o, "roleInOrg": role} for o in sorted(state.users.get(name, ()))]
     return {
         "type": "user",
