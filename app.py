@@ -270,14 +270,18 @@ def discover(
     adapter_revision: str | None,
     pasted_token: str | None,
     picked: str | None,
+    listed: str | None,
     oauth_token: gr.OAuthToken | None = None,
-) -> dict[str, Any]:
-    """The adapter picker: the subfolder adapters of the entered repo or folder, hidden when there are
-    none or the ID cannot be listed (the merge says why). A picked entry keeps the list as it is."""
-    if picked and (adapter or "").strip() == picked:
-        return gr.skip()
-    found = discover_adapters(adapter, revision=adapter_revision, token=_token(pasted_token, oauth_token), local=LOCAL)
-    return gr.update(choices=list(found.choices), value=found.selected, visible=bool(found.choices))
+) -> tuple[Any, str]:
+    """The adapter picker and what it lists: the subfolder adapters of the entered repo or folder, hidden
+    when there are none or the ID cannot be listed (the merge says why). The same entry is not listed
+    twice in a row (blur follows Enter; a refresh would close an open list), and a picked one stays."""
+    token = _token(pasted_token, oauth_token)
+    key = repr(((adapter or "").strip(), (adapter_revision or "").strip(), bool(token)))
+    if key == listed or (picked and (adapter or "").strip() == picked):
+        return gr.skip(), key
+    found = discover_adapters(adapter, revision=adapter_revision, token=token, local=LOCAL)
+    return gr.update(choices=list(found.choices), value=found.selected, visible=bool(found.choices)), key
 
 
 def prefill(request: gr.Request | None) -> Prefill:
@@ -348,10 +352,12 @@ def _wire_discovery(ui: dict[str, Any], loaded: Any) -> None:
     """The picker lists on blur, Enter and after a link filled the form (never per keystroke: each
     listing asks the Hub); picking only fills the adapter field, it never starts a merge."""
     listing = {"show_progress": "hidden", "api_visibility": "private"}
-    inputs = [ui["adapter"], ui["adapter_revision"], ui["token"], ui["adapter_choice"]]
+    listed = gr.State("")  # the entry the picker shows: a key of the field's text, never the token
+    inputs = [ui["adapter"], ui["adapter_revision"], ui["token"], ui["adapter_choice"], listed]
+    outputs = [ui["adapter_choice"], listed]
     triggers = [ui["adapter"].blur, ui["adapter"].submit]
-    gr.on(triggers, discover, inputs, ui["adapter_choice"], trigger_mode="always_last", **listing)
-    loaded.then(discover, inputs, ui["adapter_choice"], **listing)
+    gr.on(triggers, discover, inputs, outputs, trigger_mode="always_last", **listing)
+    loaded.then(discover, inputs, outputs, **listing)
     ui["adapter_choice"].input(
         lambda picked: picked or gr.skip(), ui["adapter_choice"], ui["adapter"], queue=False, **listing
     )
