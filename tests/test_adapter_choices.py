@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from merge_core.adapter import load_adapter_config
 from merge_core.adapter_choices import NO_CHOICES, discover_adapters
+from merge_core.errors import AdapterConfigError
 from merge_core.frontend import LocalPaths
+from merge_core.hub import HubClient
+from merge_core.hub_files import adapter_files
+from merge_core.hub_ids import RepoRef
 from tests.conftest import ALICE, BOB
 from tests.hubserver import HubServer
 
@@ -101,3 +106,14 @@ def test_local_folders_follow_the_apps_local_path_rule(tmp_path: Path) -> None:
     assert discover_adapters("demo/multi", local=demo_only).ids == ["demo/multi/one", "demo/multi/two"]
     assert discover_adapters(str(elsewhere), local=demo_only) == NO_CHOICES  # outside the demo: not read
     assert discover_adapters(f"{elsewhere}/", local=LocalPaths(demo, allow_any=True)).ids == [f"{elsewhere}/x"]
+
+
+def test_the_merge_names_the_same_subfolders_as_the_picker(hub: HubServer, tmp_path: Path) -> None:
+    _, files = HubClient(endpoint=hub.url).resolve(RepoRef("alice/multi"))
+    with pytest.raises(AdapterConfigError, match=r"subfolders \(chat, code, deep/er\); pick one .* alice/multi/chat"):
+        adapter_files(files, RepoRef("alice/multi"))
+    for sub in ("b", "a"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "adapter_config.json").write_bytes(CONFIG)
+    with pytest.raises(AdapterConfigError, match="adapters in subfolders: a, b; pick one"):
+        load_adapter_config(tmp_path)
