@@ -24,6 +24,7 @@ import torch
 
 from app_layout import form_section, generation_section, push_section, results_section
 from merge_core import pipeline
+from merge_core.adapter_choices import discover_adapters
 from merge_core.pipeline import (  # the names this page uses most
     KEEP,
     GenerationSettings,
@@ -279,6 +280,25 @@ def push(
     )
 
 
+def discover(
+    adapter: str | None,
+    adapter_revision: str | None,
+    pasted_token: str | None,
+    picked: str | None,
+    listed: str | None,
+    oauth_token: gr.OAuthToken | None = None,
+) -> tuple[Any, str]:
+    """The adapter picker and what it lists: the subfolder adapters of the entered repo or folder, hidden
+    when there are none or the ID cannot be listed (the merge says why). The same entry is not listed
+    twice in a row (blur follows Enter; a refresh would close an open list), and a picked one stays."""
+    token = _token(pasted_token, oauth_token)
+    key = repr(((adapter or "").strip(), (adapter_revision or "").strip(), bool(token)))
+    if key == listed or (picked and (adapter or "").strip() == picked):
+        return gr.skip(), key
+    found = discover_adapters(adapter, revision=adapter_revision, token=token, local=LOCAL)
+    return gr.update(choices=list(found.choices), value=found.selected, visible=bool(found.choices)), key
+
+
 def prefill(request: gr.Request | None) -> Prefill:
     """The form as the page's link asks (?adapter=…&base=…&adapter_revision=…&base_revision=…&dtype=…),
     under the typed input's rules; it never starts a merge."""
@@ -343,6 +363,21 @@ def _wire(ui: dict[str, Any]) -> None:
     first.then(on_push, push_inputs, push_outputs, show_progress_on=[ui["push_result"]], api_name="push")
 
 
+def _wire_discovery(ui: dict[str, Any], loaded: Any) -> None:
+    """The picker lists on blur, Enter and after a link filled the form (never per keystroke: each
+    listing asks the Hub); picking only fills the adapter field, it never starts a merge."""
+    listing = {"show_progress": "hidden", "api_visibility": "private"}
+    listed = gr.State("")  # the entry the picker shows: a key of the field's text, never the token
+    inputs = [ui["adapter"], ui["adapter_revision"], ui["token"], ui["adapter_choice"], listed]
+    outputs = [ui["adapter_choice"], listed]
+    triggers = [ui["adapter"].blur, ui["adapter"].submit]
+    gr.on(triggers, discover, inputs, outputs, trigger_mode="always_last", **listing)
+    loaded.then(discover, inputs, outputs, **listing)
+    ui["adapter_choice"].input(
+        lambda picked: picked or gr.skip(), ui["adapter_choice"], ui["adapter"], queue=False, **listing
+    )
+
+
 def build_demo() -> gr.Blocks:
     pipeline.sweep_workdirs()  # folders of merges whose process died (a restart, an out-of-memory kill)
     ui: dict[str, Any] = {}
@@ -380,7 +415,10 @@ def build_demo() -> gr.Blocks:
                 ui[n]: gr.skip() if getattr(filled, n) is KEEP else getattr(filled, n) for n in field_names(Prefill)
             }
 
-        demo.load(on_load, None, prefill_outputs, queue=False, show_progress="hidden", api_visibility="private")
+        loaded = demo.load(
+            on_load, None, prefill_outputs, queue=False, show_progress="hidden", api_visibility="private"
+        )
+        _wire_discovery(ui, loaded)
     demo.queue(default_concurrency_limit=2)
     return demo
 

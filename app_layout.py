@@ -34,6 +34,10 @@ def form_section(ui: dict[str, Any], *, show_login: bool, has_demo: bool) -> Non
             elem_id="base-id",
         )
         ui["dtype"] = gr.Dropdown(pipeline.DTYPES, value="auto", label="Output dtype", elem_id="dtype")
+    # Filled when the adapter's repo or folder keeps several adapters in subfolders (app.py lists them).
+    ui["adapter_choice"] = gr.Dropdown(
+        [], label="This repo holds several adapters: pick one", visible=False, elem_id="adapter-choice"
+    )
     with gr.Accordion("Advanced", open=False), gr.Row():
         ui["adapter_revision"] = gr.Textbox(
             label="Adapter revision", placeholder="main (branch, tag or commit)", elem_id="adapter-revision"

@@ -186,13 +186,18 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
     )
 
 
+def local_adapter_subfolders(path: Path) -> list[str]:
+    """The folder's direct subfolders that hold an adapter (PEFT's multi-adapter layout), sorted."""
+    return sorted(p.name for p in path.iterdir() if (p / ADAPTER_CONFIG).is_file())
+
+
 def load_adapter_config(path: str | Path) -> AdapterConfig:
     path = Path(path)
     config_path = path / ADAPTER_CONFIG
     if not config_path.is_file():
         hint = ""
         if path.is_dir():
-            subdirs = sorted(p.name for p in path.iterdir() if (p / ADAPTER_CONFIG).is_file())
+            subdirs = local_adapter_subfolders(path)
             if subdirs:
                 hint = f" It has adapters in subfolders: {', '.join(subdirs)}; pick one of them."
             elif (path / "config.json").is_file():

@@ -64,11 +64,16 @@ def base_weight_files(files: dict[str, int], ref: RepoRef) -> list[str]:
     )
 
 
+def adapter_subfolders(files: Iterable[str]) -> list[str]:
+    """The subfolders that hold an adapter of their own (PEFT's multi-adapter layout), sorted."""
+    return sorted({f[: -len("/adapter_config.json")] for f in files if f.endswith("/adapter_config.json")})
+
+
 def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> list[str]:
     subfolder = subfolder or ref.subfolder
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     if f"{prefix}adapter_config.json" not in files:
-        subdirs = sorted({f[: -len("/adapter_config.json")] for f in files if f.endswith("/adapter_config.json")})
+        subdirs = adapter_subfolders(files)
         if subdirs:
             raise AdapterConfigError(
                 f"{ref} keeps its adapters in subfolders ({', '.join(subdirs)}); pick one by adding it to the ID, "

@@ -188,6 +188,11 @@ def test_merge_demo_in_the_browser(app_server: dict, browser: Browser) -> None:
     base, adapter, merged = generation(page, "base"), generation(page, "adapter"), generation(page, "merged")
     assert merged and merged == adapter
     assert base != adapter
+    # Merged vs separate, measured: a generation rate for each of the two.
+    note = page.locator("#gen-note")
+    assert "Merged vs separate" in note.inner_text()
+    rate = note.locator("tr", has_text="tokens/s").locator("td").all_inner_texts()
+    assert len(rate) == 3 and all(float(cell.split()[0]) > 0 for cell in rate[1:]), rate
     sizes = page.locator("#sizes").inner_text()
     assert "Adapter" in sizes and "MB" in sizes and "GB" in sizes
     assert page.locator("#push-btn").is_enabled()
@@ -272,6 +277,9 @@ def test_push_from_the_browser_with_a_pasted_token(app_server: dict, browser: Br
     assert "alice/browser-merged" in result.inner_text()
     link = result.locator("a", has_text="alice/browser-merged").first.get_attribute("href")
     assert link == f"{hub.url}/alice/browser-merged"
+    # The next steps name the pushed repo (transformers, vLLM, TGI).
+    assert 'from_pretrained("alice/browser-merged"' in result.inner_text()
+    assert "vllm serve alice/browser-merged" in result.inner_text()
     files = hub.repo_files("alice/browser-merged")
     assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= set(files)
     assert ALICE.encode() not in b"".join(files.values())
