@@ -15,6 +15,7 @@ from .card import build_model_card, speed_markdown
 from .checkpoint import read_json
 from .combine import COMBINATION_TYPES
 from .errors import InvalidOptionError, MergeError, ModelLoadError, PushError, UnsafeOutputError, explain_os_error
+from .folder_push import push_folder_with_progress
 from .frontend import (
     DTYPES,
     FUNCTIONAL,
@@ -248,22 +249,21 @@ def push_merged(
     endpoint: str | None = None,
     progress: ProgressCallback = no_progress,
 ) -> PushResult:
-    """Preflight the target, then upload the merged folder (with its card) in ONE commit."""
+    """Preflight the target, then upload the merged folder (with its card) in ONE commit, reporting
+    the bytes sent as they go (merge_core.folder_push)."""
     client = HubClient(token, endpoint)
     target = client.preflight_push(repo_id, mode, private=private)
     # llama-cli -hf OWNER/REPO:TYPE looks for <repo-name>-<TYPE>.gguf
     result.gguf_files = rename_for_repo(result.gguf_files, target.repo_id.split("/")[-1])
     result.write_card(target.repo_id)
-    total = result.report.output_bytes
-    progress(ProgressUpdate("upload", 0, total, "B", target.repo_id))
-    pushed = client.push_folder(
+    return push_folder_with_progress(
+        client,
         target,
         result.output_dir,
         message=f"Merge {result.inputs.adapter_id} into {result.inputs.base.name}",
         description="Merged with LoRA Merge Space (merge_core): one commit with weights, config, tokenizer and card.",
+        progress=progress,
     )
-    progress(ProgressUpdate("upload", total, total, "B", target.repo_id))
-    return pushed
 
 
 def cleanup(result: MergeResult | None) -> None:
@@ -274,8 +274,25 @@ def cleanup(result: MergeResult | None) -> None:
 
 # Last: jobs uses this module's names at call time.
 from .jobs import ChecksRunner, failure_message, push_markdown, run_job, scrub, suggest_repo_id  # noqa: E402
+from .stream_app import (  # noqa: E402 - the app's streamed mode (it calls stream_push below)
+    STREAM_BUTTON,
+    STREAM_INFO,
+    StreamedMerge,
+    StreamForm,
+    disk_hint,
+    stream_progress,
+    stream_to_hub,
+)
 
 __all__ = [
+    "STREAM_BUTTON",
+    "STREAM_INFO",
+    "StreamForm",
+    "StreamedMerge",
+    "disk_hint",
+    "stream_progress",
+    "stream_push",
+    "stream_to_hub",
     "Prefill",
     "SpeedComparison",
     "measure",

@@ -34,6 +34,16 @@ def no_progress(_: ProgressUpdate) -> None:
     return None
 
 
+def eta_text(fraction: float, elapsed: float) -> str:
+    """'about 3 min left' from the share done so far and the time it took; '' before there is a rate."""
+    if fraction <= 0.01 or fraction >= 1 or elapsed < 1:
+        return ""
+    left = elapsed * (1 - fraction) / fraction
+    if left < 60:
+        return f"about {left:.0f} s left"
+    return f"about {left / 60:.0f} min left" if left < 3600 else f"about {left / 3600:.1f} h left"
+
+
 class TqdmProgress:
     """A ProgressCallback that shows one tqdm bar per stage (used by the CLI)."""
 
