@@ -432,6 +432,8 @@ def sample_note(result: MergeResult, prompt: str) -> str:
     if sample is None:
         if not prompt.strip():
             return "No prompt given, so no sample generation."
+        if getattr(result, "sample_skipped", ""):  # too large to load here: the sizes, not a crash
+            return f"No sample generation: the models {result.sample_skipped}."
         skipped = [
             c.detail
             for c in (result.verification.checks if result.verification else [])

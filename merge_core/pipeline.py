@@ -44,7 +44,7 @@ from .frontend import (
     verdict_markdown,
     view_updates,
 )
-from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models
+from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models, pick_device
 from .gguf_export import GGUF_TYPES
 from .gguf_outputs import rename_for_repo, write_gguf_files
 from .hub import HubClient, PushMode, PushResult, PushTarget
@@ -59,6 +59,7 @@ from .report import MergeReport
 from .speed import SpeedComparison, measure
 from .stream_push import StreamPushResult, stream_merge_push
 from .verify import Check, VerificationReport, functional_budget, functional_checks, verify_merge
+from .verify_function import model_memory
 from .workdirs import new_workdir, sweep_workdirs
 
 
@@ -74,6 +75,7 @@ class MergeResult:
     gguf_files: dict[str, Path] = field(default_factory=dict)  # GGUF type -> file in output_dir
     quant: QuantSummary | None = None  # a quantized base: what it became and what that cost
     speed: SpeedComparison | None = None  # merged vs base + adapter, measured (the app's sample settings)
+    sample_skipped: str = ""  # no sample because the models do not fit in memory: the sizes, in one sentence
 
     @property
     def base_dir(self) -> Path:
@@ -169,6 +171,7 @@ def run_merge(
 class ModelChecks:
     checks: list[Check]
     sample: SampleGeneration | None
+    sample_skipped: str = ""  # why there is no sample when the models do not fit in memory (one sentence)
 
 
 def model_checks(
@@ -179,19 +182,22 @@ def model_checks(
     *,
     device: str = "auto",
     functional: str = "auto",
+    memory_budget: int | None = None,
 ) -> ModelChecks:
-    """Forward passes (logits vs PeftModel) and sample generations, loading both models once."""
+    """Forward passes (logits vs PeftModel) and sample generations, loading both models once: straight onto
+    the GPU when there is one. Models that do not fit the device's free memory (``memory_budget`` stands for
+    it; default measured) are not loaded: the rows are streamed or skipped and ``sample_skipped`` says why."""
     # The merged folder's own dtype decides the thresholds (16-bit weights round visibly).
     merged_config = read_json(Path(output_dir) / "config.json", "the merged model's config")
     dtype = str(merged_config.get("dtype") or merged_config.get("torch_dtype") or "auto")
     options = MergeOptions(dtype=dtype if dtype in ("float16", "bfloat16", "float32") else "auto")
     plan = build_plan(base_dir, adapter_dir, options, check_finite=False)
-    fits, _reason = functional_budget(plan, "cuda" if device in ("auto", "cuda") else device)
+    fit = model_memory(plan, pick_device(device).type, memory_budget)
     if functional == "never" and settings is None:
         return ModelChecks([], None)
-    if not fits and functional != "always":
-        skipped = functional_checks(plan, output_dir, memory_budget=0) if functional != "never" else []
-        return ModelChecks(skipped, None)
+    if not fit.fits and functional != "always":
+        skipped = functional_checks(plan, output_dir, memory_budget=fit.free) if functional != "never" else []
+        return ModelChecks(skipped, None, sample_skipped=fit.sentence() if settings is not None else "")
     try:
         models = load_models(plan, output_dir, device=device)
     except ModelLoadError:  # the rows say why, in one sentence each
@@ -215,6 +221,7 @@ def add_model_checks(result: MergeResult, checks: ModelChecks) -> None:
     kept = [c for c in result.verification.checks if c.group != "function" or _own_row(c)]
     result.verification.checks = kept + checks.checks
     result.sample = checks.sample
+    result.sample_skipped = checks.sample_skipped
     result.write_card()
 
 
