@@ -66,3 +66,34 @@ def test_the_named_api_merges_and_pushes_with_gradio_client(app_server: dict, hu
     push_result, push_error = client.predict(in_browser.ALICE, "api-merged", False, "Create new repo", api_name="/push")
     assert "alice/api-merged" in str(push_result) and "vllm serve alice/api-merged" in str(push_result), push_error
     assert "model.safetensors" in hub.repo_files("alice/api-merged")
+
+
+def test_the_streamed_mode_merges_straight_to_the_hub_with_gradio_client(app_server: dict, hub, tmp_path) -> None:
+    """'Merge straight to my Hub repo' as /merge_to_hub: the merge's fields then private and push mode; the
+    merge's outputs then the push result (link and snippets), one commit, nothing kept to push again."""
+    import json
+    import shutil
+
+    from gradio_client import Client
+
+    adapter = shutil.copytree(in_browser.DEMO_DIR / "adapter", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/api-base"}))
+    for repo, folder in [("acme/api-base", in_browser.DEMO_DIR / "base"), ("alice/api-lora", adapter)]:
+        hub.create_repo(repo)
+        hub.upload_dir(repo, folder)
+
+    client = Client(app_server["url"], verbose=False)
+    endpoint = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/merge_to_hub"]
+    labels = [p["label"] for p in endpoint["parameters"]]
+    assert labels[:2] == ["or paste a write token", "Adapter"]
+    assert labels[-3:] == ["Target repo", "Private", "Push mode"]
+    out = client.predict(
+        in_browser.ALICE, "alice/api-lora", "", "auto", "", "", "5GB", "auto (when it fits in memory)", "stack", None,
+        [], "dequantized", "Hello", 8, 0.0, 0, "api-streamed", False, "Create new repo", api_name="/merge_to_hub",
+    )  # fmt: skip
+    error, verdict, _table, _b, _a, gen_merged, note, _sizes, _summary, _repo, push_result = out  # buttons: none
+    assert "pushed straight to alice/api-streamed" in str(verdict), error
+    assert gen_merged == "" and "No sample generation" in note
+    assert "vllm serve alice/api-streamed" in str(push_result)
+    assert "model.safetensors" in hub.repo_files("alice/api-streamed")

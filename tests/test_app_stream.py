@@ -171,3 +171,23 @@ def test_stream_progress_is_one_bar_over_three_stages_with_an_eta() -> None:
     assert "download 0.50/1.00 GB · merge 0.50/1.00 GB · upload 0.50/1.00 GB · about 52 s left" in [
         d for _, d in shown.calls
     ]
+
+
+def test_progress_sent_from_pipeline_threads_reaches_the_handlers_event() -> None:
+    """gr.Progress looks its event up in context variables (LocalContext); upload and download threads do
+    not inherit them, so the app binds each call to the handler's context."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    event = contextvars.ContextVar("event")
+    event.set("event-1")
+    seen: list[str | None] = []
+
+    def show(*_: Any, **__: Any) -> None:
+        seen.append(event.get(None))
+
+    bound = app._bound(show)  # in the handler's thread, as app.push and app.merge_to_hub do
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: show(0.5), range(2)))  # unbound: the threads see no event
+        list(pool.map(lambda _: bound(0.5), range(4)))
+    assert seen == [None, None] + ["event-1"] * 4
