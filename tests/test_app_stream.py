@@ -12,7 +12,6 @@ import pytest
 
 import app
 from merge_core import pipeline
-from merge_core.errors import InsufficientDiskError
 from merge_core.inputs import MergeRequest
 from merge_core.progress import ProgressUpdate
 from tests.conftest import ALICE, ALICE_READ, HUB_PORT, start_hub
@@ -148,14 +147,24 @@ def dataclass_replace(form: pipeline.MergeForm, **changes: Any) -> pipeline.Merg
     return replace(form, **changes)
 
 
-def test_a_merge_too_large_for_the_disk_names_the_streamed_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    def too_large(*args: Any, **kwargs: Any) -> None:
-        raise InsufficientDiskError("Not enough disk space for the merged model: it needs 30.00 GB but only 8.00 GB.")
+def test_a_merge_too_large_for_the_disk_stops_before_the_download_and_names_the_streamed_mode(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
 
-    monkeypatch.setattr(pipeline, "run_merge", too_large)  # the app's merge calls it through pipeline
-    view = app.merge(app.MergeForm(adapter="demo/adapter", base="demo/base", prompt="x"), progress=None)
+    base_bytes = sum(p.stat().st_size for p in env.base.glob("*.safetensors"))
+    # Room for the base or for the merged copy (64 MB is check_disk's margin), not for both: a Space's 50 GB
+    # against a 13B model's 26 GB download plus its 26 GB merged copy, in small.
+    free = (64 << 20) + base_bytes * 3 // 2
+    usage = shutil._ntuple_diskusage(10**12, 10**12 - free, free)  # type: ignore[attr-defined]
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage)
+    env.hub.clear_log()
+    view = app.merge(_form(token=ALICE), progress=None)
     message = view.error["value"]
-    assert "30.00 GB" in message and pipeline.STREAM_BUTTON in message and "two base shards" in message
+    assert "acme/sharded-llama and the merged model together" in message and "GB" in message, message
+    assert pipeline.STREAM_BUTTON in message and "two base shards" in message
+    shard_gets = env.hub.requests_for("GET", "/model-000")
+    assert shard_gets and all("range" in {k.lower() for k in r.headers} for r in shard_gets)  # headers only
     assert pipeline.disk_hint(ValueError("other")) == ""
 
 
