@@ -200,3 +200,21 @@ def test_progress_sent_from_pipeline_threads_reaches_the_handlers_event() -> Non
         list(pool.map(lambda _: show(0.5), range(2)))  # unbound: the threads see no event
         list(pool.map(lambda _: bound(0.5), range(4)))
     assert seen == [None, None] + ["event-1"] * 4
+
+
+def test_cli_push_shows_the_upload_bytes_in_tqdm_and_lands_one_commit(
+    env: Env, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merge_core.cli import main as cli_main
+
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    out = tmp_path / "merged"
+    args = [str(env.base), str(env.adapter), str(out), "--max-shard-size", SHARD, "--endpoint", env.hub.url]
+    assert cli_main([*args, "--push", "alice/cli-progress"]) == 0
+    err = capsys.readouterr().err
+    total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    bars = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("upload")]
+    assert bars and "100%" in bars[-1] and "committed" in bars[-1], bars[-3:]
+    assert len({b.split("|")[0] for b in bars}) > 2  # the bar moved through intermediate values
+    assert f"{total / 1024:.0f}k" in bars[-1] or f"{total / 1024:.1f}k" in bars[-1], (total, bars[-1])
+    assert len(_model_commits(env.hub, "alice/cli-progress")) == 1
