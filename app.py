@@ -209,8 +209,13 @@ def merge(
             previous_name = previous.inputs.suggested_name if previous else None
             discard(previous)
             try:
-                result = pipeline.run_job(
-                    form, token=token, local=LOCAL, progress=progress, run_checks=_run_checks, user_errors=(gr.Error,)
+                result = pipeline.run_job(  # download bytes arrive from huggingface_hub's worker threads: _bound
+                    form,
+                    token=token,
+                    local=LOCAL,
+                    progress=_bound(progress),
+                    run_checks=_run_checks,
+                    user_errors=(gr.Error,),
                 )
             except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
                 message = pipeline.failure_message(exc, token, user_errors=(gr.Error,))

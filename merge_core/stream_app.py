@@ -160,7 +160,8 @@ def stream_progress(progress: Callable[..., Any], clock: Callable[[], float] = t
     state = {"start": clock(), "shown": 0.0}
 
     def callback(update: ProgressUpdate) -> None:
-        if update.stage not in STREAM_STAGES:
+        if update.stage not in STREAM_STAGES:  # metadata first (adapter, base headers): no bytes to show yet
+            _show(progress, 0.0, f"Resolving inputs … ({update.message})" if update.message else "Resolving inputs …")
             return
         latest[update.stage] = update
         now = clock()
@@ -171,12 +172,16 @@ def stream_progress(progress: Callable[..., Any], clock: Callable[[], float] = t
         fraction = sum((latest[s].fraction or 0.0) if s in latest else 0.0 for s in STREAM_STAGES) / 3
         parts = [_stage_text(latest[s]) for s in STREAM_STAGES if s in latest]
         eta = eta_text(fraction, now - state["start"])
-        try:
-            progress(fraction, desc=" · ".join(parts) + (f" · {eta}" if eta else ""))
-        except Exception:  # noqa: BLE001 - a progress display must never break a merge
-            pass
+        _show(progress, fraction, " · ".join(parts) + (f" · {eta}" if eta else ""))
 
     return callback
+
+
+def _show(progress: Callable[..., Any], fraction: float, desc: str) -> None:
+    try:
+        progress(fraction, desc=desc)
+    except Exception:  # noqa: BLE001 - a progress display must never break a merge
+        pass
 
 
 def _stage_text(update: ProgressUpdate) -> str:

@@ -171,6 +171,8 @@ def test_a_merge_too_large_for_the_disk_stops_before_the_download_and_names_the_
 def test_stream_progress_is_one_bar_over_three_stages_with_an_eta() -> None:
     shown, now = Recorder(), [0.0]
     callback = pipeline.stream_progress(shown, clock=lambda: now[0])
+    callback(ProgressUpdate("resolve", 1, 2, "", "base"))
+    assert shown.calls == [(0.0, "Resolving inputs … (base)")]
     for step in range(1, 11):
         for i, stage in enumerate(("download", "merge", "upload")):
             now[0] = step * 10.0 + i  # each update a second apart: none is throttled
