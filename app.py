@@ -10,11 +10,9 @@ from __future__ import annotations
 import spaces  # must come before anything that initialises CUDA (ZeroGPU)
 
 # isort: split
-import contextvars
 import html
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,18 +81,6 @@ def _token(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str | None:
             return get_token()
         return oauth_token.token
     return None
-
-
-def _bound(progress: Callable[..., Any]) -> Callable[..., Any]:
-    """gr.Progress finds its event through context variables, which the pipeline's download and upload
-    threads do not inherit: run every call in this handler's context, one at a time."""
-    context, lock = contextvars.copy_context(), threading.Lock()
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return context.run(progress, *args, **kwargs)
-
-    return call
 
 
 # --- GPU part: the only code that ZeroGPU runs on a GPU ------------------------------------------------
@@ -209,11 +195,11 @@ def merge(
             previous_name = previous.inputs.suggested_name if previous else None
             discard(previous)
             try:
-                result = pipeline.run_job(  # download bytes arrive from huggingface_hub's worker threads: _bound
+                result = pipeline.run_job(  # progress: bytes come from worker threads
                     form,
                     token=token,
                     local=LOCAL,
-                    progress=_bound(progress),
+                    progress=pipeline.in_caller_context(progress),
                     run_checks=_run_checks,
                     user_errors=(gr.Error,),
                 )
@@ -273,7 +259,7 @@ def push(
             token=token,
             private=bool(form.private),
             mode=pipeline.PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"),
-            progress=pipeline.progress_adapter(_bound(progress)),  # bytes, sent from the upload thread
+            progress=pipeline.progress_adapter(pipeline.in_caller_context(progress)),  # from the upload thread
         )
     except Exception as exc:  # noqa: BLE001 - one sentence, never a stack trace
         return failure(pipeline.failure_message(exc, token, action="pushing", user_errors=(gr.Error,)))
@@ -310,7 +296,7 @@ def merge_to_hub(
                     token=token,
                     local=LOCAL,
                     owner=owner,
-                    progress=pipeline.stream_progress(_bound(progress)),
+                    progress=pipeline.stream_progress(pipeline.in_caller_context(progress)),
                 )
             except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
                 return _failed(pipeline.failure_message(exc, token, user_errors=(gr.Error,))), hidden

@@ -53,7 +53,7 @@ from .locks import Claim
 from .merge import execute_plan
 from .models import GENERATIVE_TASKS
 from .plan import MergeOptions, build_plan
-from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .progress import ProgressCallback, ProgressUpdate, in_caller_context, no_progress
 from .quant_targets import COST_ROW, QUANT_TARGETS, QuantSummary, finish_target, requantize_settings
 from .report import MergeReport
 from .speed import SpeedComparison, measure
@@ -292,6 +292,7 @@ from .stream_app import (  # noqa: E402 - the app's streamed mode (it calls stre
 )
 
 __all__ = [
+    "in_caller_context",
     "STREAM_BUTTON",
     "STREAM_INFO",
     "StreamForm",

@@ -197,7 +197,7 @@ def test_progress_sent_from_pipeline_threads_reaches_the_handlers_event() -> Non
     def show(*_: Any, **__: Any) -> None:
         seen.append(event.get(None))
 
-    bound = app._bound(show)  # in the handler's thread, as app.push and app.merge_to_hub do
+    bound = pipeline.in_caller_context(show)  # in the handler's thread, as app.py's handlers do
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda _: show(0.5), range(2)))  # unbound: the threads see no event
         list(pool.map(lambda _: bound(0.5), range(4)))
