@@ -100,7 +100,7 @@ def stream_to_hub(
         raise DiskBudgetError(
             f"Even streamed, this merge needs about {human_bytes(exc.needed)} of disk (two base shards, two merged "
             f"shards and the adapter) and this Space has {human_bytes(exc.budget)} to spare; it cannot run here. "
-            "Run the CLI (python -m merge_core ... - --push) on a machine with more disk.",
+            "Run the CLI on a machine with more disk: python -m merge_core - ADAPTER - --push OWNER/NAME.",
             needed=exc.needed,
             budget=exc.budget,
         ) from exc

@@ -12,6 +12,7 @@ import pytest
 
 import app
 from merge_core import pipeline
+from merge_core.errors import DiskBudgetError
 from merge_core.inputs import MergeRequest
 from merge_core.progress import ProgressUpdate
 from tests.conftest import ALICE, ALICE_READ, HUB_PORT, start_hub
@@ -139,6 +140,15 @@ def test_streamed_merge_refuses_bad_targets_before_any_download(env: Env) -> Non
         assert pushed["visible"] is False and view.merge_btn["interactive"] is True
     assert not env.hub.requests_for("GET", "/model-000")  # no base shard (nor its header) was read
     assert not env.hub.requests_for("GET", "/sharded-lora/")
+
+    # A budget even the streamed pipeline cannot fit: the app's sentence (no CLI flags), after headers only.
+    with pytest.raises(DiskBudgetError, match="Even streamed, this merge needs about") as refused:
+        pipeline.stream_to_hub(
+            _form(repo_name="alice/too-tight"), pipeline.StreamForm(), token=ALICE, local=app.LOCAL, max_disk=30_000
+        )
+    assert "--max-disk" not in str(refused.value) and "30.00 KB to spare" in str(refused.value)
+    shard_reads = env.hub.requests_for("GET", "/model-000")
+    assert shard_reads and all("range" in {k.lower() for k in r.headers} for r in shard_reads)
 
 
 def dataclass_replace(form: pipeline.MergeForm, **changes: Any) -> pipeline.MergeForm:
