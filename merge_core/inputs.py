@@ -296,9 +296,10 @@ def _fetch_hub_base(
     shard_bytes = sum(files.get(s, 0) for s in shards)
     output_bytes = build_plan(checkpoint, adapter_dir, options).output_nbytes if checkpoint is not None else 0
     if _same_disk(Path(base_dir), output_parent):
-        # One disk holds both (the app's per-request folder): base and merged copy must fit together, or
-        # the merge would stop after the whole download.
-        check_disk(output_parent, shard_bytes + output_bytes, f"{ref.repo_id} and the merged model together")
+        # One disk holds both (the app's per-request folder): the download still to come and the merged copy
+        # must fit together, or the merge would stop after the whole download. Shards in the cache cost nothing.
+        to_fetch = sum(files.get(s, 0) for s in shards if not (Path(base_dir) / s).exists())
+        check_disk(output_parent, to_fetch + output_bytes, f"{ref.repo_id} and the merged model together")
     else:
         check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
         if checkpoint is not None:
