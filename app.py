@@ -34,6 +34,7 @@ from merge_core.pipeline import (  # the names this page uses most
     Prefill,
     PushForm,
     PushView,
+    StreamForm,
     VerificationReport,
     field_names,
     form_from,
@@ -203,17 +204,18 @@ def merge(
             previous_name = previous.inputs.suggested_name if previous else None
             discard(previous)
             try:
-                result = pipeline.run_job(
+                result = pipeline.run_job(  # progress: bytes come from worker threads
                     form,
                     token=token,
                     local=LOCAL,
-                    progress=progress,
+                    progress=pipeline.in_caller_context(progress),
                     run_checks=_run_checks,
                     user_errors=(gr.Error,),
                     oauth_scope=_oauth_scope(form.token, oauth_token),
                 )
             except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
-                return _failed(pipeline.failure_message(exc, token, user_errors=(gr.Error,)))
+                message = pipeline.failure_message(exc, token, user_errors=(gr.Error,))
+                return _failed(message + pipeline.disk_hint(exc))  # too large for this disk: the streamed mode
     except pipeline.SessionBusyError as exc:  # the session already runs a merge: leave its result alone
         return MergeView.kept(error=_error(str(exc)), merge_btn=gr.update(interactive=True))
     owner = lambda: _owner(token, profile)  # noqa: E731 - asked only when a name is suggested
@@ -267,7 +269,7 @@ def push(
             token=token,
             private=bool(form.private),
             mode=pipeline.PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"),
-            progress=pipeline.progress_adapter(progress),
+            progress=pipeline.progress_adapter(pipeline.in_caller_context(progress)),  # from the upload thread
             oauth_scope=_oauth_scope(form.token, oauth_token),
         )
     except Exception as exc:  # noqa: BLE001 - one sentence, never a stack trace
@@ -297,6 +299,46 @@ def discover(
         return gr.skip(), key
     found = discover_adapters(adapter, revision=adapter_revision, token=token, local=LOCAL)
     return gr.update(choices=list(found.choices), value=found.selected, visible=bool(found.choices)), key
+
+
+def merge_to_hub(
+    form: MergeForm,
+    stream: StreamForm,
+    oauth_token: gr.OAuthToken | None = None,
+    profile: gr.OAuthProfile | None = None,
+    progress: Any = None,
+    session: str | None = None,
+) -> tuple[MergeView, dict[str, Any]]:
+    """'Merge straight to my Hub repo': target preflighted first, then download, merge and upload at once
+    (one commit, nothing kept here); the view and the push result (link and snippets)."""
+    progress = progress or (lambda *args, **kwargs: None)
+    token = _token(form.token, oauth_token)
+    hidden = gr.update(value="", visible=False)
+    try:
+        with pipeline.session_slot(session):
+            discard(form.state if isinstance(form.state, MergeResult) else None)  # free this session's disk first
+            typed = (form.repo_name or "").strip()
+            owner = _owner(token, profile) if typed and "/" not in typed else ""
+            try:
+                done = pipeline.stream_to_hub(
+                    form,
+                    stream,
+                    token=token,
+                    local=LOCAL,
+                    owner=owner,
+                    progress=pipeline.stream_progress(pipeline.in_caller_context(progress)),
+                )
+            except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
+                return _failed(pipeline.failure_message(exc, token, user_errors=(gr.Error,))), hidden
+    except pipeline.SessionBusyError as exc:
+        return MergeView.kept(error=_error(str(exc)), merge_btn=gr.update(interactive=True)), KEEP
+    view = done.view(
+        error=NO_ERROR,
+        table=_table(done.verification),
+        push_btn=gr.update(interactive=False),  # nothing here to push: the repo holds the merge
+        merge_btn=gr.update(interactive=True),
+    )
+    return view, gr.update(value=done.push_result, visible=True)
 
 
 def prefill(request: gr.Request | None) -> Prefill:
@@ -333,6 +375,19 @@ def _handlers(ui: dict[str, Any]) -> tuple[Callable[..., Any], ...]:
     ) -> dict[Any, Any]:
         return view_updates(push(form_from(PushForm, values, ui), oauth_token, profile, progress), ui)
 
+    def on_stream(
+        values: dict[Any, Any],
+        request: gr.Request,
+        oauth_token: gr.OAuthToken | None = None,
+        profile: gr.OAuthProfile | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - gradio injects the tracker by this default
+    ) -> dict[Any, Any]:
+        session = getattr(request, "session_hash", None)
+        form, stream = form_from(MergeForm, values, ui), form_from(StreamForm, values, ui)
+        view, pushed = merge_to_hub(form, stream, oauth_token, profile, progress, session=session)
+        updates = {**view_updates(view, ui), ui["stream_btn"]: gr.update(interactive=True)}
+        return updates if pushed is KEEP else {**updates, ui["push_result"]: pushed}
+
     def start_merge() -> dict[Any, Any]:
         """Runs first (unqueued): clear the old results and lock both buttons while a merge runs."""
         locked = gr.update(interactive=False)
@@ -346,11 +401,11 @@ def _handlers(ui: dict[str, Any]) -> tuple[Callable[..., Any], ...]:
         locked = gr.update(interactive=False)
         return view_updates(PushView(gr.update(value="Pushing …", visible=True), NO_ERROR, locked, locked), ui)
 
-    return on_merge, on_push, start_merge, start_push
+    return on_merge, on_push, on_stream, start_merge, start_push
 
 
 def _wire(ui: dict[str, Any]) -> None:
-    on_merge, on_push, start_merge, start_push = _handlers(ui)
+    on_merge, on_push, on_stream, start_merge, start_push = _handlers(ui)
     merge_outputs = [ui[name] for name in field_names(MergeView)]
     # The API is /merge and /push (README, "The app"); the button-locking steps are the page's own.
     hidden = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
@@ -361,6 +416,12 @@ def _wire(ui: dict[str, Any]) -> None:
     first = ui["push_btn"].click(start_push, None, push_outputs, **hidden)
     push_inputs = {ui[n] for n in field_names(PushForm)}
     first.then(on_push, push_inputs, push_outputs, show_progress_on=[ui["push_result"]], api_name="push")
+    # The streamed mode: the merge's inputs plus the push settings, the merge's outputs plus the push result.
+    stream_outputs = [*merge_outputs, ui["push_result"], ui["stream_btn"]]
+    locked = {ui["stream_btn"]: gr.update(interactive=False)}
+    first = ui["stream_btn"].click(lambda: {**start_merge(), **locked}, None, stream_outputs, **hidden)
+    stream_inputs = merge_inputs | {ui[n] for n in field_names(StreamForm)}
+    first.then(on_stream, stream_inputs, stream_outputs, show_progress_on=[ui["verdict"]], api_name="merge_to_hub")
 
 
 def _wire_discovery(ui: dict[str, Any], loaded: Any) -> None:

@@ -133,4 +133,7 @@ def push_section(ui: dict[str, Any]) -> None:
             list(pipeline.PUSH_MODE_LABELS), value="Create new repo", label="Push mode", elem_id="push-mode"
         )
     ui["push_btn"] = gr.Button("Push to Hub", interactive=False, elem_id="push-btn")
+    with gr.Accordion("Too large for this Space's disk?", open=False):
+        ui["stream_btn"] = gr.Button(pipeline.STREAM_BUTTON, elem_id="stream-btn")
+        gr.Markdown(pipeline.STREAM_INFO, elem_id="stream-info")
     ui["push_result"] = gr.Markdown(visible=False, elem_id="push-result")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidOptionError
 from .gguf_export import supported_architectures
-from .progress import ProgressCallback, ProgressUpdate
+from .progress import ProgressCallback, ProgressUpdate, eta_text
 from .quant_targets import QUANT_TARGETS
 from .verify import VerificationReport
 
@@ -379,9 +379,11 @@ def progress_adapter(progress: Callable[..., Any]) -> ProgressCallback:
     """merge_core's ProgressUpdate -> a ``progress(fraction, desc=...)`` display (gr.Progress),
     throttled to a few updates a second."""
     last: dict[str, Any] = {"t": 0.0, "stage": None}
+    started: dict[str, float] = {}  # each stage's first update: its rate gives the ETA
 
     def callback(update: ProgressUpdate) -> None:
         now = time.monotonic()
+        started.setdefault(update.stage, now)
         final = update.total is not None and update.done >= update.total
         if update.stage == last["stage"] and not final and now - last["t"] < 0.25:
             return
@@ -392,6 +394,8 @@ def progress_adapter(progress: Callable[..., Any]) -> ProgressCallback:
         if update.message:
             desc += f" ({update.message})"
         fraction = update.fraction
+        eta = eta_text(fraction or 0.0, now - started[update.stage]) if update.unit == "B" else ""
+        desc += f" · {eta}" if eta else ""
         try:
             progress(fraction if fraction is not None else (int(update.done), None), desc=desc)
         except Exception:  # noqa: BLE001 - progress display must never break a merge
@@ -429,6 +433,8 @@ def sample_note(result: MergeResult, prompt: str) -> str:
     if sample is None:
         if not prompt.strip():
             return "No prompt given, so no sample generation."
+        if getattr(result, "sample_skipped", ""):  # too large to load here: the sizes, not a crash
+            return f"No sample generation: the models {result.sample_skipped}."
         skipped = [
             c.detail
             for c in (result.verification.checks if result.verification else [])

@@ -294,11 +294,25 @@ def _fetch_hub_base(
     checkpoint = headers_checkpoint(base_dir, headers, str(ref))
     shards = sorted(headers)
     shard_bytes = sum(files.get(s, 0) for s in shards)
-    check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
-    if checkpoint is not None:
-        check_disk(output_parent, build_plan(checkpoint, adapter_dir, options).output_nbytes)
+    output_bytes = build_plan(checkpoint, adapter_dir, options).output_nbytes if checkpoint is not None else 0
+    if _same_disk(Path(base_dir), output_parent):
+        # One disk holds both (the app's per-request folder): the download still to come and the merged copy
+        # must fit together, or the merge would stop after the whole download. Shards in the cache cost nothing.
+        to_fetch = sum(files.get(s, 0) for s in shards if not (Path(base_dir) / s).exists())
+        check_disk(output_parent, to_fetch + output_bytes, f"{ref.repo_id} and the merged model together")
+    else:
+        check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
+        if checkpoint is not None:
+            check_disk(output_parent, output_bytes)
     base_dir = client.download(ref, sha, small + shards, cache_dir=cache, progress=progress, total_bytes=shard_bytes)
     return BaseInput(Path(base_dir), ref.repo_id, ref.revision, client.card_data(ref))
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    def device(path: Path) -> int:
+        return next(p for p in (path, *path.parents) if p.exists()).stat().st_dev
+
+    return device(Path(a)) == device(Path(b))
 
 
 def _gguf_preflight(folder: Path, request: MergeRequest, notes: list[str]) -> None:

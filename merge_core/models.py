@@ -90,6 +90,56 @@ class LoadedModels:
             torch.cuda.empty_cache()
 
 
+# Share of the free memory two loaded models may take: activations, the tokenizer and the caches need the rest.
+USABLE_SHARE = {"cuda": 0.8, "cpu": 0.6}
+_LOAD_OVERHEAD = 512 << 20  # framework buffers and the forward pass's activations
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """Whether base + adapter and the merged model fit in ``device``'s free memory, and how to load them."""
+
+    device: str  # "cuda" or "cpu"
+    required: int  # bytes that must be free (the models' bytes over USABLE_SHARE)
+    free: int
+
+    @property
+    def fits(self) -> bool:
+        return self.required <= self.free
+
+    @property
+    def device_map(self) -> str | None:
+        """On a GPU, from_pretrained places each tensor there as it reads it (no whole copy in host RAM)."""
+        return "cuda" if self.device == "cuda" else None
+
+    def sentence(self) -> str:
+        where = "the GPU has" if self.device == "cuda" else "this machine has"
+        return (
+            f"needs about {self.required / 1e9:.1f} GB of memory (base + adapter and the merged model in "
+            f"float32), and {where} {self.free / 1e9:.1f} GB free"
+        )
+
+
+def models_bytes(params: int, adapter_bytes: int, *, bytes_per_param: int = 4, models: int = 2) -> int:
+    """Memory of ``models`` loaded copies at the compute dtype, each with the adapter, plus overhead."""
+    return (params * bytes_per_param + adapter_bytes) * models + _LOAD_OVERHEAD
+
+
+def memory_fit(needed: int, *, device: str, free: int) -> MemoryFit:
+    """The load decision for ``needed`` bytes of models on ``device`` with ``free`` bytes free (pure)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return MemoryFit(kind, int(needed / USABLE_SHARE[kind]) + 1, int(free))
+
+
+def free_memory(device: str) -> int:
+    """Bytes free now: the GPU's (torch.cuda.mem_get_info) or the host's available RAM (psutil)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,9 +210,11 @@ def load_models(
     choice = choose_model_class(plan)
     dev = pick_device(device)
     notes: list[str] = []
-    peft_model, base_vocab = _load_reference(plan, choice, dtype=dtype, notes=notes)
+    # On a GPU each tensor goes from the safetensors file straight to the device, never whole in host RAM.
+    placed = {"device_map": str(dev)} if dev.type == "cuda" else {}
+    peft_model, base_vocab = _load_reference(plan, choice, dtype=dtype, notes=notes, placed=placed)
     try:
-        merged = _from_pretrained(choice, Path(merged_dir), dtype=dtype, which="merged", notes=notes)
+        merged = _from_pretrained(choice, Path(merged_dir), dtype=dtype, which="merged", notes=notes, config=placed)
     except ModelLoadError as exc:
         raise MergedModelLoadError(str(exc)) from exc
     tokenizer = _tokenizer(Path(merged_dir))
@@ -184,8 +236,11 @@ def load_models(
     )
 
 
-def _load_reference(plan: MergePlan, choice: ModelChoice, *, dtype: torch.dtype, notes: list[str]) -> tuple[Any, int]:
-    """PeftModel(base, adapter), built the way training built it (resized vocabulary, resized head)."""
+def _load_reference(
+    plan: MergePlan, choice: ModelChoice, *, dtype: torch.dtype, notes: list[str], placed: dict[str, Any]
+) -> tuple[Any, int]:
+    """PeftModel(base, adapter), built the way training built it (resized vocabulary, resized head);
+    ``placed`` holds from_pretrained's device_map (PEFT puts the adapter beside the base's weights)."""
     from peft import PeftModel
 
     labels = _label_count(plan, choice)
@@ -197,7 +252,7 @@ def _load_reference(plan: MergePlan, choice: ModelChoice, *, dtype: torch.dtype,
         notes=notes,
         # The adapter's own copy of a resized head replaces the base's, as in training.
         replaced={t.name for t in plan.tensors if t.adapter_key} if labels else set(),
-        config={"num_labels": labels} if labels else {},
+        config={**placed, **({"num_labels": labels} if labels else {})},
     )
     base_vocab = token_vocab(base)
     merged_vocab = next((t.shape[0] for t in plan.tensors if t.adapter_key and t.name == _embed_name(plan)), None)
@@ -346,8 +401,12 @@ def _embed_name(plan: MergePlan) -> str | None:
 
 __all__ = [
     "LoadedModels",
+    "MemoryFit",
     "MergedModelLoadError",
     "ModelChoice",
+    "free_memory",
+    "memory_fit",
+    "models_bytes",
     "architecture_task",
     "choose_model_class",
     "load_models",

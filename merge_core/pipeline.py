@@ -15,6 +15,7 @@ from .card import build_model_card, speed_markdown
 from .checkpoint import read_json
 from .combine import COMBINATION_TYPES
 from .errors import InvalidOptionError, MergeError, ModelLoadError, PushError, UnsafeOutputError, explain_os_error
+from .folder_push import push_folder_with_progress
 from .frontend import (
     DTYPES,
     FUNCTIONAL,
@@ -43,7 +44,7 @@ from .frontend import (
     verdict_markdown,
     view_updates,
 )
-from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models
+from .generate import GenerationSettings, SampleGeneration, generate_samples, load_models, pick_device
 from .gguf_export import GGUF_TYPES
 from .gguf_outputs import rename_for_repo, write_gguf_files
 from .hub import HubClient, PushMode, PushResult, PushTarget
@@ -52,12 +53,13 @@ from .locks import Claim
 from .merge import execute_plan
 from .models import GENERATIVE_TASKS
 from .plan import MergeOptions, build_plan
-from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .progress import ProgressCallback, ProgressUpdate, in_caller_context, no_progress
 from .quant_targets import COST_ROW, QUANT_TARGETS, QuantSummary, finish_target, requantize_settings
 from .report import MergeReport
 from .speed import SpeedComparison, measure
 from .stream_push import StreamPushResult, stream_merge_push
 from .verify import Check, VerificationReport, functional_budget, functional_checks, verify_merge
+from .verify_function import model_memory
 from .workdirs import new_workdir, sweep_workdirs
 
 
@@ -73,6 +75,7 @@ class MergeResult:
     gguf_files: dict[str, Path] = field(default_factory=dict)  # GGUF type -> file in output_dir
     quant: QuantSummary | None = None  # a quantized base: what it became and what that cost
     speed: SpeedComparison | None = None  # merged vs base + adapter, measured (the app's sample settings)
+    sample_skipped: str = ""  # no sample because the models do not fit in memory: the sizes, in one sentence
 
     @property
     def base_dir(self) -> Path:
@@ -168,6 +171,7 @@ def run_merge(
 class ModelChecks:
     checks: list[Check]
     sample: SampleGeneration | None
+    sample_skipped: str = ""  # why there is no sample when the models do not fit in memory (one sentence)
 
 
 def model_checks(
@@ -178,19 +182,22 @@ def model_checks(
     *,
     device: str = "auto",
     functional: str = "auto",
+    memory_budget: int | None = None,
 ) -> ModelChecks:
-    """Forward passes (logits vs PeftModel) and sample generations, loading both models once."""
+    """Forward passes (logits vs PeftModel) and sample generations, loading both models once: straight onto
+    the GPU when there is one. Models that do not fit the device's free memory (``memory_budget`` stands for
+    it; default measured) are not loaded: the rows are streamed or skipped and ``sample_skipped`` says why."""
     # The merged folder's own dtype decides the thresholds (16-bit weights round visibly).
     merged_config = read_json(Path(output_dir) / "config.json", "the merged model's config")
     dtype = str(merged_config.get("dtype") or merged_config.get("torch_dtype") or "auto")
     options = MergeOptions(dtype=dtype if dtype in ("float16", "bfloat16", "float32") else "auto")
     plan = build_plan(base_dir, adapter_dir, options, check_finite=False)
-    fits, _reason = functional_budget(plan, "cuda" if device in ("auto", "cuda") else device)
+    fit = model_memory(plan, pick_device(device).type, memory_budget)
     if functional == "never" and settings is None:
         return ModelChecks([], None)
-    if not fits and functional != "always":
-        skipped = functional_checks(plan, output_dir, memory_budget=0) if functional != "never" else []
-        return ModelChecks(skipped, None)
+    if not fit.fits and functional != "always":
+        skipped = functional_checks(plan, output_dir, memory_budget=fit.free) if functional != "never" else []
+        return ModelChecks(skipped, None, sample_skipped=fit.sentence() if settings is not None else "")
     try:
         models = load_models(plan, output_dir, device=device)
     except ModelLoadError:  # the rows say why, in one sentence each
@@ -214,6 +221,7 @@ def add_model_checks(result: MergeResult, checks: ModelChecks) -> None:
     kept = [c for c in result.verification.checks if c.group != "function" or _own_row(c)]
     result.verification.checks = kept + checks.checks
     result.sample = checks.sample
+    result.sample_skipped = checks.sample_skipped
     result.write_card()
 
 
@@ -249,23 +257,22 @@ def push_merged(
     progress: ProgressCallback = no_progress,
     oauth_scope: str | None = None,
 ) -> PushResult:
-    """Preflight the target, then upload the merged folder (with its card) in ONE commit.
-    ``oauth_scope``: a Space login's scopes (merge_core.permissions)."""
+    """Preflight the target, then upload the merged folder (with its card) in ONE commit, reporting
+    the bytes sent as they go (merge_core.folder_push). ``oauth_scope``: a Space login's scopes
+    (merge_core.permissions)."""
     client = HubClient(token, endpoint, oauth_scope=oauth_scope)
     target = client.preflight_push(repo_id, mode, private=private)
     # llama-cli -hf OWNER/REPO:TYPE looks for <repo-name>-<TYPE>.gguf
     result.gguf_files = rename_for_repo(result.gguf_files, target.repo_id.split("/")[-1])
     result.write_card(target.repo_id)
-    total = result.report.output_bytes
-    progress(ProgressUpdate("upload", 0, total, "B", target.repo_id))
-    pushed = client.push_folder(
+    return push_folder_with_progress(
+        client,
         target,
         result.output_dir,
         message=f"Merge {result.inputs.adapter_id} into {result.inputs.base.name}",
         description="Merged with LoRA Merge Space (merge_core): one commit with weights, config, tokenizer and card.",
+        progress=progress,
     )
-    progress(ProgressUpdate("upload", total, total, "B", target.repo_id))
-    return pushed
 
 
 def cleanup(result: MergeResult | None) -> None:
@@ -276,8 +283,26 @@ def cleanup(result: MergeResult | None) -> None:
 
 # Last: jobs uses this module's names at call time.
 from .jobs import ChecksRunner, failure_message, push_markdown, run_job, scrub, suggest_repo_id  # noqa: E402
+from .stream_app import (  # noqa: E402 - the app's streamed mode (it calls stream_push below)
+    STREAM_BUTTON,
+    STREAM_INFO,
+    StreamedMerge,
+    StreamForm,
+    disk_hint,
+    stream_progress,
+    stream_to_hub,
+)
 
 __all__ = [
+    "in_caller_context",
+    "STREAM_BUTTON",
+    "STREAM_INFO",
+    "StreamForm",
+    "StreamedMerge",
+    "disk_hint",
+    "stream_progress",
+    "stream_push",
+    "stream_to_hub",
     "Prefill",
     "SpeedComparison",
     "measure",

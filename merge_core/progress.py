@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,31 @@ ProgressCallback = Callable[[ProgressUpdate], None]
 
 def no_progress(_: ProgressUpdate) -> None:
     return None
+
+
+def eta_text(fraction: float, elapsed: float) -> str:
+    """'about 3 min left' from the share done so far and the time it took; '' before there is a rate."""
+    if fraction <= 0.01 or fraction >= 1 or elapsed < 1:
+        return ""
+    left = elapsed * (1 - fraction) / fraction
+    if left < 60:
+        return f"about {left:.0f} s left"
+    return f"about {left / 60:.0f} min left" if left < 3600 else f"about {left / 3600:.1f} h left"
+
+
+def in_caller_context(display: Callable[..., Any]) -> Callable[..., Any]:
+    """``display`` called in the context of the thread that made this, one call at a time.
+
+    gr.Progress finds its event through context variables, which the download and upload threads
+    (huggingface_hub's and the streamed push's) do not inherit: without this their updates are dropped.
+    """
+    context, lock = contextvars.copy_context(), threading.Lock()
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return context.run(display, *args, **kwargs)
+
+    return call
 
 
 class TqdmProgress:

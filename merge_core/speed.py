@@ -82,16 +82,19 @@ def measure(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kwargs = {"new_tokens": new_tokens, "runs": runs, "pad_token_id": pad}
 
+    # On a GPU each tensor is read straight onto it (device_map): no whole copy in host RAM first.
+    placed = {"device_map": device} if device.startswith("cuda") else {}
     started = time.perf_counter()
-    separate = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto"), adapter_dir)
-    separate = separate.to(device).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", **placed)
+    separate = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
+    del base
     load_s = time.perf_counter() - started
     separate_timing = _time_runs(separate, enc, **kwargs)
     separate_timing.load_s = load_s
     del separate
 
     started = time.perf_counter()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto").to(device).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", **placed).to(device).eval()
     load_s = time.perf_counter() - started
     merged_timing = _time_runs(merged, enc, **kwargs)
     merged_timing.load_s = load_s

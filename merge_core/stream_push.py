@@ -220,8 +220,11 @@ def _forwarding_tqdm(on_bytes):
 class _Uploader:
     """Output shards pre-uploaded in a background thread, one in flight, each deleted once sent."""
 
-    def __init__(self, client: HubClient, target: PushTarget, total: int, progress: ProgressCallback) -> None:
+    def __init__(
+        self, client: HubClient, target: PushTarget, total: int, progress: ProgressCallback, *, keep: bool = False
+    ) -> None:
         self.client, self.target, self.total, self.progress = client, target, total, progress
+        self.keep = keep  # a folder push (merge_core.folder_push) keeps the merged files for the next push
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
         self.pending: Future | None = None
         self.done = 0
@@ -257,7 +260,8 @@ class _Uploader:
             self.uploaded.append(path.name)
             self._add(size - sent, f"{path.name} uploaded")
         self.operations.append(op)
-        path.unlink()
+        if not self.keep:
+            path.unlink()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

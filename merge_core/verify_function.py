@@ -11,33 +11,38 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ModelLoadError
 from .layer_stream import STREAMED_TASKS, streamed_logit_checks
-from .models import LoadedModels, MergedModelLoadError, choose_model_class, load_models, short_error
+from .models import (
+    LoadedModels,
+    MemoryFit,
+    MergedModelLoadError,
+    choose_model_class,
+    free_memory,
+    load_models,
+    memory_fit,
+    models_bytes,
+    short_error,
+)
 from .plan import MergePlan
 from .tasks import LOGIT_ROWS, ProbeInputError, row_names, task_checks
 from .verify_report import Check
 
 
 def functional_budget(plan: MergePlan, device: str = "cpu", memory_budget: int | None = None) -> tuple[bool, str]:
-    """Whether base+adapter and merged fit in memory together (both in float32)."""
-    params = sum(math.prod(t.shape) for t in plan.tensors if t.dtype in ("F32", "F16", "BF16"))
-    needed = params * 4 * 2 + plan.adapter.nbytes * 2 + (512 << 20)
-    if memory_budget is None:
-        if device.startswith("cuda") and torch.cuda.is_available():
-            memory_budget = int(torch.cuda.mem_get_info()[0] * 0.8)
-        else:
-            import psutil
-
-            memory_budget = int(psutil.virtual_memory().available * 0.6)
-    if needed > memory_budget:
-        return False, (
-            f"needs about {needed / 1e9:.1f} GB to hold base+adapter and merged in float32, "
-            f"{memory_budget / 1e9:.1f} GB available; the streamed checks above cover every tensor"
-        )
+    """Whether base+adapter and merged fit in memory together (both in float32); ``memory_budget`` stands
+    for the device's free bytes (default: measured, models.free_memory)."""
+    fit = model_memory(plan, device, memory_budget)
+    if not fit.fits:
+        return False, f"{fit.sentence()}; the streamed checks above cover every tensor"
     return True, ""
+
+
+def model_memory(plan: MergePlan, device: str = "cpu", free: int | None = None) -> MemoryFit:
+    """The memory decision for loading base + adapter and the merged model of ``plan`` on ``device``."""
+    params = sum(math.prod(t.shape) for t in plan.tensors if t.dtype in ("F32", "F16", "BF16"))
+    needed = models_bytes(params, plan.adapter.nbytes)
+    return memory_fit(needed, device=device, free=free_memory(device) if free is None else free)
 
 
 def functional_checks(

@@ -67,3 +67,59 @@ def test_the_named_api_merges_and_pushes_with_gradio_client(app_server: dict, hu
     push_result, push_error = client.predict(in_browser.ALICE, "api-merged", False, "Create new repo", api_name="/push")
     assert "alice/api-merged" in str(push_result) and "vllm serve alice/api-merged" in str(push_result), push_error
     assert "model.safetensors" in hub.repo_files("alice/api-merged")
+
+
+def streamable(hub, tmp_path, name: str) -> str:
+    """The demo on the Hub: acme/NAME-base and alice/NAME-lora, whose config names that base."""
+    import json
+    import shutil
+
+    adapter = shutil.copytree(in_browser.DEMO_DIR / "adapter", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = f"acme/{name}-base"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    for repo, folder in [(f"acme/{name}-base", in_browser.DEMO_DIR / "base"), (f"alice/{name}-lora", adapter)]:
+        hub.create_repo(repo)
+        hub.upload_dir(repo, folder)
+    return f"alice/{name}-lora"
+
+
+def test_the_streamed_mode_merges_straight_to_the_hub_with_gradio_client(app_server: dict, hub, tmp_path) -> None:
+    """'Merge straight to my Hub repo' as /merge_to_hub: the merge's fields then private and push mode; the
+    merge's outputs then the push result (link and snippets), one commit, nothing kept to push again."""
+    from gradio_client import Client
+
+    assert streamable(hub, tmp_path, "api") == "alice/api-lora"
+    client = Client(app_server["url"], verbose=False)
+    endpoint = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/merge_to_hub"]
+    labels = [p["label"] for p in endpoint["parameters"]]
+    assert labels[:2] == ["or paste a write token", "Adapter"]
+    assert labels[-3:] == ["Target repo", "Private", "Push mode"]
+    out = client.predict(
+        in_browser.ALICE, "alice/api-lora", "", "auto", "", "", "5GB", "auto (when it fits in memory)", "stack", None,
+        [], "dequantized", "Hello", 8, 0.0, 0, "api-streamed", False, "Create new repo", api_name="/merge_to_hub",
+    )  # fmt: skip
+    error, verdict, _table, _b, _a, gen_merged, note, _sizes, _summary, _repo, push_result = out  # buttons: none
+    assert "pushed straight to alice/api-streamed" in str(verdict), error
+    assert gen_merged == "" and "No sample generation" in note
+    assert "vllm serve alice/api-streamed" in str(push_result)
+    assert "model.safetensors" in hub.repo_files("alice/api-streamed")
+
+
+def test_the_streamed_mode_in_the_browser(app_server: dict, browser: Browser, hub, tmp_path) -> None:
+    adapter = streamable(hub, tmp_path, "page")
+    page = open_page(browser, app_server["url"])
+    in_browser.fill(page, "token-box", in_browser.ALICE)
+    in_browser.fill(page, "adapter-id", adapter)
+    in_browser.fill(page, "repo-name", "page-streamed")
+    page.get_by_text("Too large for this Space's disk?").click()
+    page.click("#stream-btn")
+    result = page.locator("#push-result")
+    result.wait_for(state="visible", timeout=in_browser.MERGE_TIMEOUT_MS)
+    page.wait_for_selector("#push-result:has-text('Pushed to')", timeout=in_browser.MERGE_TIMEOUT_MS)
+    assert "vllm serve alice/page-streamed" in result.inner_text()
+    assert "pushed straight to alice/page-streamed" in page.locator("#verdict").inner_text()
+    assert "No sample generation" in page.locator("#gen-note").inner_text()
+    assert page.locator("#push-btn").is_disabled() and not page.locator("#stream-btn").is_disabled()
+    assert "model.safetensors" in hub.repo_files("alice/page-streamed")
+    page.context.close()

@@ -1,0 +1,204 @@
+"""The app's "Merge straight to my Hub repo": the streamed Hub-to-Hub pipeline (merge_core.stream_push) run
+from a front end, with the push settings given up front, and what its page shows. Free of any UI toolkit.
+
+The normal flow (merge here, inspect, push) stays the default: it verifies the files and generates samples.
+This mode is for models whose base + merged copy do not fit the Space's disk; the normal merge says so,
+before any download, and names this mode (``disk_hint``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .disk_budget import human_bytes
+from .errors import DiskBudgetError, InsufficientDiskError, InvalidOptionError
+from .frontend import PUSH_MODE_LABELS, LocalPaths, MergeForm, MergeView, merge_request
+from .progress import ProgressCallback, ProgressUpdate, eta_text, no_progress
+from .stream_push import StreamPushResult
+from .verify_report import VerificationReport
+
+STREAM_BUTTON = "Merge straight to my Hub repo"
+STREAM_INFO = (
+    "For models too large for this Space's disk: base shards are downloaded as needed and each merged shard "
+    "is uploaded as soon as it is written, all in one commit to the target repo above. Nothing is kept here, "
+    "so there is no verification table that reads the files and no sample generation."
+)
+STREAM_STAGES = ("download", "merge", "upload")
+
+
+@dataclass
+class StreamForm:
+    """The push settings a streamed merge needs up front (the rest comes from MergeForm); each field is
+    the app's component of the same name."""
+
+    private: bool = False
+    push_mode: str = "Create new repo"
+
+
+@dataclass
+class StreamedMerge:
+    """What a streamed merge shows, as text; ``view`` makes it the page's MergeView."""
+
+    result: StreamPushResult
+    verification: VerificationReport | None  # what the streamed pipeline checked, if it checked anything
+    verdict: str
+    gen_note: str
+    sizes: str
+    summary: str
+    push_result: str  # the link, the commit and the next-steps snippets
+
+    def view(self, **changes: Any) -> MergeView:
+        """The page after a streamed merge: no session result to push again (the repo holds it)."""
+        return MergeView.cleared(
+            state=None,
+            verdict=self.verdict,
+            gen_note=self.gen_note,
+            sizes=self.sizes,
+            summary=self.summary,
+            **changes,
+        )
+
+
+def target_repo(typed: str, owner: str) -> str:
+    """The target as typed, under the signed-in owner when it names no namespace."""
+    repo = (typed or "").strip()
+    if not repo:
+        raise InvalidOptionError(
+            f"'{STREAM_BUTTON}' pushes while it merges, so it needs the target first: fill in Target repo "
+            "(owner/name) above the button."
+        )
+    return repo if "/" in repo or not owner else f"{owner}/{repo}"
+
+
+def stream_to_hub(
+    form: MergeForm,
+    stream: StreamForm,
+    *,
+    token: str | None,
+    local: LocalPaths,
+    owner: str = "",
+    max_disk: int | None = None,
+    progress: ProgressCallback = no_progress,
+) -> StreamedMerge:
+    """Check the form, preflight the target (token, namespace, mode) before any download, then merge and
+    push in one commit through the bounded-disk pipeline; a budget it cannot fit is one sentence."""
+    from .pipeline import stream_push
+
+    request = merge_request(form, token, local)
+    if not token:
+        raise InvalidOptionError(f"'{STREAM_BUTTON}' writes to your Hub repo: sign in or paste a write token first.")
+    repo_id = target_repo(form.repo_name, owner)
+    mode = PUSH_MODE_LABELS.get(stream.push_mode, stream.push_mode or "new")
+    try:
+        result = stream_push(
+            request, repo_id, mode=mode, private=bool(stream.private), max_disk=max_disk, progress=progress
+        )
+    except DiskBudgetError as exc:
+        raise DiskBudgetError(
+            f"Even streamed, this merge needs about {human_bytes(exc.needed)} of disk (two base shards, two merged "
+            f"shards and the adapter) and this Space has {human_bytes(exc.budget)} to spare; it cannot run here. "
+            "Run the CLI on a machine with more disk: python -m merge_core - ADAPTER - --push OWNER/NAME.",
+            needed=exc.needed,
+            budget=exc.budget,
+        ) from exc
+    return _streamed_view(result, repo_id)
+
+
+def _streamed_view(result: StreamPushResult, repo_id: str) -> StreamedMerge:
+    from .frontend import verdict_markdown
+    from .jobs import push_markdown
+
+    report = result.report
+    # The pipeline may carry checks of its own (read while the shards were still here); show them when it does.
+    verification = getattr(result, "verification", None)
+    disk = f"peak disk {human_bytes(result.peak_disk_bytes)} of a {human_bytes(result.disk_budget)} budget"
+    verdict = f"### ✅ Merged and pushed straight to {repo_id} ({disk})"
+    if isinstance(verification, VerificationReport) and verification.checks:
+        verdict += "\n\n" + verdict_markdown(verification)
+    else:
+        verification = None
+        verdict += (
+            "\n\nThe merged files went to the Hub shard by shard and were not kept here, so the checks that read "
+            "them (the verification table) did not run. For a verified merge with samples, use Merge instead "
+            "when the model fits this Space's disk."
+        )
+    resumed = f"; {len(result.already_on_hub)} shard(s) were already on the Hub" if result.already_on_hub else ""
+    return StreamedMerge(
+        result=result,
+        verification=verification,
+        verdict=verdict,
+        gen_note=(
+            f"No sample generation: in '{STREAM_BUTTON}' mode the merged model is not kept on this Space. "
+            f"Try it from the Hub with the snippets under the push result ({repo_id})."
+        ),
+        sizes=(
+            f"**Adapter** {report.adapter_bytes / 1e6:.3g} MB · **Base** {report.base_bytes / 1e9:.3g} GB · "
+            f"**Merged** {report.output_bytes / 1e9:.3g} GB · **Peak disk** {human_bytes(result.peak_disk_bytes)}"
+        ),
+        summary=f"{report.summary()}\n  streamed: {len(result.uploaded)} shard(s) uploaded{resumed}",
+        push_result=push_markdown(result.push),
+    )
+
+
+def disk_hint(exc: BaseException) -> str:
+    """After a normal merge refused for disk: the mode that needs only a few shards of it."""
+    if isinstance(exc, InsufficientDiskError) and not isinstance(exc, DiskBudgetError):
+        return (
+            f" Or use '{STREAM_BUTTON}' (Push to the Hub, below): it streams shard by shard and needs only about "
+            "two base shards and two merged shards of disk."
+        )
+    return ""
+
+
+def stream_progress(progress: Callable[..., Any], clock: Callable[[], float] = time.monotonic) -> ProgressCallback:
+    """Download, merge and upload run at once: one bar (their mean fraction) with each stage's bytes and an
+    ETA from the overall rate, throttled to a few updates a second. ``progress`` is ``gr.Progress``-like."""
+    latest: dict[str, ProgressUpdate] = {}
+    state = {"start": clock(), "shown": 0.0}
+
+    def callback(update: ProgressUpdate) -> None:
+        if update.stage not in STREAM_STAGES:  # metadata first (adapter, base headers): no bytes to show yet
+            _show(progress, 0.0, f"Resolving inputs … ({update.message})" if update.message else "Resolving inputs …")
+            return
+        latest[update.stage] = update
+        now = clock()
+        final = update.stage == "upload" and update.total is not None and update.done >= update.total
+        if not final and now - state["shown"] < 0.25:
+            return
+        state["shown"] = now
+        fraction = sum((latest[s].fraction or 0.0) if s in latest else 0.0 for s in STREAM_STAGES) / 3
+        parts = [_stage_text(latest[s]) for s in STREAM_STAGES if s in latest]
+        eta = eta_text(fraction, now - state["start"])
+        _show(progress, fraction, " · ".join(parts) + (f" · {eta}" if eta else ""))
+
+    return callback
+
+
+def _show(progress: Callable[..., Any], fraction: float, desc: str) -> None:
+    try:
+        progress(fraction, desc=desc)
+    except Exception:  # noqa: BLE001 - a progress display must never break a merge
+        pass
+
+
+def _stage_text(update: ProgressUpdate) -> str:
+    if update.unit == "B" and update.total:
+        return f"{update.stage} {update.done / 1e9:.2f}/{update.total / 1e9:.2f} GB"
+    if update.total:
+        return f"{update.stage} {update.fraction or 0:.0%}"
+    return update.stage
+
+
+__all__ = [
+    "STREAM_BUTTON",
+    "STREAM_INFO",
+    "StreamForm",
+    "StreamedMerge",
+    "disk_hint",
+    "stream_progress",
+    "stream_to_hub",
+    "target_repo",
+]
