@@ -2,32 +2,28 @@
 
 This file lays out the page, maps it to ``MergeForm``/``PushForm`` and from ``MergeView``/``PushView``
 by field name, keeps each session's result in a ``gr.State`` (its claimed folder removed when replaced,
-on error and when the session ends) and runs the forward-pass checks inside ``spaces.GPU``.
+on error and when the session ends); the forward-pass checks run inside ``spaces.GPU`` (app_gpu.py).
 """
 
 from __future__ import annotations
-
-import spaces  # must come before anything that initialises CUDA (ZeroGPU)
 
 # isort: split
 import html
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
-import torch
 
+from app_gpu import run_checks
 from app_layout import form_section, generation_section, push_section, results_section
 from merge_core import pipeline
 from merge_core.adapter_choices import discover_adapters
 from merge_core.pipeline import (  # the names this page uses most
     KEEP,
-    GenerationSettings,
     MergeForm,
     MergeResult,
     MergeView,
@@ -63,8 +59,6 @@ LOGIN_HINT = (
 )
 
 STATE_TTL_SECONDS = 2 * 3600
-GPU_BASE_SECONDS, GPU_SECONDS_PER_GB, GPU_MAX_SECONDS = 60, 8, 240
-SPEED_TOKENS = 16  # new tokens per timed run: enough for a rate, short enough for a shared CPU
 
 
 # --- small helpers ----------------------------------------------------------------------------------
@@ -90,60 +84,6 @@ def _oauth_scope(pasted: str | None, oauth_token: gr.OAuthToken | None) -> str |
     if (pasted or "").strip() or oauth_token is None or not oauth_token.token:
         return None
     return None if oauth_token.token == MOCK_OAUTH_TOKEN and not ON_SPACE else oauth_token.scope
-
-
-# --- GPU part: the only code that ZeroGPU runs on a GPU ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GpuJob:
-    """What a ZeroGPU call needs (picklable: it crosses into the GPU worker)."""
-
-    base_dir: Path
-    adapter_dir: Path
-    output_dir: Path
-    settings: GenerationSettings | None
-    merged_gb: float
-    functional: str = "auto"
-
-
-def gpu_seconds(job: GpuJob) -> int:
-    """ZeroGPU reservation: loading base+adapter and the merged model dominates, so it grows with size."""
-    return int(min(GPU_MAX_SECONDS, GPU_BASE_SECONDS + GPU_SECONDS_PER_GB * max(0.0, job.merged_gb)))
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@spaces.GPU(duration=gpu_seconds)
-def run_model_checks(job: GpuJob) -> pipeline.ModelChecks:
-    return pipeline.model_checks(
-        job.base_dir, job.adapter_dir, job.output_dir, job.settings, device=_device(), functional=job.functional
-    )
-
-
-@spaces.GPU(duration=gpu_seconds)
-def run_speed(job: GpuJob) -> pipeline.SpeedComparison:
-    settings = job.settings
-    tokens = min(int(settings.max_new_tokens), SPEED_TOKENS) if settings else SPEED_TOKENS
-    prompt = settings.prompt if settings else "Hello"
-    return pipeline.measure(
-        job.base_dir, job.adapter_dir, job.output_dir, prompt=prompt, new_tokens=tokens, device=_device()
-    )
-
-
-def _run_checks(result: MergeResult, settings: GenerationSettings | None, functional: str) -> pipeline.ModelChecks:
-    job = GpuJob(
-        result.base_dir, result.adapter_dir, result.output_dir, settings, result.sizes()["merged_gb"], functional
-    )
-    checks = run_model_checks(job)
-    if checks.sample is not None:  # both models fit and generate: time them too (merged vs separate)
-        try:
-            result.speed = run_speed(job)  # read by merge() below
-        except Exception:  # a failed timing must not cost the merge its checks
-            log.warning("speed comparison failed", exc_info=True)
-    return checks
 
 
 def _owner(token: str | None, profile: gr.OAuthProfile | None) -> str:
@@ -209,7 +149,7 @@ def merge(
                     token=token,
                     local=LOCAL,
                     progress=pipeline.in_caller_context(progress),
-                    run_checks=_run_checks,
+                    run_checks=run_checks,
                     user_errors=(gr.Error,),
                     oauth_scope=_oauth_scope(form.token, oauth_token),
                 )

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import app
+import app_gpu
 from merge_core import pipeline
 from merge_core.card import build_model_card
 from tests.conftest import HUB_PORT
@@ -276,10 +277,10 @@ def test_speed_verdict_claims_a_difference_only_outside_the_runs_spread() -> Non
 
 
 def test_gpu_duration_grows_with_model_size_and_is_capped() -> None:
-    small = app.gpu_seconds(app.GpuJob(Path("b"), Path("a"), Path("o"), None, 0.0001))
-    seven_b = app.gpu_seconds(app.GpuJob(Path("b"), Path("a"), Path("o"), None, 14.5))
-    huge = app.gpu_seconds(app.GpuJob(Path("b"), Path("a"), Path("o"), None, 500.0))
-    assert small == app.GPU_BASE_SECONDS < seven_b < huge == app.GPU_MAX_SECONDS
+    small = app_gpu.gpu_seconds(app_gpu.GpuJob(Path("b"), Path("a"), Path("o"), None, 0.0001))
+    seven_b = app_gpu.gpu_seconds(app_gpu.GpuJob(Path("b"), Path("a"), Path("o"), None, 14.5))
+    huge = app_gpu.gpu_seconds(app_gpu.GpuJob(Path("b"), Path("a"), Path("o"), None, 500.0))
+    assert small == app_gpu.GPU_BASE_SECONDS < seven_b < huge == app_gpu.GPU_MAX_SECONDS
 
 
 def test_push_without_login_or_token_asks_to_log_in(demo_result) -> None:
