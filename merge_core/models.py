@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .model_lock import building_models
 from .plan import MergePlan
 from .reference_adapter import adapter_for_model
 from .safetensors_io import DTYPE_FROM_ST
@@ -212,11 +213,12 @@ def load_models(
     notes: list[str] = []
     # On a GPU each tensor goes from the safetensors file straight to the device, never whole in host RAM.
     placed = {"device_map": str(dev)} if dev.type == "cuda" else {}
-    peft_model, base_vocab = _load_reference(plan, choice, dtype=dtype, notes=notes, placed=placed)
-    try:
-        merged = _from_pretrained(choice, Path(merged_dir), dtype=dtype, which="merged", notes=notes, config=placed)
-    except ModelLoadError as exc:
-        raise MergedModelLoadError(str(exc)) from exc
+    with building_models():
+        peft_model, base_vocab = _load_reference(plan, choice, dtype=dtype, notes=notes, placed=placed)
+        try:
+            merged = _from_pretrained(choice, Path(merged_dir), dtype=dtype, which="merged", notes=notes, config=placed)
+        except ModelLoadError as exc:
+            raise MergedModelLoadError(str(exc)) from exc
     tokenizer = _tokenizer(Path(merged_dir))
     pad = None
     if tokenizer is not None:

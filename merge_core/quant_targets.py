@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import InvalidOptionError
+from .model_lock import building_models
 from .verify_report import Check
 
 if TYPE_CHECKING:
@@ -182,12 +183,14 @@ def cost_row(output_dir: Path, quantized_dir: Path, adapter_dir: Path, *, target
     from transformers import AutoModelForCausalLM
 
     try:
-        output = _without_dropout(AutoModelForCausalLM.from_pretrained(output_dir, device_map="cpu", dtype="auto"))
+        with building_models():
+            output = _without_dropout(AutoModelForCausalLM.from_pretrained(output_dir, device_map="cpu", dtype="auto"))
     except Exception as exc:  # noqa: BLE001 - the finding is that it does not load
         first = (str(exc).strip().splitlines() or [""])[0][:140]
         return Check(COST_ROW, "function", False, "-", "-", f"the {target} output does not load ({first})")
-    quantized = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map="cpu", dtype=torch.float32)
-    trained = _without_dropout(PeftModel.from_pretrained(quantized, str(adapter_dir)))
+    with building_models():
+        quantized = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map="cpu", dtype=torch.float32)
+        trained = _without_dropout(PeftModel.from_pretrained(quantized, str(adapter_dir)))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(output.config.vocab_size), _PROBE_SHAPE, generator=generator)
     want, got = _logits(trained, ids), _logits(output, ids)

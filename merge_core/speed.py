@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .model_lock import building_models
+
 
 @dataclass
 class Timing:
@@ -85,8 +87,9 @@ def measure(
     # On a GPU each tensor is read straight onto it (device_map): no whole copy in host RAM first.
     placed = {"device_map": device} if device.startswith("cuda") else {}
     started = time.perf_counter()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", **placed)
-    separate = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
+    with building_models():
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", **placed)
+        separate = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
     del base
     load_s = time.perf_counter() - started
     separate_timing = _time_runs(separate, enc, **kwargs)
@@ -94,7 +97,8 @@ def measure(
     del separate
 
     started = time.perf_counter()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", **placed).to(device).eval()
+    with building_models():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", **placed).to(device).eval()
     load_s = time.perf_counter() - started
     merged_timing = _time_runs(merged, enc, **kwargs)
     merged_timing.load_s = load_s

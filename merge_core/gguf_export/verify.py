@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_core.gguf_export.export import GGUF_TYPES
+from merge_core.model_lock import building_models
 from merge_core.verify_report import Check
 
 # Largest |logit difference| allowed, as a share of the merged model's largest |logit| (so one table serves
@@ -157,13 +158,15 @@ def _logits_row(merged_dir: Path, gguf_file: Path, qtype: str) -> Check:
     from transformers import AutoModelForCausalLM
 
     name = f"gguf logits ({qtype})"
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with building_models():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     if blind_spot := _reader_blind_spot(merged.config):
         return Check(name, "function", None, "-", "-", f"skipped: transformers' GGUF reader {blind_spot}")
     threshold = LOGIT_THRESHOLDS[qtype]
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
-    ).eval()
+    with building_models():
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+        ).eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, merged.config.vocab_size, (1, PROBE_IDS_LENGTH), generator=generator)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedQuantizationError
+from ..model_lock import building_models
 from .types import QuantizedBase, QuantKind
 
 # transformers' Linear4bit always quantizes in blocks of 64; another blocksize cannot be reproduced.
@@ -70,8 +71,9 @@ def requantize(merged_dir: str | Path, out_dir: str | Path, *, settings: dict[st
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
     config = BitsAndBytesConfig.from_dict(dict(settings))
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=config, device_map="cpu",
-                                                 dtype="auto")  # fmt: skip
+    with building_models():
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=config, device_map="cpu",
+                                                     dtype="auto")  # fmt: skip
     with torch.no_grad():
         model.save_pretrained(out_dir)
     del model
