@@ -22,24 +22,25 @@ from .outputs import begin_staging, check_output_target, discard, publish
 from .peft_types.ops import apply_all_
 from .plan import MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .read_ahead import BlockRead, ReadAhead
 from .report import MergeReport
 from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree
 from .sources import row_alignment, start_rows
 from .tensor_math import (
-    DEFAULT_BLOCK_ELEMENTS,
     ColumnNorms,
     LoadedDelta,
     Workspace,
     apply_deltas_,
+    block_elements_for,
     dora_row_factor,
     finite_state,
     row_blocks,
     rows_per_block,
 )
+from .threads import merge_threads
 
 # Room for config/tokenizer files and filesystem overhead on top of the weights.
 _DISK_MARGIN_BYTES = 64 << 20
-Rows = Callable[[int, int], torch.Tensor]
 
 
 @dataclass
@@ -71,6 +72,13 @@ class _Context:
     files: OpenFiles = field(default_factory=OpenFiles)
     timings: Timings = field(default_factory=Timings)
     check_workspace: Workspace = field(default_factory=Workspace)  # the writer thread's own buffers
+    reads: ReadAhead | None = None  # the current shard's row blocks, read ahead on a thread
+
+    def rows(self, t: OutputTensorPlan, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of ``t``'s starting value; the time spent waiting for them is the "read" phase."""
+        assert self.reads is not None
+        with self.timings.phase("read"):
+            return self.reads.next((t.name, a, b))
 
     def adapter_tensor(self, key: str, transpose: bool = False) -> torch.Tensor:
         t = self.plan.adapter.tensor(key).to(device=self.device, dtype=self.plan.compute_dtype)
@@ -97,15 +105,30 @@ def _copy(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) -> None:
     ctx.on_bytes(t.base.info.nbytes)
 
 
-def _start_rows(ctx: _Context, t: OutputTensorPlan, step: int) -> Rows:
-    """Rows [a, b) of the tensor's starting value, read through a reused buffer."""
-    buffer = None
-    if t.base is not None and t.quantized is None:
-        n_rows = t.shape[0] if t.shape else 1
-        buffer = ctx.workspace.get(
-            "read", (step * max(1, t.base.info.nbytes // max(1, n_rows)),), torch.uint8, torch.device("cpu")
-        )
-    return start_rows(t, base=ctx.plan.base, adapter=ctx.plan.adapter, files=ctx.files, buffer=buffer)
+def _step(ctx: _Context, t: OutputTensorPlan) -> int:
+    """Rows per block: about ``block_elements``, a multiple of the quantization block height."""
+    align = row_alignment(t)
+    return max(align, rows_per_block(t.shape, ctx.block_elements) // align * align)
+
+
+def _block_reads(ctx: _Context, shard: list[OutputTensorPlan]) -> Iterator[BlockRead]:
+    """Every row block the shard's tensors read, in the order the executor asks for them."""
+    for t in shard:
+        if t.is_copy:
+            continue
+        step, n_rows = _step(ctx, t), (t.shape[0] if t.shape else 1)
+        row_bytes = t.base.info.nbytes // max(1, n_rows) if t.base is not None and t.quantized is None else 0
+        passes = 2 if t.changed and t.dora is not None and t.dora.axis == "col" else 1
+        for _ in range(passes):
+            for a, b in row_blocks(n_rows, step):
+                yield BlockRead((t.name, a, b), (b - a) * row_bytes, _reader(ctx, t, a, b))
+
+
+def _reader(ctx: _Context, t: OutputTensorPlan, a: int, b: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def read(buffer: torch.Tensor) -> torch.Tensor:
+        return start_rows(t, base=ctx.plan.base, adapter=ctx.plan.adapter, files=ctx.files, buffer=buffer)(a, b)
+
+    return read
 
 
 def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: torch.Tensor, rows: range) -> None:
@@ -150,11 +173,9 @@ def _non_finite_message(t: OutputTensorPlan, rows: range, state: str) -> str:
     return f"{where} goes beyond {dtype_name(t.dtype)}'s largest value {limit:.4g}, so nothing was written; {hint}."
 
 
-def _convert(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
+def _convert(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, step: int) -> None:
     for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
-        with ctx.timings.phase("read"):
-            start = read(a, b)
-        _emit(ctx, writer, t, start, range(a, b))
+        _emit(ctx, writer, t, ctx.rows(t, a, b), range(a, b))
 
 
 @dataclass
@@ -163,7 +184,6 @@ class _DeltaMath:
 
     ctx: _Context
     t: OutputTensorPlan
-    read: Rows
 
     def __post_init__(self) -> None:
         ctx, t = self.ctx, self.t
@@ -182,19 +202,22 @@ class _DeltaMath:
     def _load_ops(self) -> list:
         from .peft_types import load_ops
 
-        n_rows = self.t.shape[0] if self.t.shape else 1
         return load_ops(
             self.t.ops,
             self.ctx.plan.adapter.tensor,
             device=self.ctx.device,
             dtype=self.ctx.plan.compute_dtype,
-            read_base=lambda: self.read(0, n_rows).to(self.ctx.device, self.ctx.plan.compute_dtype),
+            read_base=lambda: self._whole().to(self.ctx.device, self.ctx.plan.compute_dtype),
         )
+
+    def _whole(self) -> torch.Tensor:
+        """The whole starting tensor, read here (positional reads: the read-ahead thread may share the file)."""
+        plan, n_rows = self.ctx.plan, self.t.shape[0] if self.t.shape else 1
+        return start_rows(self.t, base=plan.base, adapter=plan.adapter, files=self.ctx.files)(0, n_rows)
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         ctx, shape = self.ctx, (b - a, *self.t.shape[1:]) if self.t.shape else ()
-        with ctx.timings.phase("read"):
-            start = self.read(a, b)
+        start = ctx.rows(self.t, a, b)
         with ctx.timings.phase("math"):
             work = ctx.workspace.get("work", shape, ctx.plan.compute_dtype)
             if work.device.type != "cpu":
@@ -207,9 +230,9 @@ class _DeltaMath:
             return apply_all_(work, a, self.ops) if self.ops else work
 
 
-def _low_rank(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
+def _low_rank(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, step: int) -> None:
     """W + sum(scale * L @ R) (+ bias), and DoRA's per-row rescaling for Linear layers."""
-    math_ = _DeltaMath(ctx, t, read)
+    math_ = _DeltaMath(ctx, t)
     for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
         work = math_.rows(a, b)
         if math_.magnitude is not None:
@@ -218,9 +241,9 @@ def _low_rank(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read
         _emit(ctx, writer, t, work, range(a, b))
 
 
-def _dora_columns(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, read: Rows, step: int) -> None:
+def _dora_columns(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, step: int) -> None:
     """DoRA on Conv1D and Embedding: column norms of W + delta over all rows first, then rescale."""
-    math_ = _DeltaMath(ctx, t, read)
+    math_ = _DeltaMath(ctx, t)
     assert math_.magnitude is not None
     n_rows = t.shape[0]
     norms = ColumnNorms()
@@ -239,15 +262,13 @@ def _write_tensor(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan) 
     if t.is_copy:
         _copy(ctx, writer, t)
         return
-    align = row_alignment(t)
-    step = max(align, rows_per_block(t.shape, ctx.block_elements) // align * align)
-    read = _start_rows(ctx, t, step)
+    step = _step(ctx, t)
     if not t.changed:
-        _convert(ctx, writer, t, read, step)
+        _convert(ctx, writer, t, step)
     elif t.dora is not None and t.dora.axis == "col":
-        _dora_columns(ctx, writer, t, read, step)
+        _dora_columns(ctx, writer, t, step)
     else:
-        _low_rank(ctx, writer, t, read, step)
+        _low_rank(ctx, writer, t, step)
 
 
 # --- the folder ----------------------------------------------------------------------------------------
@@ -270,10 +291,11 @@ def _write_folder(ctx: _Context, folder: Path, hooks: ShardHooks) -> list[str]:
     for index, (shard_name, shard) in enumerate(zip(names, plan.shards, strict=True)):
         hooks.before(index, shard)
         writer = StreamingWriter(folder / shard_name, [t.planned() for t in shard], {"format": "pt"})
-        with BackgroundWriter(writer) as background:
+        with BackgroundWriter(writer) as background, ReadAhead(_block_reads(ctx, shard)) as ctx.reads:
             for t in shard:
                 _write_tensor(ctx, background, t)
                 weight_map[t.name] = shard_name
+        ctx.reads = None
         ctx.files.close()
         hooks.after(index, folder / shard_name)
     if len(names) > 1:
@@ -302,13 +324,14 @@ def execute_plan(
     *,
     overwrite: bool = False,
     progress: ProgressCallback = no_progress,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
     hooks: ShardHooks | None = None,
     check_space: bool = True,
 ) -> MergeReport:
     """Write the merged model into output_dir, atomically: all of it or nothing.
 
     ``check_space=False`` for a pipeline whose hooks move each finished shard away (it checks its own budget).
+    ``block_elements`` (elements per row block) defaults to the device's (tensor_math.block_elements_for).
     """
     import time
 
@@ -320,7 +343,7 @@ def execute_plan(
         progress(ProgressUpdate("merge", done[0], total, "B"))
 
     device = torch.device(plan.options.device)
-    ctx = _Context(plan, device, block_elements, on_bytes, Workspace(device))
+    ctx = _Context(plan, device, block_elements or block_elements_for(device), on_bytes, Workspace(device))
     started = time.perf_counter()
     # Staging first: an unwritable location is then reported as such, not as a lack of space.
     staging = begin_staging(output_dir)
@@ -328,7 +351,8 @@ def execute_plan(
         if check_space:
             check_disk(output_dir.parent, plan.output_nbytes)
         progress(ProgressUpdate("merge", 0, total, "B", "starting"))
-        names = _write_folder(ctx, staging.folder, hooks or ShardHooks())
+        with merge_threads(device):
+            names = _write_folder(ctx, staging.folder, hooks or ShardHooks())
         publish(staging, output_dir)
     except OSError as exc:
         discard(staging)

@@ -141,16 +141,26 @@ def read_rows(
     nbytes = (row_end - row_start) * row_numel * itemsize
     buf = buffer[:nbytes] if buffer is not None and buffer.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
-        f.seek(offset)
-        view = memoryview(buf.numpy())
-        got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise SafetensorsFormatError(f"unexpected end of file while reading {info.name}")
-            got += n
+        _read_at(f, memoryview(buf.numpy()), offset, info.name)
     shape = (row_end - row_start, *info.shape[1:]) if info.shape else ()
     return buf.view(info.torch_dtype).reshape(shape)
+
+
+def _read_at(f: BinaryIO, view: memoryview, offset: int, name: str) -> None:
+    """Fill ``view`` from ``offset``: positional reads (no seek), so the read-ahead thread, the writer
+    thread and the merge thread may share one handle."""
+    got, fd = 0, f.fileno()
+    while got < len(view):
+        rest = view[got:]
+        n = os.preadv(fd, [rest], offset + got) if hasattr(os, "preadv") else _seek_read(f, rest, offset + got)
+        if not n:
+            raise SafetensorsFormatError(f"unexpected end of file while reading {name}")
+        got += n
+
+
+def _seek_read(f: BinaryIO, view: memoryview, offset: int) -> int:  # pragma: no cover - platforms without preadv
+    f.seek(offset)
+    return f.readinto(view) or 0
 
 
 def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> torch.Tensor:
@@ -173,13 +183,17 @@ class OpenFiles:
     """Read handles kept open per path while a checkpoint streams by (merge and verification)."""
 
     def __init__(self) -> None:
+        import threading
+
         self._open: dict[Path, BinaryIO] = {}
+        self._lock = threading.Lock()  # the read-ahead thread opens files too
 
     def get(self, path: Path) -> BinaryIO:
-        f = self._open.get(path)
-        if f is None:
-            f = self._open[path] = open(path, "rb")
-        return f
+        with self._lock:
+            f = self._open.get(path)
+            if f is None:
+                f = self._open[path] = open(path, "rb")
+            return f
 
     def close(self) -> None:
         for f in self._open.values():

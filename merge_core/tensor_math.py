@@ -12,8 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Row blocks of about this many elements keep the float64 working set near 64 MiB.
+# Row blocks of about this many elements keep the float64 working set near 64 MiB (accelerators,
+# where larger blocks amortise transfers and launches; and the verification).
 DEFAULT_BLOCK_ELEMENTS = 8 * 1024 * 1024
+# On a CPU the merge's blocks are 8x smaller, so the float64 block (8 MiB) stays in the caches between
+# its widening, the addmm and the rounding: 0.94 ns per element instead of 1.6-3.3 ns at 8M elements
+# (one thread, a 410 x 2560 block, rank 16; benchmarks/RESULTS.md).
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def block_elements_for(device: torch.device) -> int:
+    return CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEFAULT_BLOCK_ELEMENTS
 
 
 @dataclass
