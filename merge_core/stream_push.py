@@ -28,7 +28,17 @@ from .disk_budget import (
     shard_needs,
 )
 from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError
-from .hub import BASE_SMALL_PATTERNS, HubClient, PushMode, PushResult, PushTarget, RepoRef, base_weight_files, matching
+from .hub import (
+    BASE_SMALL_PATTERNS,
+    HubClient,
+    PushMode,
+    PushResult,
+    PushTarget,
+    RepoRef,
+    base_weight_files,
+    matching,
+    prepare_upload,
+)
 from .inputs import (
     BaseInput,
     HubSession,
@@ -218,11 +228,17 @@ def _forwarding_tqdm(on_bytes):
 
 
 class _Uploader:
-    """Output shards pre-uploaded in a background thread, one in flight, each deleted once sent."""
+    """Output shards pre-uploaded in a background thread, one in flight, each deleted once sent.
+
+    A shard is hashed (the LFS object id) as soon as it is written, in its own thread, while the
+    previous shard is still on the wire: hashing in the upload thread left the link idle for a few
+    seconds per shard (5 GB at ~1.7 GB/s).
+    """
 
     def __init__(self, client: HubClient, target: PushTarget, total: int, progress: ProgressCallback) -> None:
         self.client, self.target, self.total, self.progress = client, target, total, progress
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="hash")
         self.pending: Future | None = None
         self.done = 0
         self.operations: list[Any] = []
@@ -234,8 +250,9 @@ class _Uploader:
         self.progress(ProgressUpdate("upload", min(self.done, self.total), self.total, "B", message))
 
     def submit(self, path: Path) -> None:
+        prepared = self.hasher.submit(prepare_upload, path.name, path)
         self.wait()
-        self.pending = self.pool.submit(self._upload, path)
+        self.pending = self.pool.submit(self._upload, path, prepared)
 
     def wait(self) -> None:
         if self.pending is None:
@@ -247,9 +264,11 @@ class _Uploader:
             detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
             raise PushError(f"Upload failed ({detail}).{_retry_hint(self.target)}") from exc
 
-    def _upload(self, path: Path) -> None:
+    def _upload(self, path: Path, prepared: Future) -> None:
         size = path.stat().st_size
-        op, sent = self.client.preupload_file(self.target, path.name, path, on_bytes=self._add)
+        op, sent = self.client.preupload_file(
+            self.target, path.name, path, on_bytes=self._add, prepared=prepared.result()
+        )
         if sent == 0 and getattr(op, "_upload_mode", None) == "lfs" and _counts_bytes():
             self.already.append(path.name)
             self._add(size, f"{path.name} is already on the Hub (resumed push), not sent again")
@@ -261,6 +280,7 @@ class _Uploader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.hasher.shutdown(wait=True, cancel_futures=True)
 
 
 def _counts_bytes() -> bool:
