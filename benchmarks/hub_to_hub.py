@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # read at import: the local server speaks plain LFS
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 TOKEN = "hf_bench_write_token_0123456789"
@@ -136,7 +137,7 @@ class Timeline:
             print(f"[{t:7.1f}s] {update.stage}: {update.message}", flush=True)
 
 
-def time_stream(url: str, work: Path, out_shard: str, max_disk: int | None) -> dict:
+def time_stream(url: str, work: Path, out_shard: str, max_disk: int | None, *, verify: bool) -> dict:
     from merge_core.hub import HubClient
     from merge_core.inputs import MergeRequest
     from merge_core.stream_push import stream_merge_push
@@ -144,7 +145,9 @@ def time_stream(url: str, work: Path, out_shard: str, max_disk: int | None) -> d
     target = HubClient(TOKEN, url).preflight_push("bench/merged", "new")
     request = MergeRequest(adapter=ADAPTER_REPO, token=TOKEN, endpoint=url, max_shard_size=out_shard)
     timeline = Timeline()
-    result = stream_merge_push(request, target, work / "stream-work", max_disk=max_disk, progress=timeline)
+    result = stream_merge_push(
+        request, target, work / "stream-work", max_disk=max_disk, progress=timeline, verify=verify
+    )
     wall = time.perf_counter() - timeline.start
     shutil.rmtree(work / "stream-work", ignore_errors=True)
     return {
@@ -156,6 +159,7 @@ def time_stream(url: str, work: Path, out_shard: str, max_disk: int | None) -> d
         "stage_last_s": {k: round(v, 1) for k, v in timeline.last.items()},
         "events": timeline.events,
         "out_shards": len(result.report.shards),
+        "verification": result.verification.to_dict()["checks"] if result.verification else None,
     }
 
 
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--up", default="50MB", help="upload rate, bytes per second")
     ap.add_argument("--max-disk", type=int, default=None)
     ap.add_argument("--skip-baselines", action="store_true", help="only the streamed run")
+    ap.add_argument("--verify", action="store_true", help="verify each shard in the pipeline (verify_stream)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             print("download alone", result["download_alone_s"], flush=True)
             result["upload_alone_s"] = round(time_upload(hub.url, hub, names, {n: s for n, (s, _) in seen.items()}), 1)
             print("upload alone", result["upload_alone_s"], flush=True)
-        result["stream"] = time_stream(hub.url, work, args.out_shard_size, args.max_disk)
+        result["stream"] = time_stream(hub.url, work, args.out_shard_size, args.max_disk, verify=args.verify)
         result["uptime_after"] = os.popen("uptime").read().strip()
         network = max(result.get("download_alone_s", total / down), result.get("upload_alone_s", total / up))
         result["ratio"] = round(result["stream"]["wall_s"] / network, 3)
