@@ -217,6 +217,7 @@ def _commit(
     uploader: Uploader,
     report: MergeReport,
     verification: VerificationReport | None,
+    progress: ProgressCallback,
 ) -> PushResult:
     """The card, then ONE commit: the pre-uploaded shards plus config, index, tokenizer and card."""
     from huggingface_hub import CommitOperationAdd
@@ -239,6 +240,9 @@ def _commit(
         if p.is_file() and p.name not in shards
     ]
     operations = sorted(uploader.operations, key=lambda op: op.path_in_repo) + small
+    sizes = sum(Path(str(op.path_or_fileobj)).stat().st_size for op in small)
+    what = f"one commit: {len(uploader.operations)} pre-uploaded shards and {len(small)} small files"
+    progress(ProgressUpdate("commit", 0, sizes, "B", what))
     try:
         pushed = client.commit_files(
             target,
@@ -252,6 +256,7 @@ def _commit(
         raise PushError(f"The final commit failed ({detail}).{retry_hint(target)}") from exc
     if target.mode is PushMode.PR and not pushed.pr_url:
         raise PushError(f"{target.repo_id} already holds exactly these files, so no pull request was opened.")
+    progress(ProgressUpdate("commit", sizes, sizes, "B", f"committed {pushed.commit_oid[:12]}"))
     return pushed
 
 
@@ -303,7 +308,14 @@ def stream_merge_push(
                     f"Verification failed, so nothing was committed.{retry_hint(target)}", report=verification
                 )
             pushed = _commit(
-                client, target, output_dir, inputs=inputs, uploader=uploader, report=report, verification=verification
+                client,
+                target,
+                output_dir,
+                inputs=inputs,
+                uploader=uploader,
+                report=report,
+                verification=verification,
+                progress=progress,
             )
         finally:
             inputs.release()

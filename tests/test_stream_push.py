@@ -101,7 +101,7 @@ def test_streamed_push_lands_one_commit_within_the_disk_bound(env: Env, tmp_path
     assert not list((tmp_path / "work").rglob("model-*.safetensors"))  # every shard was deleted once consumed
 
     # Byte progress for each stage, ending complete.
-    for stage in ("download", "merge", "upload"):
+    for stage in ("download", "merge", "upload", "commit"):
         seen = [u for u in updates if u.stage == stage]
         assert seen and all(u.unit == "B" for u in seen), stage
         assert seen[-1].done == seen[-1].total > 0, stage
