@@ -220,6 +220,7 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
     # Every adapted tensor (q, v and down of each layer) against the float64 reference, rounded once.
     assert {m.tensor for m in table.modules} == set(result.report.changed_tensors)
     assert all(m.bitwise_fraction == 1.0 for m in table.modules)
+    assert "sampled" in table.check("merged = float64 reference rounded once").detail
     rows = {c.name: c for c in table.checks}
     assert (
         rows["untouched tensors bit-identical to base"].passed and rows["all tensors present with their shapes"].passed
@@ -255,3 +256,12 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
         stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
     assert not failed.value.report.passed
     assert _model_commits(env.hub, "alice/refused") == []
+
+
+def test_streamed_checks_sample_first_last_and_evenly_spaced_rows() -> None:
+    from merge_core.verify_stream import SAMPLE_ROWS, SAMPLE_WINDOWS, sampled_rows
+
+    windows = sampled_rows(5120, 800)
+    assert windows[0] == (0, SAMPLE_ROWS) and windows[-1] == (5120 - SAMPLE_ROWS, 5120)
+    assert len(windows) == SAMPLE_WINDOWS and all(b - a == SAMPLE_ROWS for a, b in windows)
+    assert sampled_rows(SAMPLE_WINDOWS * SAMPLE_ROWS, 800) == [(0, SAMPLE_WINDOWS * SAMPLE_ROWS)]  # small: every row
