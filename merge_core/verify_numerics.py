@@ -131,11 +131,9 @@ def verify_changed(
     seed: int,
     rows: RowRanges = row_blocks,
 ) -> ChangedTensor:
-    """One pass over a merged tensor (or the ``rows`` ranges of it): reference comparison, probes, unchanged
-    test, NaN scan."""
+    """One pass over a merged tensor's ``rows``: reference comparison, probes, unchanged test, NaN scan."""
     ref = _Reference(plan, t, modules, files)
-    out_dtype = out_info.torch_dtype
-    n_rows = t.shape[0]
+    out_dtype, n_rows = out_info.torch_dtype, t.shape[0]
     step = rows_per_block(t.shape, block_elements)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(t.shape[1], PROBE_VECTORS, generator=gen, dtype=torch.float64) if len(t.shape) == 2 else None
