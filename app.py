@@ -267,6 +267,7 @@ def merge_to_hub(
                     local=LOCAL,
                     owner=owner,
                     progress=pipeline.stream_progress(pipeline.in_caller_context(progress)),
+                    oauth_scope=_oauth_scope(form.token, oauth_token),
                 )
             except Exception as exc:  # noqa: BLE001 - never a stack trace in the page; the app keeps serving
                 return _failed(pipeline.failure_message(exc, token, user_errors=(gr.Error,))), hidden

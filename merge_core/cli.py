@@ -1,7 +1,8 @@
-"""Command line: python -m merge_core BASE ADAPTER OUTPUT [options].
+"""Command line: python -m merge_core BASE ADAPTER [OUTPUT] [options].
 
 BASE and ADAPTER are local folders or Hub IDs (owner/name, optionally @revision); BASE may
-be "-" to use the base the adapter names.
+be "-" to use the base the adapter names. With --push and no OUTPUT (or OUTPUT "-"), the merge
+streams Hub to Hub through a bounded disk (merge_core.stream_push).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InvalidOptionError, MergeError, explain_os_error
+from .errors import InvalidOptionError, MergeError, StreamVerificationError, explain_os_error
 from .outputs import check_output_target
 from .plan import COMPUTE_DTYPES, OUTPUT_DTYPES
 from .progress import TqdmProgress
@@ -22,6 +23,7 @@ from .quant_targets import QUANT_TARGETS
 
 if TYPE_CHECKING:
     from .pipeline import MergeRequest, MergeResult, PushResult
+    from .stream_push import StreamPushResult
     from .verify import VerificationReport
 
 
@@ -38,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "output",
-        help="folder to write the merged model into (must not exist unless --overwrite); '-' with --push: "
-        "no local copy, Hub to Hub through a bounded disk (base shards fetched just in time, each output shard "
-        "uploaded as soon as it is written, one commit)",
+        nargs="?",
+        default="-",
+        help="folder to write the merged model into (must not exist unless --overwrite). Left out (or '-') with "
+        "--push: no local copy, Hub to Hub through a bounded disk (base shards fetched just in time, each output "
+        "shard verified with --verify and uploaded as soon as it is written, one commit)",
     )
     _add_merge_options(p)
     _add_output_options(p)
@@ -104,7 +108,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-disk",
         metavar="SIZE",
-        help="with OUTPUT '-': the disk the pipeline may use, e.g. 20GB "
+        help="streamed push (no OUTPUT): the disk the pipeline may use, e.g. 20GB "
         "(default: what is free minus 1 GiB); refused up front when it cannot fit",
     )
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
@@ -279,33 +283,57 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_streamed(args: argparse.Namespace, progress: TqdmProgress) -> int:
-    """OUTPUT '-': Hub to Hub with no local copy; the same exit codes and one-sentence errors."""
+    """No OUTPUT (or '-'): Hub to Hub with no local copy; the same exit codes and one-sentence errors."""
     from .options import parse_size
     from .pipeline import stream_push
 
     try:
         if not args.push:
-            raise InvalidOptionError("OUTPUT '-' keeps no local copy, so it needs --push OWNER/NAME.")
-        if args.verify or args.gguf:
+            raise InvalidOptionError("Give an OUTPUT folder, or --push OWNER/NAME to stream Hub to Hub.")
+        if args.gguf:
             raise InvalidOptionError(
-                "--verify and --gguf read the merged files, which OUTPUT '-' does not keep; give an OUTPUT folder."
+                "--gguf reads the merged files, which a streamed push does not keep; give an OUTPUT folder."
             )
         request = _request(args, _token())
         max_disk = parse_size(args.max_disk) if args.max_disk else None
         result = stream_push(
-            request, args.push, mode=args.push_mode, private=args.private, max_disk=max_disk, progress=progress
+            request,
+            args.push,
+            mode=args.push_mode,
+            private=args.private,
+            max_disk=max_disk,
+            progress=progress,
+            verify=args.verify,
         )
+    except StreamVerificationError as exc:
+        progress.close()
+        print(exc.report.to_text())  # type: ignore[attr-defined]
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (MergeError, ValueError, OSError) as exc:
         progress.close()
         message = explain_os_error(exc, "read or write", exc.filename) if isinstance(exc, OSError) else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2
     progress.close()
-    report, pushed = result
+    _print_streamed(args, result)
+    return 0
+
+
+def _print_streamed(args: argparse.Namespace, result: StreamPushResult) -> None:
+    report, pushed, verification = result.report, result.push, result.verification
+    if args.json:
+        data = report.to_dict() | {"push": vars(pushed), "peak_disk_bytes": result.peak_disk_bytes}
+        if verification is not None:
+            data["verification"] = verification.to_dict()
+        print(json.dumps(data, indent=2, default=str))
+        return
     print(report.summary())
+    if verification is not None:
+        print()
+        print(verification.to_text())
     print(f"peak disk {result.peak_disk_bytes / 1e9:.3f} GB of a {result.disk_budget / 1e9:.3f} GB budget")
     print(f"\npushed: {pushed.repo_url} (commit {pushed.commit_oid[:12]})")
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

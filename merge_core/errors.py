@@ -186,3 +186,11 @@ class DiskBudgetError(InsufficientDiskError):
     def __init__(self, message: str, *, needed: int, budget: int) -> None:
         super().__init__(message)
         self.needed, self.budget = needed, budget
+
+
+class StreamVerificationError(PushError):
+    """A streamed push's verification failed, so nothing was committed; ``report`` holds the table."""
+
+    def __init__(self, message: str, *, report: object) -> None:
+        super().__init__(message)
+        self.report = report

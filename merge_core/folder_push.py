@@ -9,8 +9,8 @@ from typing import Any
 
 from .errors import MergeError, PushError
 from .hub import HubClient, PushMode, PushResult, PushTarget
-from .progress import ProgressCallback, ProgressUpdate, no_progress
-from .stream_push import _retry_hint, _serialized, _Uploader
+from .progress import ProgressCallback, ProgressUpdate, no_progress, serialized
+from .stream_transfer import Uploader, retry_hint
 
 # Files the Hub stores in LFS whatever their size; everything else rides in the commit itself.
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
@@ -40,12 +40,12 @@ def push_folder_with_progress(
 
     files = folder_files(folder)
     total = sum(p.stat().st_size for _, p in files)
-    progress = _serialized(progress)
+    progress = serialized(progress)
     progress(ProgressUpdate("upload", 0, total, "B", target.repo_id))
     client.create_target(target)
     # The last bytes are reported by the commit: the uploader's bar must not claim them first.
     weights = [(name, p) for name, p in files if "/" not in name and name.endswith(LFS_SUFFIXES)]
-    uploader = _Uploader(client, target, total, progress, keep=True)
+    uploader = Uploader(client, target, total, progress, keep=True)
     try:
         for _, path in weights:
             uploader.submit(path)
@@ -60,7 +60,7 @@ def push_folder_with_progress(
         pushed = client.commit_files(target, operations, message=message, description=description)
     except Exception as exc:
         detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
-        raise PushError(f"The commit failed ({detail}).{_retry_hint(target)}") from exc
+        raise PushError(f"The commit failed ({detail}).{retry_hint(target)}") from exc
     if target.mode is PushMode.PR and not pushed.pr_url:
         # huggingface_hub drops files the repo already has; with nothing left it opens no pull request.
         raise PushError(

@@ -339,12 +339,19 @@ class HubClient:
             ) from exc
 
     def preupload_file(
-        self, target: PushTarget, path_in_repo: str, path: Path, *, on_bytes: Callable[[int], None] | None = None
+        self,
+        target: PushTarget,
+        path_in_repo: str,
+        path: Path,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+        prepared: Any | None = None,
     ) -> tuple[Any, int]:
         """Upload one LFS file without committing it: (the operation for create_commit, bytes sent).
 
         0 bytes sent for an LFS file means the Hub already held that content (the LFS batch answered
-        without an upload action), which is what lets an interrupted push resume.
+        without an upload action), which is what lets an interrupted push resume. ``prepared`` is
+        prepare_upload's operation for this file, hashed ahead while the link carried something else.
         """
         sent = [0]
 
@@ -353,7 +360,7 @@ class HubClient:
             if on_bytes is not None:
                 on_bytes(n)
 
-        op = _counting_add(path_in_repo=path_in_repo, path_or_fileobj=str(path))
+        op = prepared if prepared is not None else prepare_upload(path_in_repo, path)
         op.on_read = count
         self._call(
             RepoRef(target.repo_id),
@@ -392,6 +399,11 @@ class HubClient:
 
 def _is_weight_file(path: str) -> bool:
     return "/" not in path and (path.endswith(".safetensors") or path == "model.safetensors.index.json")
+
+
+def prepare_upload(path_in_repo: str, path: Path) -> Any:
+    """The commit operation for one file, its sha256 computed now (huggingface_hub reads the whole file)."""
+    return _counting_add(path_in_repo=path_in_repo, path_or_fileobj=str(path))
 
 
 @functools.cache

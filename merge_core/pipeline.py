@@ -380,14 +380,17 @@ def stream_push(
     private: bool = False,
     max_disk: int | None = None,
     progress: ProgressCallback = no_progress,
+    verify: bool = False,
+    oauth_scope: str | None = None,
 ) -> StreamPushResult:
     """Hub to Hub with no local copy: base shards fetched just in time, each output shard uploaded as soon
     as it is written, one commit at the end (merge_core.stream_push). The target is checked first."""
     from .workdirs import new_workdir
 
-    target = HubClient(request.token, request.endpoint).preflight_push(repo_id, mode, private=private)
+    client = HubClient(request.token, request.endpoint, oauth_scope=oauth_scope)
+    target = client.preflight_push(repo_id, mode, private=private)
     workdir = new_workdir()
     try:
-        return stream_merge_push(request, target, workdir.folder, max_disk=max_disk, progress=progress)
+        return stream_merge_push(request, target, workdir.folder, max_disk=max_disk, progress=progress, verify=verify)
     finally:
         workdir.release(remove_folder=True)

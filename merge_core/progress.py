@@ -96,3 +96,14 @@ class TqdmProgress:
         for bar in self._bars.values():
             bar.close()  # type: ignore[attr-defined]
         self._bars.clear()
+
+
+def serialized(progress: ProgressCallback) -> ProgressCallback:
+    """Download, merge and upload report from three threads; front ends (tqdm, gr.Progress) expect one at a time."""
+    lock = threading.Lock()
+
+    def call(update: ProgressUpdate) -> None:
+        with lock:
+            progress(update)
+
+    return call

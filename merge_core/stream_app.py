@@ -82,6 +82,7 @@ def stream_to_hub(
     owner: str = "",
     max_disk: int | None = None,
     progress: ProgressCallback = no_progress,
+    oauth_scope: str | None = None,
 ) -> StreamedMerge:
     """Check the form, preflight the target (token, namespace, mode) before any download, then merge and
     push in one commit through the bounded-disk pipeline; a budget it cannot fit is one sentence."""
@@ -94,7 +95,14 @@ def stream_to_hub(
     mode = PUSH_MODE_LABELS.get(stream.push_mode, stream.push_mode or "new")
     try:
         result = stream_push(
-            request, repo_id, mode=mode, private=bool(stream.private), max_disk=max_disk, progress=progress
+            request,
+            repo_id,
+            mode=mode,
+            private=bool(stream.private),
+            max_disk=max_disk,
+            progress=progress,
+            verify=True,  # each shard checked while its base shards are still here; a failed check commits nothing
+            oauth_scope=oauth_scope,
         )
     except DiskBudgetError as exc:
         raise DiskBudgetError(
@@ -112,19 +120,12 @@ def _streamed_view(result: StreamPushResult, repo_id: str) -> StreamedMerge:
     from .jobs import push_markdown
 
     report = result.report
-    # The pipeline may carry checks of its own (read while the shards were still here); show them when it does.
-    verification = getattr(result, "verification", None)
+    # Checked shard by shard while the base shards were still here (merge_core.verify_stream).
+    verification = result.verification if result.verification is not None and result.verification.checks else None
     disk = f"peak disk {human_bytes(result.peak_disk_bytes)} of a {human_bytes(result.disk_budget)} budget"
     verdict = f"### ✅ Merged and pushed straight to {repo_id} ({disk})"
-    if isinstance(verification, VerificationReport) and verification.checks:
+    if verification is not None:
         verdict += "\n\n" + verdict_markdown(verification)
-    else:
-        verification = None
-        verdict += (
-            "\n\nThe merged files went to the Hub shard by shard and were not kept here, so the checks that read "
-            "them (the verification table) did not run. For a verified merge with samples, use Merge instead "
-            "when the model fits this Space's disk."
-        )
     resumed = f"; {len(result.already_on_hub)} shard(s) were already on the Hub" if result.already_on_hub else ""
     return StreamedMerge(
         result=result,
@@ -160,18 +161,23 @@ def stream_progress(progress: Callable[..., Any], clock: Callable[[], float] = t
     state = {"start": clock(), "shown": 0.0}
 
     def callback(update: ProgressUpdate) -> None:
-        if update.stage not in STREAM_STAGES:  # metadata first (adapter, base headers): no bytes to show yet
+        if update.stage not in STREAM_STAGES and not latest:  # metadata first (adapter, base headers): no bytes yet
             _show(progress, 0.0, f"Resolving inputs … ({update.message})" if update.message else "Resolving inputs …")
             return
-        latest[update.stage] = update
+        if update.stage in STREAM_STAGES:
+            latest[update.stage] = update
         now = clock()
-        final = update.stage == "upload" and update.total is not None and update.done >= update.total
+        # The bar is full only once the commit has landed; checks and the commit keep the bytes shown so far.
+        final = update.stage == "commit" and update.total is not None and update.done >= update.total
         if not final and now - state["shown"] < 0.25:
             return
         state["shown"] = now
-        fraction = sum((latest[s].fraction or 0.0) if s in latest else 0.0 for s in STREAM_STAGES) / 3
+        mean = sum((latest[s].fraction or 0.0) if s in latest else 0.0 for s in STREAM_STAGES) / 3
+        fraction = 1.0 if final else min(mean, 0.99)
         parts = [_stage_text(latest[s]) for s in STREAM_STAGES if s in latest]
-        eta = eta_text(fraction, now - state["start"])
+        if update.stage not in STREAM_STAGES:
+            parts.append(f"{update.stage}: {update.message}" if update.message else update.stage)
+        eta = "" if final else eta_text(fraction, now - state["start"])
         _show(progress, fraction, " · ".join(parts) + (f" · {eta}" if eta else ""))
 
     return callback

@@ -10,8 +10,6 @@ and the Hub keeps them: a rerun of an interrupted push sends only the shards it 
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,17 @@ from .disk_budget import (
     output_shard_bytes,
     shard_needs,
 )
-from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError
-from .hub import BASE_SMALL_PATTERNS, HubClient, PushMode, PushResult, PushTarget, RepoRef, base_weight_files, matching
+from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError, StreamVerificationError
+from .hub import (
+    BASE_SMALL_PATTERNS,
+    HubClient,
+    PushMode,
+    PushResult,
+    PushTarget,
+    RepoRef,
+    base_weight_files,
+    matching,
+)
 from .inputs import (
     BaseInput,
     HubSession,
@@ -40,9 +47,12 @@ from .inputs import (
 )
 from .merge import ShardHooks, execute_plan
 from .plan import MergePlan, build_plan
-from .progress import ProgressCallback, ProgressUpdate, no_progress
+from .progress import ProgressCallback, ProgressUpdate, no_progress, serialized
 from .report import MergeReport
 from .safetensors_io import read_header
+from .stream_transfer import Fetcher, StreamBase, Uploader, retry_hint
+from .verify_report import VerificationReport
+from .verify_stream import ShardVerifier
 
 
 @dataclass
@@ -58,23 +68,15 @@ class StreamPushResult:
     already_on_hub: list[str] = field(default_factory=list)  # resumed: the Hub held these bytes
     downloaded: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)  # base shards found on disk, not downloaded
+    verification: VerificationReport | None = None  # with verify=True: built shard by shard (verify_stream)
 
     def __iter__(self):
         return iter((self.report, self.push))
 
 
-@dataclass
-class _Base:
-    ref: RepoRef
-    sha: str
-    folder: Path
-    sizes: dict[str, int]  # shard file name -> bytes
-    owned_cache: bool  # the cache is this push's own folder: every consumed shard may go
-
-
 def _resolve_metadata(
     request: MergeRequest, workdir: Path, progress: ProgressCallback
-) -> tuple[ResolvedInputs, Any, _Base]:
+) -> tuple[ResolvedInputs, Any, StreamBase]:
     """The adapter (downloaded), the base's small files and safetensors headers: no base shard yet."""
     if request.gguf_types or request.quantized_target == "original":
         raise InvalidOptionError(
@@ -110,7 +112,7 @@ def _resolve_metadata(
         raise
     progress(ProgressUpdate("resolve", 2, 2, "", "done"))
     sizes = {s: int(files.get(s, 0)) for s in headers}
-    return inputs, checkpoint, _Base(source, sha, folder, sizes, owned_cache=False)
+    return inputs, checkpoint, StreamBase(source, sha, folder, sizes, owned_cache=False)
 
 
 def locate_shard(plan: MergePlan, path: Path) -> None:
@@ -143,167 +145,20 @@ def locate_shard(plan: MergePlan, path: Path) -> None:
             t.base = located[t.base.info.name]
 
 
-class _Fetcher:
-    """Base shards on demand, one download at a time in a background thread (the prefetch)."""
-
-    def __init__(self, client: HubClient, base: _Base, cache_dir: Path | None, progress: ProgressCallback) -> None:
-        self.client, self.base, self.cache_dir, self.progress = client, base, cache_dir, progress
-        self.total, self.done = sum(base.sizes.values()), 0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self.jobs: dict[Path, Future] = {}
-        self.downloaded: list[str] = []
-        self.cached: list[str] = []
-
-    def name(self, path: Path) -> str:
-        return path.relative_to(self.base.folder).as_posix()
-
-    def want(self, paths: set[Path]) -> None:
-        for path in sorted(paths):
-            if path not in self.jobs:
-                self.jobs[path] = self.pool.submit(self._fetch, path)
-
-    def missing_bytes(self, paths: set[Path]) -> int:
-        return sum(self.base.sizes.get(self.name(p), 0) for p in paths if p not in self.jobs and not p.exists())
-
-    def wait(self, paths: set[Path]) -> None:
-        self.want(paths)
-        for path in sorted(paths):
-            self.jobs[path].result()
-
-    def _add(self, n: int, message: str = "") -> None:
-        self.done += n
-        self.progress(ProgressUpdate("download", min(self.done, self.total), self.total, "B", message))
-
-    def _fetch(self, path: Path) -> None:
-        name = self.name(path)
-        if path.exists():
-            self.cached.append(name)
-            self._add(self.base.sizes.get(name, 0), f"{name} already in the cache, not downloaded again")
-            return
-        got = self.client.download_file(
-            self.base.ref, self.base.sha, name, cache_dir=self.cache_dir, tqdm_class=_forwarding_tqdm(self._add)
-        )
-        if not path.exists():  # the cache layout would have to change under us
-            raise MergeError(f"{name} was downloaded to {got}, not where the plan reads it ({path}); report this bug.")
-        self.downloaded.append(name)
-
-    def drop(self, path: Path) -> None:
-        """Delete a consumed base shard: any in our own cache, else only what this run downloaded."""
-        if not (self.base.owned_cache or self.name(path) in self.downloaded):
-            return
-        real = path.resolve()
-        path.unlink(missing_ok=True)
-        if real != path:
-            real.unlink(missing_ok=True)  # the cache's blob behind the snapshot link
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _forwarding_tqdm(on_bytes):
-    """A silent tqdm class that forwards huggingface_hub's byte counts."""
-    from tqdm.auto import tqdm
-
-    class Forwarding(tqdm):  # type: ignore[misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if n:
-                on_bytes(int(n))
-            return super().update(n)
-
-    return Forwarding
-
-
-class _Uploader:
-    """Output shards pre-uploaded in a background thread, one in flight, each deleted once sent."""
-
-    def __init__(
-        self, client: HubClient, target: PushTarget, total: int, progress: ProgressCallback, *, keep: bool = False
-    ) -> None:
-        self.client, self.target, self.total, self.progress = client, target, total, progress
-        self.keep = keep  # a folder push (merge_core.folder_push) keeps the merged files for the next push
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
-        self.pending: Future | None = None
-        self.done = 0
-        self.operations: list[Any] = []
-        self.uploaded: list[str] = []
-        self.already: list[str] = []
-
-    def _add(self, n: int, message: str = "") -> None:
-        self.done += n
-        self.progress(ProgressUpdate("upload", min(self.done, self.total), self.total, "B", message))
-
-    def submit(self, path: Path) -> None:
-        self.wait()
-        self.pending = self.pool.submit(self._upload, path)
-
-    def wait(self) -> None:
-        if self.pending is None:
-            return
-        pending, self.pending = self.pending, None
-        try:
-            pending.result()
-        except Exception as exc:
-            detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
-            raise PushError(f"Upload failed ({detail}).{_retry_hint(self.target)}") from exc
-
-    def _upload(self, path: Path) -> None:
-        size = path.stat().st_size
-        op, sent = self.client.preupload_file(self.target, path.name, path, on_bytes=self._add)
-        if sent == 0 and getattr(op, "_upload_mode", None) == "lfs" and _counts_bytes():
-            self.already.append(path.name)
-            self._add(size, f"{path.name} is already on the Hub (resumed push), not sent again")
-        else:
-            self.uploaded.append(path.name)
-            self._add(size - sent, f"{path.name} uploaded")
-        self.operations.append(op)
-        if not self.keep:
-            path.unlink()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _counts_bytes() -> bool:
-    """Whether uploads go through the LFS basic transfer, whose reads we count (Xet reads paths itself)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_DISABLE_XET)
-
-
-def _serialized(progress: ProgressCallback) -> ProgressCallback:
-    """Download, merge and upload report from three threads; front ends (tqdm, gr.Progress) expect one at a time."""
-    lock = threading.Lock()
-
-    def call(update: ProgressUpdate) -> None:
-        with lock:
-            progress(update)
-
-    return call
-
-
-def _retry_hint(target: PushTarget) -> str:
-    again = "run the same push again to resume: the shards the Hub already holds are not sent again."
-    if target.mode is PushMode.NEW:
-        return f" {target.repo_id} was created but nothing was committed; choose 'Update existing repo' and {again}"
-    return f" Nothing was committed, {target.repo_id} is unchanged; {again}"
-
-
 def _pipeline(
     plan: MergePlan,
-    fetcher: _Fetcher,
-    uploader: _Uploader,
+    fetcher: Fetcher,
+    uploader: Uploader,
     output_dir: Path,
     *,
     meter: DiskMeter,
     budget: int,
     progress: ProgressCallback,
+    verifier: ShardVerifier | None = None,
 ) -> MergeReport:
     """execute_plan with hooks: base shards just in time (the next one prefetched), each output shard
-    handed to the uploader as soon as it is complete, consumed base shards deleted at once."""
+    handed to the uploader as soon as it is complete and verified while it uploads (its base shards
+    still on disk), consumed base shards deleted then, the next shard merged once the previous is sent."""
     needs = shard_needs(plan)
     last_use = {path: i for i, need in enumerate(needs) for path in need}
     n, located, out_bytes = len(needs), set[Path](), output_shard_bytes(plan)
@@ -320,12 +175,15 @@ def _pipeline(
 
     def after(i: int, path: Path) -> None:
         meter.sample()
+        uploader.submit(path)
+        if verifier is not None:
+            verifier.shard_written(path)
         for used in sorted(needs[i]):
             if last_use[used] == i:
                 fetcher.drop(used)
-        uploader.submit(path)
-        if i == n - 1:
-            uploader.wait()  # the staging folder is renamed into place next: nothing may still read from it
+        # At most this shard uploading while the next is merged: the disk bound. The last one must be sent
+        # before the staging folder is renamed into place.
+        uploader.wait(keep=0 if i == n - 1 else 1)
 
     try:
         report = execute_plan(
@@ -344,15 +202,17 @@ def _commit(
     output_dir: Path,
     *,
     inputs: ResolvedInputs,
-    uploader: _Uploader,
+    uploader: Uploader,
     report: MergeReport,
+    verification: VerificationReport | None,
+    progress: ProgressCallback,
 ) -> PushResult:
     """The card, then ONE commit: the pre-uploaded shards plus config, index, tokenizer and card."""
     from huggingface_hub import CommitOperationAdd
 
     card = build_model_card(
         report,
-        None,
+        verification,
         repo_id=target.repo_id,
         base_id=inputs.base.name,
         base_revision=inputs.base.revision,
@@ -368,6 +228,9 @@ def _commit(
         if p.is_file() and p.name not in shards
     ]
     operations = sorted(uploader.operations, key=lambda op: op.path_in_repo) + small
+    sizes = sum(Path(str(op.path_or_fileobj)).stat().st_size for op in small)
+    what = f"one commit: {len(uploader.operations)} pre-uploaded shards and {len(small)} small files"
+    progress(ProgressUpdate("commit", 0, sizes, "B", what))
     try:
         pushed = client.commit_files(
             target,
@@ -378,9 +241,10 @@ def _commit(
         )
     except Exception as exc:
         detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
-        raise PushError(f"The final commit failed ({detail}).{_retry_hint(target)}") from exc
+        raise PushError(f"The final commit failed ({detail}).{retry_hint(target)}") from exc
     if target.mode is PushMode.PR and not pushed.pr_url:
         raise PushError(f"{target.repo_id} already holds exactly these files, so no pull request was opened.")
+    progress(ProgressUpdate("commit", sizes, sizes, "B", f"committed {pushed.commit_oid[:12]}"))
     return pushed
 
 
@@ -391,16 +255,19 @@ def stream_merge_push(
     *,
     max_disk: int | None = None,
     progress: ProgressCallback = no_progress,
+    verify: bool = False,
 ) -> StreamPushResult:
     """Merge a Hub base with an adapter and push the result to ``target`` (preflighted, see
     HubClient.preflight_push) in one commit, holding about two input and two output shards on disk.
 
     Downloads go to ``request.cache_dir`` (default: ``workdir``/hub-cache, whose consumed shards are
     deleted); ``max_disk`` defaults to the free space at ``workdir`` less DEFAULT_DISK_MARGIN.
+    ``verify``: each output shard is verified while it uploads (merge_core.verify_stream); a failed check
+    raises StreamVerificationError, with the table, before anything is committed.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    progress = _serialized(progress)
+    progress = serialized(progress)
     owned = request.cache_dir is None
     request = replace(request, cache_dir=Path(request.cache_dir or workdir / "hub-cache"))
     roots = [workdir] + (
@@ -416,11 +283,28 @@ def stream_merge_push(
             check_budget(needed, budget)
             client = HubClient(request.token, request.endpoint)
             client.create_target(target)
-            fetcher = _Fetcher(client, base, request.cache_dir, progress)
-            uploader = _Uploader(client, target, plan.output_nbytes, progress)
+            fetcher = Fetcher(client, base, request.cache_dir, progress)
+            uploader = Uploader(client, target, plan.output_nbytes, progress)
             output_dir = workdir / "merged"
-            report = _pipeline(plan, fetcher, uploader, output_dir, meter=meter, budget=budget, progress=progress)
-            pushed = _commit(client, target, output_dir, inputs=inputs, uploader=uploader, report=report)
+            verifier = ShardVerifier(plan, progress=progress) if verify else None
+            report = _pipeline(
+                plan, fetcher, uploader, output_dir, meter=meter, budget=budget, progress=progress, verifier=verifier
+            )
+            verification = verifier.report(output_dir) if verifier is not None else None
+            if verification is not None and not verification.passed:
+                raise StreamVerificationError(
+                    f"Verification failed, so nothing was committed.{retry_hint(target)}", report=verification
+                )
+            pushed = _commit(
+                client,
+                target,
+                output_dir,
+                inputs=inputs,
+                uploader=uploader,
+                report=report,
+                verification=verification,
+                progress=progress,
+            )
         finally:
             inputs.release()
     return StreamPushResult(
@@ -433,6 +317,7 @@ def stream_merge_push(
         already_on_hub=sorted(uploader.already),
         downloaded=sorted(fetcher.downloaded),
         cached=sorted(fetcher.cached),
+        verification=verification,
     )
 
 

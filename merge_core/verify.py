@@ -27,7 +27,7 @@ from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_
 from .sources import start_rows
 from .tensor_math import DEFAULT_BLOCK_ELEMENTS, row_blocks, rows_per_block
 from .verify_function import functional_budget, functional_checks
-from .verify_numerics import verify_changed
+from .verify_numerics import RowRanges, verify_changed
 from .verify_report import Check, ModuleNumerics, VerificationReport
 
 # Unit roundoff of each output dtype: the largest relative error of one correct rounding.
@@ -150,11 +150,12 @@ def _check_unchanged(
     files: OpenFiles,
     block_elements: int,
     findings: _Findings,
+    rows: RowRanges = row_blocks,
 ) -> None:
     """Tensors without a delta: finite, and (when not replaced) equal to the base, rounded once, bit for bit."""
     step = rows_per_block(t.shape, block_elements)
     source = start_rows(t, base=plan.base, adapter=plan.adapter, files=files)
-    for a, b in row_blocks(t.shape[0] if t.shape else 1, step):
+    for a, b in rows(t.shape[0] if t.shape else 1, step):
         out = read_rows(out_file, info, a, b)
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             findings.nonfinite.append(t.name)
@@ -169,8 +170,16 @@ def _check_unchanged(
             return
 
 
-def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, progress: ProgressCallback) -> _Findings:
-    """One pass over every merged tensor: the numerics of changed ones, identity and finiteness of the rest."""
+def _stream_tensors(
+    plan: MergePlan,
+    found: _Found,
+    *,
+    block_elements: int,
+    progress: ProgressCallback,
+    rows: RowRanges = row_blocks,
+) -> _Findings:
+    """One pass over every merged tensor (or the ``rows`` ranges of each): the numerics of changed ones,
+    identity and finiteness of the rest."""
     by_tensor: dict[str, list[ModulePlan]] = {}
     for m in plan.modules:
         by_tensor.setdefault(m.tensor, []).append(m)
@@ -183,14 +192,16 @@ def _stream_tensors(plan: MergePlan, found: _Found, *, block_elements: int, prog
             shard, info = found.tensors[t.name]
             modules = by_tensor.get(t.name, [])
             if (t.changed and any(m.kind != "replaced" for m in modules)) or t.bias_deltas or t.ops:
-                checked = verify_changed(plan, t, modules, files.get(shard), info, files, block_elements, seed=i)
+                checked = verify_changed(
+                    plan, t, modules, files.get(shard), info, files, block_elements, seed=i, rows=rows
+                )
                 findings.modules.append(checked.numerics)
                 if checked.identical_to_start:
                     findings.unchanged_unexpectedly.append(t.name)
                 if checked.nonfinite:
                     findings.nonfinite.append(t.name)
             else:
-                _check_unchanged(plan, t, files.get(shard), info, files, block_elements, findings)
+                _check_unchanged(plan, t, files.get(shard), info, files, block_elements, findings, rows=rows)
             done += t.planned().nbytes
             progress(ProgressUpdate("verify", done, total_bytes, "B"))
     finally:

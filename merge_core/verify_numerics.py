@@ -8,6 +8,7 @@ rounding, relative error), and probed with random vectors without ever forming B
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,6 +22,8 @@ from .tensor_math import row_blocks, rows_per_block
 from .verify_report import ModuleNumerics
 
 PROBE_VECTORS = 4
+# Which row ranges of a tensor a check reads, given (rows, rows per block): all of them unless told otherwise.
+RowRanges = Callable[[int, int], Iterable[tuple[int, int]]]
 
 
 def _load_ops(tensor: OutputTensorPlan, adapter, start) -> list:
@@ -126,11 +129,11 @@ def verify_changed(
     files: OpenFiles,
     block_elements: int,
     seed: int,
+    rows: RowRanges = row_blocks,
 ) -> ChangedTensor:
-    """One pass over a merged tensor: reference comparison, probes, unchanged test, NaN scan."""
+    """One pass over a merged tensor's ``rows``: reference comparison, probes, unchanged test, NaN scan."""
     ref = _Reference(plan, t, modules, files)
-    out_dtype = out_info.torch_dtype
-    n_rows = t.shape[0]
+    out_dtype, n_rows = out_info.torch_dtype, t.shape[0]
     step = rows_per_block(t.shape, block_elements)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(t.shape[1], PROBE_VECTORS, generator=gen, dtype=torch.float64) if len(t.shape) == 2 else None
@@ -141,7 +144,7 @@ def verify_changed(
     err_sq = ref_sq = probe_err_sq = probe_sq = 0.0
     comparable = t.base is not None and t.base.info.dtype == t.dtype
     identical, nonfinite = comparable, False
-    for a, b in row_blocks(n_rows, step):
+    for a, b in rows(n_rows, step):
         start_raw = ref.start_raw(a, b)
         start = start_raw.double()
         exact = ref.exact_rows(a, b, start)

@@ -112,7 +112,10 @@ def test_streamed_merge_from_the_app_lands_one_commit_with_link_and_snippets(env
     assert f"[alice/streamed-app]({env.hub.url}/alice/streamed-app)" in done.push_result
     assert "vllm serve alice/streamed-app" in done.push_result and "from_pretrained" in done.push_result
     assert "pushed straight to alice/streamed-app" in done.verdict and "peak disk" in done.verdict
-    assert "did not run" in done.verdict and done.verification is None  # StreamPushResult carries no checks yet
+    # Checked shard by shard while the base shards were still on disk: the numerics rows ran and passed.
+    assert done.verification is not None and done.verification.passed
+    assert any(c.group == "numerics" and c.passed for c in done.verification.checks)
+    assert "checks passed" in done.verdict
     assert "No sample generation" in done.gen_note and "not kept on this Space" in done.gen_note
     assert f"{len(done.result.report.shards)} shard(s) uploaded" in done.summary
     fractions = [f for f, _ in progress.calls]
@@ -187,8 +190,14 @@ def test_stream_progress_is_one_bar_over_three_stages_with_an_eta() -> None:
         for i, stage in enumerate(("download", "merge", "upload")):
             now[0] = step * 10.0 + i  # each update a second apart: none is throttled
             callback(ProgressUpdate(stage, step * 1e8, 1e9, "B"))
+    assert shown.calls[-1][0] < 1.0  # every byte sent, but nothing is in the repo before the commit
+    now[0] += 1.0
+    callback(ProgressUpdate("verify", 5, 10, "B", "model-00001-of-00002.safetensors"))
+    callback(ProgressUpdate("commit", 0, 100, "B", "one commit"))
+    callback(ProgressUpdate("commit", 100, 100, "B", "committed 0123456789ab"))
     fractions = [f for f, _ in shown.calls]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert "committed 0123456789ab" in shown.calls[-1][1]
     assert "download 0.50/1.00 GB · merge 0.50/1.00 GB · upload 0.50/1.00 GB · about 52 s left" in [
         d for _, d in shown.calls
     ]

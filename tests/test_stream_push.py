@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge_core.errors import DiskBudgetError, PushError
+from merge_core.errors import DiskBudgetError, PushError, StreamVerificationError
 from merge_core.hub import HubClient
 from merge_core.inputs import MergeRequest
 from merge_core.progress import ProgressUpdate
@@ -101,7 +101,7 @@ def test_streamed_push_lands_one_commit_within_the_disk_bound(env: Env, tmp_path
     assert not list((tmp_path / "work").rglob("model-*.safetensors"))  # every shard was deleted once consumed
 
     # Byte progress for each stage, ending complete.
-    for stage in ("download", "merge", "upload"):
+    for stage in ("download", "merge", "upload", "commit"):
         seen = [u for u in updates if u.stage == stage]
         assert seen and all(u.unit == "B" for u in seen), stage
         assert seen[-1].done == seen[-1].total > 0, stage
@@ -176,14 +176,14 @@ def test_update_replaces_stale_weights_and_a_pull_request_leaves_main_alone(env:
 
 
 def test_cli_output_dash_streams_hub_to_hub(env: Env, capsys, monkeypatch) -> None:
-    """The CLI's OUTPUT '-': no local copy, one commit, the model equals base + adapter; refusals first."""
+    """The CLI streams when pushing without OUTPUT (or with '-'): no local copy, one commit, base + adapter."""
     from transformers import AutoModelForCausalLM
 
     from merge_core.cli import main as cli_main
 
     monkeypatch.setenv("HF_TOKEN", ALICE)
-    args = ["-", "alice/sharded-lora", "-", "--max-shard-size", SHARD, "--endpoint", env.hub.url, "--quiet"]
-    assert cli_main([*args, "--push", "cli-streamed", "--max-disk", "10MB"]) == 0
+    head, args = ["-", "alice/sharded-lora"], ["--max-shard-size", SHARD, "--endpoint", env.hub.url, "--quiet"]
+    assert cli_main([*head, "-", *args, "--push", "cli-streamed", "--max-disk", "10MB"]) == 0
     out = capsys.readouterr().out
     assert "pushed:" in out and "peak disk" in out
     assert len(_model_commits(env.hub, "alice/cli-streamed")) == 1
@@ -191,7 +191,77 @@ def test_cli_output_dash_streams_hub_to_hub(env: Env, capsys, monkeypatch) -> No
     ids = prompt_ids()
     assert (logits(merged, ids) - logits(peft_reference(env.base, env.adapter), ids)).abs().max().item() <= 1e-4
 
-    for extra, words in ([[], "needs --push"], [["--push", "x", "--verify"], "does not keep"]):
-        assert cli_main([*args, *extra]) == 2
+    # No OUTPUT at all is the streamed push too; --verify checks each shard before it is committed.
+    assert cli_main([*head, *args, "--push", "cli-verified", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verification: PASSED" in out and "merged = float64 reference rounded once" in out
+    assert len(_model_commits(env.hub, "alice/cli-verified")) == 1
+
+    for extra, words in ([[], "or --push"], [["--push", "x", "--gguf", "q8_0"], "does not keep"]):
+        assert cli_main([*head, *args, *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
+
+
+def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = HubClient(ALICE, env.hub.url)
+    updates: list[ProgressUpdate] = []
+    result = stream_merge_push(
+        _request(env),
+        client.preflight_push("alice/verified", "new"),
+        tmp_path / "ok",
+        verify=True,
+        progress=updates.append,
+    )
+    table = result.verification
+    assert table is not None and table.passed, table.to_text()
+    # Every adapted tensor (q, v and down of each layer) against the float64 reference, rounded once.
+    assert {m.tensor for m in table.modules} == set(result.report.changed_tensors)
+    assert all(m.bitwise_fraction == 1.0 for m in table.modules)
+    assert "sampled" in table.check("merged = float64 reference rounded once").detail
+    rows = {c.name: c for c in table.checks}
+    assert (
+        rows["untouched tensors bit-identical to base"].passed and rows["all tensors present with their shapes"].passed
+    )
+    function = [c for c in table.checks if c.group == "function"]
+    assert function and all(c.passed is None and "never holds the base" in c.detail for c in function)
+    verify_bytes = [u for u in updates if u.stage == "verify"]
+    assert verify_bytes and verify_bytes[-1].done == verify_bytes[-1].total
+    card = env.hub.repo_files("alice/verified")["README.md"].decode()
+    assert "## Verification" in card and "float64 reference" in card
+
+    # A shard that is not what the math says (one flipped byte in a merged tensor): nothing is committed.
+    from merge_core import verify_stream
+
+    real = verify_stream.ShardVerifier.shard_written
+
+    def corrupt_then_check(self, path: Path) -> None:
+        if path.name == result.report.shards[1]:
+            from merge_core.safetensors_io import read_header
+
+            header = read_header(path)
+            name = next(n for n in header.tensors if "proj" in n)
+            with open(path, "r+b") as f:
+                f.seek(header.tensors[name].begin + 1)
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0x40]))
+        real(self, path)
+
+    monkeypatch.setattr(verify_stream.ShardVerifier, "shard_written", corrupt_then_check)
+    target = client.preflight_push("alice/refused", "new")
+    with pytest.raises(StreamVerificationError, match="nothing was committed") as failed:
+        stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
+    assert not failed.value.report.passed
+    assert _model_commits(env.hub, "alice/refused") == []
+
+
+def test_streamed_checks_sample_first_last_and_evenly_spaced_rows() -> None:
+    from merge_core.verify_stream import SAMPLE_ROWS, SAMPLE_WINDOWS, sampled_rows
+
+    windows = sampled_rows(5120, 800)
+    assert windows[0] == (0, SAMPLE_ROWS) and windows[-1] == (5120 - SAMPLE_ROWS, 5120)
+    assert len(windows) == SAMPLE_WINDOWS and all(b - a == SAMPLE_ROWS for a, b in windows)
+    assert sampled_rows(SAMPLE_WINDOWS * SAMPLE_ROWS, 800) == [(0, SAMPLE_WINDOWS * SAMPLE_ROWS)]  # small: every row

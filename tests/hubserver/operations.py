@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import secrets
 from collections.abc import Iterable
@@ -243,14 +244,19 @@ def lfs_put(state: HubState, signature: str, chunks: Iterable[bytes]) -> None:
                 failed = state.count_upload(len(chunk)) or failed
                 if pending is not None and not failed:
                     digest.update(chunk)
-                    out.write(chunk)
+                    if not state.sparse_uploads:
+                        out.write(chunk)
         if pending is None:
             raise HubError(403, "Invalid or expired upload URL")
         if failed:
             raise HubError(403, f"injected failure: upload aborted after {state.upload_limit} bytes")
         if digest.hexdigest() != pending.oid or received != pending.size:
             raise HubError(400, f"Uploaded content does not match oid {pending.oid} / size {pending.size}")
-        state.blobs.adopt(tmp, pending.oid)
+        if not state.sparse_uploads:
+            state.blobs.adopt(tmp, pending.oid)
+        elif not state.blobs.path(pending.oid).exists():  # a stored blob keeps its real bytes
+            os.truncate(tmp, received)  # the size without the bytes (see HubServer's sparse_uploads)
+            state.blobs.adopt(tmp, pending.oid)
     finally:
         tmp.unlink(missing_ok=True)
     with state.lock:

@@ -15,9 +15,11 @@ from urllib.parse import parse_qs, unquote
 
 from .routes import Request, Response, find_route, respond
 from .state import HubState
+from .throttle import TokenBucket, bucket, env_rate
 
 _VERBOSE = os.environ.get("HUBSERVER_VERBOSE") == "1"
 _CHUNK = 1024 * 1024
+_SLOW_CHUNK = 256 * 1024
 
 
 @dataclass
@@ -35,12 +37,29 @@ class HubServer:
 
     Setup and read-back methods (``add_user``, ``create_repo``, ``repo_files``...) act on ``state``
     directly, without HTTP; the client's requests are answered through ``routes``.
+
+    Bandwidth: ``down_bps`` / ``up_bps`` cap what all connections together send and receive, in bytes
+    per second (default: ``HUBSERVER_DOWN_BPS`` / ``HUBSERVER_UP_BPS``, unset = unlimited).
+    ``sparse_uploads`` keeps uploaded LFS objects as sparse files of their size, after checking their
+    sha256: a benchmark can push tens of GB without storing them (their bytes then read as zeros).
     """
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        down_bps: float | None = None,
+        up_bps: float | None = None,
+        sparse_uploads: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.host, self.port = host, port
         self.state = HubState(self.root)
+        self.state.sparse_uploads = sparse_uploads
+        self.down: TokenBucket | None = bucket(down_bps or env_rate("HUBSERVER_DOWN_BPS"))
+        self.up: TokenBucket | None = bucket(up_bps or env_rate("HUBSERVER_UP_BPS"))
         self.request_log: list[RequestRecord] = []
         self._log_lock = threading.Lock()
         self._httpd: _HTTPServer | None = None
@@ -132,7 +151,7 @@ class HubServer:
         _send(h, resp)
 
 
-def _read_body(h: BaseHTTPRequestHandler) -> Iterator[bytes]:
+def _read_body(h: _Handler) -> Iterator[bytes]:
     """The request body, Content-Length or chunked (httpx streams file uploads chunked)."""
     if "chunked" in (h.headers.get("Transfer-Encoding") or "").lower():
         while True:
@@ -147,17 +166,21 @@ def _read_body(h: BaseHTTPRequestHandler) -> Iterator[bytes]:
         yield from _read_exactly(h, int(h.headers.get("Content-Length") or 0))
 
 
-def _read_exactly(h: BaseHTTPRequestHandler, size: int) -> Iterator[bytes]:
-    remaining = size
+def _read_exactly(h: _Handler, size: int) -> Iterator[bytes]:
+    remaining, up = size, h.server.hub.up
+    # Small reads when throttled: the client's send then paces with the link (TCP backpressure).
+    chunk = _CHUNK if up is None else _SLOW_CHUNK
     while remaining:
-        data = h.rfile.read(min(remaining, _CHUNK))
+        data = h.rfile.read(min(remaining, chunk))
         if not data:
             raise ConnectionError("client closed the connection mid-body")
+        if up is not None:
+            up.take(len(data))
         remaining -= len(data)
         yield data
 
 
-def _send(h: BaseHTTPRequestHandler, resp: Response) -> None:
+def _send(h: _Handler, resp: Response) -> None:
     try:
         h.send_response(resp.status)
         for name, value in resp.headers.items():
@@ -169,13 +192,17 @@ def _send(h: BaseHTTPRequestHandler, resp: Response) -> None:
         if resp.file is None:
             h.wfile.write(resp.body)
             return
+        down = h.server.hub.down
+        chunk = _CHUNK if down is None else _SLOW_CHUNK
         with open(resp.file, "rb") as f:
             f.seek(resp.file_range[0])
             remaining = resp.length
             while remaining:
-                data = f.read(min(remaining, _CHUNK))
+                data = f.read(min(remaining, chunk))
                 if not data:
                     break
+                if down is not None:
+                    down.take(len(data))
                 h.wfile.write(data)
                 remaining -= len(data)
     except (BrokenPipeError, ConnectionResetError):

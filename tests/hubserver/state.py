@@ -130,6 +130,7 @@ class HubState:
         self.upload_limit: int | None = None
         self.uploaded_bytes = 0
         self.commits_fail = False
+        self.sparse_uploads = False  # set by HubServer: checked uploads kept as sparse files (benchmarks)
 
     # --- setup (what a test arranges before the client talks) -----------------------------------
 
