@@ -23,6 +23,7 @@ import torch
 from .checkpoint import BaseTensor, load_base_checkpoint
 from .errors import ModelLoadError
 from .layouts import model_names
+from .model_lock import building_models
 from .models import LoadedModels, MergedModelLoadError, choose_model_class, short_error, token_vocab
 from .plan import MergePlan
 from .reference_adapter import adapter_for_model
@@ -190,7 +191,7 @@ def _skeleton(model_class: Any, config_dir: Path) -> torch.nn.Module:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(config_dir)
-    with init_empty_weights():
+    with building_models(), init_empty_weights():
         if hasattr(model_class, "_model_mapping"):  # an Auto class
             model = model_class.from_config(config, dtype=torch.float32)
         else:
@@ -206,7 +207,11 @@ def _with_adapter(plan: MergePlan, base: torch.nn.Module, workdir: Path, device:
 
     adapter_dir, note = adapter_for_model(plan, base, workdir)
     # PEFT moves each loaded adapter to its base layer's device, meta here: the adapter stays where it loaded.
-    with mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *_a, **_k: None):
+    # The patch is process-wide, so no other build may run meanwhile (model_lock).
+    with (
+        building_models(),
+        mock.patch.object(BaseTunerLayer, "_move_adapter_to_device_of_base_layer", lambda *_a, **_k: None),
+    ):
         try:
             peft = PeftModel.from_pretrained(base, adapter_dir, low_cpu_mem_usage=True)
         except Exception as exc:
