@@ -4,14 +4,14 @@ input meeting bfloat16 weights during two concurrent merges)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from merge_core.merge import execute_plan
 from merge_core.model_lock import building_models
 from merge_core.models import load_models
 from merge_core.plan import build_plan
@@ -20,11 +20,10 @@ from merge_core.speed import measure
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 
 
-def _merged(tmp_path: Path) -> Path:
-    out = tmp_path / "merged"
-    subprocess.run(
-        [sys.executable, "-m", "merge_core", str(DEMO / "base"), str(DEMO / "adapter"), str(out)], check=True
-    )
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lock") / "merged"
+    execute_plan(build_plan(DEMO / "base", DEMO / "adapter"), out)
     return out
 
 
@@ -44,8 +43,7 @@ def _while_another_build_holds_the_default(work) -> tuple[object, bool]:
     return done.get("result"), waited
 
 
-def test_load_models_waits_for_another_build_and_gets_its_own_dtype(tmp_path: Path) -> None:
-    merged = _merged(tmp_path)
+def test_load_models_waits_for_another_build_and_gets_its_own_dtype(merged: Path) -> None:
     plan = build_plan(DEMO / "base", DEMO / "adapter")
     models, waited = _while_another_build_holds_the_default(lambda: load_models(plan, merged, device="cpu"))
     assert waited
@@ -53,8 +51,7 @@ def test_load_models_waits_for_another_build_and_gets_its_own_dtype(tmp_path: Pa
     assert dtypes == {torch.float32}
 
 
-def test_the_speed_comparison_waits_for_another_build_and_runs(tmp_path: Path) -> None:
-    merged = _merged(tmp_path)
+def test_the_speed_comparison_waits_for_another_build_and_runs(merged: Path) -> None:
     result, waited = _while_another_build_holds_the_default(
         lambda: measure(DEMO / "base", DEMO / "adapter", merged, prompt="Hello", new_tokens=2, runs=1)
     )
