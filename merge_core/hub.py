@@ -17,7 +17,6 @@ from .errors import (
     HubError,
     HubNetworkError,
     InvalidOptionError,
-    MergeError,
     PushError,
     RepoAccessError,
     RepoNotFound,
@@ -265,55 +264,6 @@ class HubClient:
             raise PushError(f"{repo_id} does not exist (or your account cannot see it); choose 'Create new repo'.")
         return PushTarget(repo_id, mode, private)
 
-    def push_folder(self, target: PushTarget, folder: Path, *, message: str, description: str) -> PushResult:
-        """Create the repo (mode new) and upload ``folder`` in ONE commit (or one pull request)."""
-        ref = RepoRef(target.repo_id)
-        if target.mode is PushMode.NEW:
-            try:
-                self._call(ref, lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=False))
-            except HubError as exc:
-                raise PushError(
-                    f"Could not create {target.repo_id}: {exc}. Your token needs write access to the "
-                    f"namespace {target.repo_id.split('/')[0]!r}."
-                ) from exc
-        try:
-            info = self._call(
-                ref,
-                lambda: self.api.upload_folder(
-                    repo_id=target.repo_id,
-                    folder_path=folder,
-                    commit_message=message,
-                    commit_description=description,
-                    create_pr=target.mode is PushMode.PR,
-                    # An update replaces the weights whole: stale shards of an older merge must not survive.
-                    delete_patterns=["*.safetensors", "model.safetensors.index.json", "*.gguf"]
-                    if target.mode is PushMode.UPDATE
-                    else None,
-                ),
-            )
-        except Exception as exc:
-            hint = (
-                f" The repository {target.repo_id} was created but nothing was committed; push again with "
-                "'Update existing repo'."
-                if target.mode is PushMode.NEW
-                else f" Nothing was committed; {target.repo_id} is unchanged."
-            )
-            detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, RepoAccessError):  # a token whose permissions nothing showed beforehand
-                from .permissions import hub_refused
-
-                detail = hub_refused(target.mode, target.repo_id, endpoint=self.endpoint)
-            raise PushError(f"Upload failed ({detail}).{hint}") from exc
-        pr_url = getattr(info, "pr_url", None)
-        if target.mode is PushMode.PR and not pr_url:
-            # huggingface_hub skips files the repo already has; with nothing left it opens no PR.
-            raise PushError(
-                f"{target.repo_id} already holds exactly these files, so there is nothing to propose; "
-                "no pull request was opened."
-            )
-        url = f"{self.endpoint}/{target.repo_id}"
-        return PushResult(target.repo_id, url, str(info.oid), str(info.commit_url), pr_url)
-
     # --- streamed push: one file at a time, then one commit --------------------------------------
 
     def download_file(self, ref: RepoRef, sha: str, filename: str, *, cache_dir: Path | None, tqdm_class=None) -> Path:
@@ -362,13 +312,23 @@ class HubClient:
 
         op = prepared if prepared is not None else prepare_upload(path_in_repo, path)
         op.on_read = count
-        self._call(
-            RepoRef(target.repo_id),
+        self._write(
+            target,
             lambda: self.api.preupload_lfs_files(
                 target.repo_id, additions=[op], create_pr=target.mode is PushMode.PR, free_memory=False
             ),
         )
         return op, sent[0]
+
+    def _write(self, target: PushTarget, fn: Callable[[], T]) -> T:
+        """A write to ``target``; a refusal that the token info could not predict (an OAuth token pasted
+        without its scopes) names the mode's permission."""
+        try:
+            return self._call(RepoRef(target.repo_id), fn)
+        except RepoAccessError as exc:
+            from .permissions import hub_refused
+
+            raise RepoAccessError(hub_refused(target.mode, target.repo_id, endpoint=self.endpoint)) from exc
 
     def commit_files(self, target: PushTarget, operations: list[Any], *, message: str, description: str) -> PushResult:
         """ONE commit (or pull request) of ``operations``; an update also deletes weights the new commit lacks."""
@@ -382,8 +342,8 @@ class HubClient:
             present = self._call(ref, lambda: self.api.list_repo_files(target.repo_id))
             stale = [f for f in present if _is_weight_file(f) and f not in kept]
             ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        info = self._call(
-            ref,
+        info = self._write(
+            target,
             lambda: self.api.create_commit(
                 target.repo_id,
                 operations=ops,

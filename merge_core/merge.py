@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .background_writer import BackgroundWriter
 from .errors import InsufficientDiskError, NonFiniteOutputError, OutputWriteError, explain_os_error
 from .options import MergeOptions, dtype_name
 from .outputs import begin_staging, check_output_target, discard, publish
@@ -24,7 +25,7 @@ from .plan import MergePlan, OutputTensorPlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .read_ahead import BlockRead, ReadAhead
 from .report import MergeReport
-from .safetensors_io import DTYPE_FROM_ST, BackgroundWriter, OpenFiles, StreamingWriter, element_size, fsync_tree
+from .safetensors_io import DTYPE_FROM_ST, OpenFiles, StreamingWriter, element_size, fsync_tree
 from .sources import row_alignment, start_rows
 from .tensor_math import (
     ColumnNorms,

@@ -196,15 +196,3 @@ def _stage_text(update: ProgressUpdate) -> str:
     if update.total:
         return f"{update.stage} {update.fraction or 0:.0%}"
     return update.stage
-
-
-__all__ = [
-    "STREAM_BUTTON",
-    "STREAM_INFO",
-    "StreamForm",
-    "StreamedMerge",
-    "disk_hint",
-    "stream_progress",
-    "stream_to_hub",
-    "target_repo",
-]

@@ -12,6 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from merge_core import cli
 from merge_core.errors import PushError
+from merge_core.folder_push import push_folder_with_progress
 from merge_core.hub import HubClient, PushMode
 from merge_core.permissions import permissions_table
 from tests.conftest import ALICE
@@ -114,7 +115,7 @@ def test_a_refusal_nothing_predicted_still_names_the_permission(hub: HubServer, 
     target = client.preflight_push("alice/target", PushMode.PR)
     (tmp_path / "w.bin").write_bytes(b"w")
     with pytest.raises(PushError) as err:
-        client.push_folder(target, tmp_path, message="m", description="d")
+        push_folder_with_progress(client, target, tmp_path, message="m", description="d")
     assert "write-discussions" in str(err.value) and "discussion.write on alice/target" in str(err.value)
     assert "alice/target is unchanged" in str(err.value) and OAUTH not in str(err.value)
     assert [c["branch"] for c in hub.commits("alice/target")] == ["main"]
