@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from app_gpu import run_checks
-from app_layout import form_section, generation_section, push_section, results_section
+from app_layout import PAGE_CSS, form_section, generation_section, push_section, results_section
 from merge_core import pipeline
 from merge_core.adapter_choices import discover_adapters
 from merge_core.pipeline import (  # the names this page uses most
@@ -430,6 +430,7 @@ demo = build_demo()
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     demo.launch(
+        css=PAGE_CSS,
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
     )

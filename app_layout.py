@@ -13,6 +13,15 @@ import gradio as gr
 from merge_core import pipeline
 from merge_core.pipeline import FUNCTIONAL, VerificationReport
 
+# On a phone the verification table keeps readable columns and scrolls sideways inside its own frame
+# (gradio sizes the columns from the frame's width, so the frame is what gets a minimum width).
+PAGE_CSS = """
+@media (max-width: 640px) {
+  #verify-table .table-container { overflow-x: auto; }
+  #verify-table .table-wrap { min-width: 680px; width: 680px; }
+}
+"""
+
 
 def form_section(ui: dict[str, Any], *, show_login: bool, has_demo: bool) -> None:
     with gr.Row():

@@ -136,6 +136,11 @@ def test_picking_a_hub_adapter_on_a_phone_in_the_dark_merges_it(
     for selector in ("#merge-btn", "#verdict", "#verify-table", "#gen-note", "#push-btn"):
         _within_width(page, selector, PHONE["width"])
     assert len(read_table(page)) >= 10
+    # The table keeps readable columns (a word per line, not a letter) and scrolls sideways in its own frame.
+    widths = page.evaluate(
+        "() => [...document.querySelectorAll('#verify-table th.header-cell')].map(c => c.offsetWidth)"
+    )
+    assert len(widths) == 6 and min(widths) >= 40 and widths[1] >= 120, widths
 
     # Dark theme: a dark page, and the table's text readable on it (WCAG AA contrast, 4.5:1).
     colours = page.evaluate(COLOURS, "#verify-table [role=gridcell][data-row='0'][data-col='1']")
