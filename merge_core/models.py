@@ -187,7 +187,8 @@ def choose_model_class(plan: MergePlan) -> ModelChoice:
     if supported and (task_type not in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or arch_task in (None, "FEATURE_EXTRACTION")):
         return ModelChoice(task_type, auto_class, f"task_type {task_type} -> {auto_class.__name__}")
     if arch_task is not None:
-        why = f"{arch_name} in config.json" + (f" (task_type {task_type} does not fit it)" if task_type else "")
+        differs = task_type and task_type != arch_task
+        why = f"{arch_name} in config.json" + (f" (task_type {task_type} does not fit it)" if differs else "")
         return ModelChoice(arch_task, arch_class, why)
     if arch_name:
         raise ModelLoadError(

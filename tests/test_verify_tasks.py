@@ -417,6 +417,14 @@ def test_model_class_follows_task_type_and_architecture(tmp: Path) -> None:
     classifier = bert_config(architectures=["BertForSequenceClassification"])
     choice = choice_for(tmp / "c", classifier, "CAUSAL_LM")  # a copied generative label does not replace the head
     assert (choice.task, choice.model_class.__name__) == ("SEQ_CLS", "BertForSequenceClassification")
+    assert "task_type CAUSAL_LM does not fit it" in choice.reason
+
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(architectures=["LlamaForCausalLM"], **SMALL)
+    choice = choice_for(tmp / "l", llama, "CAUSAL_LM")  # task and architecture agree: no "does not fit"
+    assert (choice.task, choice.model_class.__name__) == ("CAUSAL_LM", "LlamaForCausalLM")
+    assert choice.reason == "LlamaForCausalLM in config.json", choice.reason
 
     vlm = Qwen2VLConfig(architectures=["Qwen2VLForConditionalGeneration"])
     choice = choice_for(tmp / "v", vlm, "CAUSAL_LM")
