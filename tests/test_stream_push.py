@@ -233,14 +233,23 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
     assert "## Verification" in card and "float64 reference" in card
 
     # A shard that is not what the math says (one flipped byte in a merged tensor): nothing is committed.
+    _corrupt_second_shard(monkeypatch, result.report.shards[1])
+    target = client.preflight_push("alice/refused", "new")
+    with pytest.raises(StreamVerificationError, match="nothing was committed") as failed:
+        stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
+    assert not failed.value.report.passed
+    assert _model_commits(env.hub, "alice/refused") == []
+
+
+def _corrupt_second_shard(monkeypatch: pytest.MonkeyPatch, shard: str) -> None:
+    """Flip one bit of a merged tensor in ``shard`` just before the streamed check reads it."""
     from merge_core import verify_stream
+    from merge_core.safetensors_io import read_header
 
     real = verify_stream.ShardVerifier.shard_written
 
     def corrupt_then_check(self, path: Path) -> None:
-        if path.name == result.report.shards[1]:
-            from merge_core.safetensors_io import read_header
-
+        if path.name == shard:
             header = read_header(path)
             name = next(n for n in header.tensors if "proj" in n)
             with open(path, "r+b") as f:
@@ -251,11 +260,19 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
         real(self, path)
 
     monkeypatch.setattr(verify_stream.ShardVerifier, "shard_written", corrupt_then_check)
-    target = client.preflight_push("alice/refused", "new")
-    with pytest.raises(StreamVerificationError, match="nothing was committed") as failed:
-        stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
-    assert not failed.value.report.passed
-    assert _model_commits(env.hub, "alice/refused") == []
+
+
+def test_cli_streamed_verification_failure_exits_1_with_the_table(env: Env, capsys, monkeypatch) -> None:
+    from merge_core.cli import main as cli_main
+
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    shards = sorted(_shards(env.base))  # the output keeps the base's shard layout and names here
+    _corrupt_second_shard(monkeypatch, shards[1])
+    args = ["-", "alice/sharded-lora", "--max-shard-size", SHARD, "--endpoint", env.hub.url, "--quiet"]
+    assert cli_main([*args, "--push", "cli-refused", "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert "verification: FAILED" in captured.out and "nothing was committed" in captured.err
+    assert "Traceback" not in captured.err and _model_commits(env.hub, "alice/cli-refused") == []
 
 
 def test_streamed_checks_sample_first_last_and_evenly_spaced_rows() -> None:
