@@ -6,8 +6,8 @@ numerics rows (adapted tensors against the float64 reference, rounded once, and 
 untouched tensors bit for bit against the base, NaN/Inf. These read sampled rows of every tensor (the
 first, the last and evenly spaced windows): the full check of a 5 GB shard took 260 s on 2 shared cores,
 longer than the shard's upload, so it held the pipeline back (benchmarks/RESULTS.md). The structure rows
-and the config and tokenizer row follow once the index and the small files are written. The function rows
-need the base and the merged model together, which the bounded disk never holds: they say so in their row.
+and the config and tokenizer row follow once the index and the small files are written. The function rows are computed
+alongside, layer by layer while the shards go by (stream_function), and handed to ``report``.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class ShardVerifier:
         self.findings.nonfinite += part.nonfinite
         self.findings.modules += part.modules
 
-    def report(self, output_dir: Path) -> VerificationReport:
-        """The table, once ``output_dir`` holds the index, config, tokenizer (the shards may be gone)."""
+    def report(self, output_dir: Path, function: list[Check] | None = None) -> VerificationReport:
+        """The table, once ``output_dir`` holds the index, config, tokenizer (the shards may be gone);
+        ``function``: the rows stream_function computed, else they say why they were not."""
         found = _Found(self.tensors, self.problems + _index_problems(output_dir, self.tensors))
         report = VerificationReport(checks=_structure_checks(self.plan, found), modules=self.findings.modules)
         structure, numerics = self.findings.checks(), _numerics_checks(self.plan, self.findings.modules)
@@ -91,7 +92,10 @@ class ShardVerifier:
             *structure,
             _files_check(self.plan, output_dir),
             *numerics,
-            *(Check(name, "function", None, "-", "-", FUNCTION_SKIPPED) for name in _planned_rows(self.plan)),
+            *(
+                function
+                or [Check(name, "function", None, "-", "-", FUNCTION_SKIPPED) for name in _planned_rows(self.plan)]
+            ),
         ]
         return report
 

@@ -225,8 +225,7 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
     assert (
         rows["untouched tensors bit-identical to base"].passed and rows["all tensors present with their shapes"].passed
     )
-    function = [c for c in table.checks if c.group == "function"]
-    assert function and all(c.passed is None and "never holds the base" in c.detail for c in function)
+    _assert_function_rows_equal_the_whole_folder_rows(env, table, tmp_path)
     verify_bytes = [u for u in updates if u.stage == "verify"]
     assert verify_bytes and verify_bytes[-1].done == verify_bytes[-1].total
     card = env.hub.repo_files("alice/verified")["README.md"].decode()
@@ -239,6 +238,64 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
         stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
     assert not failed.value.report.passed
     assert _model_commits(env.hub, "alice/refused") == []
+
+
+def _assert_function_rows_equal_the_whole_folder_rows(env: Env, table, tmp_path: Path) -> None:
+    """The rows computed while the shards went by are layer_stream's rows on the whole merged folder."""
+    from merge_core.layer_stream import streamed_logit_checks
+    from merge_core.merge import merge_adapter
+    from merge_core.options import MergeOptions
+    from merge_core.plan import build_plan
+    from merge_core.tasks import LOGIT_ROWS
+
+    merge_adapter(env.base, env.adapter, tmp_path / "whole", MergeOptions())
+    whole = streamed_logit_checks(build_plan(env.base, env.adapter, MergeOptions()), tmp_path / "whole")
+    function = [c for c in table.checks if c.group == "function"]
+    assert [c.name for c in function] == [c.name for c in whole] == LOGIT_ROWS
+    for got, want in zip(function, whole, strict=True):
+        if got.name == LOGIT_ROWS[2]:  # greedy decoding needs the whole model: said, not run
+            assert got.passed is None and want.passed is None and "whole model" in got.detail
+            continue
+        assert got.passed is True and want.passed is True, (got, want)
+        assert float(got.value.rstrip("%")) == pytest.approx(float(want.value.rstrip("%")), abs=1e-5)
+    assert "layer by layer" in function[0].detail
+
+
+def test_a_scaled_merged_tensor_fails_the_streamed_function_row_and_nothing_is_committed(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merge_core import stream_function
+    from merge_core.safetensors_io import DTYPE_FROM_ST, read_header
+    from merge_core.tasks import LOGIT_ROWS
+
+    real = stream_function.StreamedFunctionRows.shard_written
+    scaled: list[str] = []
+
+    def scale_then_check(self, path: Path) -> None:
+        # One layer's o_proj (which the adapter leaves alone) times 1.5, after the numerics rows read it:
+        # only the function rows can see it.
+        header = read_header(path)
+        name = next((n for n in header.tensors if n.endswith("layers.1.self_attn.o_proj.weight")), None)
+        if name is not None:
+            info = header.tensors[name]
+            with open(path, "r+b") as f:
+                f.seek(info.begin)
+                value = torch.frombuffer(bytearray(f.read(info.nbytes)), dtype=DTYPE_FROM_ST[info.dtype]) * 1.5
+                f.seek(info.begin)
+                f.write(value.numpy().tobytes())
+            scaled.append(name)
+        real(self, path)
+
+    monkeypatch.setattr(stream_function.StreamedFunctionRows, "shard_written", scale_then_check)
+    target = HubClient(ALICE, env.hub.url).preflight_push("alice/function-refused", "new")
+    with pytest.raises(StreamVerificationError, match="nothing was committed") as failed:
+        stream_merge_push(_request(env), target, tmp_path / "work", verify=True)
+    assert scaled
+    table = failed.value.report
+    failed_rows = table.failed()
+    assert LOGIT_ROWS[0] in [c.name for c in failed_rows] and {c.group for c in failed_rows} == {"function"}
+    assert float(table.check(LOGIT_ROWS[0]).value) > 1e-3
+    assert _model_commits(env.hub, "alice/function-refused") == []
 
 
 def _corrupt_second_shard(monkeypatch: pytest.MonkeyPatch, shard: str) -> None:
