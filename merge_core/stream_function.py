@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .checkpoint import BaseTensor
+from .disk_budget import shard_needs
 from .errors import ModelLoadError
 from .layer_stream import DiskView, LayerRuns, streamed_runs
 from .models import MergedModelLoadError, short_error
@@ -28,6 +29,15 @@ from .verify_function import _merged_does_not_load, _planned_rows, _skipped
 from .verify_report import Check
 
 _AFTER = "merge to an OUTPUT folder with --verify for these rows"
+
+
+def held_bytes(plan: MergePlan, *, folder: Path, sizes: dict[str, int]) -> int:
+    """What holding base shards one more output shard can add to disk_needed: the most bytes of base
+    shards that output shard i - 1 consumed last, on disk while output shard i is merged."""
+    needs, folder = shard_needs(plan), Path(folder)
+    last = {path: i for i, need in enumerate(needs) for path in need}
+    consumed = [{p for p in need if last[p] == i} for i, need in enumerate(needs)]
+    return max((sum(sizes.get(p.relative_to(folder).as_posix(), 0) for p in c) for c in consumed[:-1]), default=0)
 
 
 class StreamedFunctionRows:
@@ -160,4 +170,4 @@ class StreamedFunctionRows:
         self.stack.close()
 
 
-__all__ = ["StreamedFunctionRows"]
+__all__ = ["StreamedFunctionRows", "held_bytes"]

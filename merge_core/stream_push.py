@@ -50,7 +50,7 @@ from .plan import MergePlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress, serialized
 from .report import MergeReport
 from .safetensors_io import read_header
-from .stream_function import StreamedFunctionRows
+from .stream_function import StreamedFunctionRows, held_bytes
 from .stream_transfer import Fetcher, StreamBase, Uploader, retry_hint
 from .verify_report import VerificationReport
 from .verify_stream import ShardVerifier
@@ -287,6 +287,8 @@ def stream_merge_push(
         try:
             plan = build_plan(checkpoint, inputs.adapter_dir, inputs.options)
             needed = disk_needed(plan, folder=base.folder, sizes=base.sizes, adapter_dir=inputs.adapter_dir)
+            if verify:  # the function rows may hold a base shard one more output shard
+                needed += held_bytes(plan, folder=base.folder, sizes=base.sizes)
             budget = default_max_disk(workdir) if max_disk is None else int(max_disk)
             check_budget(needed, budget)
             client = HubClient(request.token, request.endpoint)
