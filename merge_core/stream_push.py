@@ -204,6 +204,42 @@ def _pipeline(
     return report
 
 
+def _merge_and_verify(
+    plan: MergePlan,
+    fetcher: Fetcher,
+    uploader: Uploader,
+    workdir: Path,
+    *,
+    meter: DiskMeter,
+    budget: int,
+    progress: ProgressCallback,
+    verify: bool,
+) -> tuple[MergeReport, VerificationReport | None]:
+    """The pipeline into ``workdir``/merged; with ``verify``, the table: numerics shard by shard and the
+    function rows layer by layer, both while each shard's inputs are on disk."""
+    output_dir = workdir / "merged"
+    verifier = ShardVerifier(plan, progress=progress) if verify else None
+    function = StreamedFunctionRows(plan, workdir, device=plan.options.device) if verify else None
+    try:
+        report = _pipeline(
+            plan,
+            fetcher,
+            uploader,
+            output_dir,
+            meter=meter,
+            budget=budget,
+            progress=progress,
+            verifier=verifier,
+            function=function,
+        )
+    finally:
+        if function is not None:
+            function.close()
+    if verifier is None or function is None:
+        return report, None
+    return report, verifier.report(output_dir, function.rows())
+
+
 def _commit(
     client: HubClient,
     target: PushTarget,
@@ -295,25 +331,9 @@ def stream_merge_push(
             client.create_target(target)
             fetcher = Fetcher(client, base, request.cache_dir, progress)
             uploader = Uploader(client, target, plan.output_nbytes, progress)
-            output_dir = workdir / "merged"
-            verifier = ShardVerifier(plan, progress=progress) if verify else None
-            function = StreamedFunctionRows(plan, workdir, device=plan.options.device) if verify else None
-            try:
-                report = _pipeline(
-                    plan,
-                    fetcher,
-                    uploader,
-                    output_dir,
-                    meter=meter,
-                    budget=budget,
-                    progress=progress,
-                    verifier=verifier,
-                    function=function,
-                )
-            finally:
-                if function is not None:
-                    function.close()
-            verification = verifier.report(output_dir, function.rows()) if verifier is not None else None
+            report, verification = _merge_and_verify(
+                plan, fetcher, uploader, workdir, meter=meter, budget=budget, progress=progress, verify=verify
+            )
             if verification is not None and not verification.passed:
                 raise StreamVerificationError(
                     f"Verification failed, so nothing was committed.{retry_hint(target)}", report=verification
@@ -321,7 +341,7 @@ def stream_merge_push(
             pushed = _commit(
                 client,
                 target,
-                output_dir,
+                workdir / "merged",
                 inputs=inputs,
                 uploader=uploader,
                 report=report,
