@@ -161,7 +161,7 @@ class StreamedFunctionRows:
             self.result = _merged_does_not_load(_planned_rows(self.plan), str(exc))
             self.close()
         elif isinstance(exc, ModelLoadError):
-            self._skip(str(exc))
+            self._skip(f"{str(exc).rstrip('.')}; {_AFTER}")
         else:
             self._skip(f"the layer-by-layer forward pass failed ({short_error(exc)})")
 
