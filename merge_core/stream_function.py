@@ -7,7 +7,8 @@ deletes a shard: a shard that the unit each forward paused before still reads is
 straddling two shards; the pipeline's bound of about two input and two output shards still holds, since the
 prefetch is checked against the budget with the held shard counted). Tensors that units further on read
 from a shard that goes now (a tied head that is the embedding matrix of the first shard) are copied to RAM,
-at most one unit's worth per model; beyond that the rows are skipped and say why: never a wrong row.
+at most one unit plus one matrix per model (a layer spread over small shards, and a head stored before the
+layers); beyond that the rows are skipped and say why: never a wrong row.
 """
 
 from __future__ import annotations
@@ -121,15 +122,17 @@ class StreamedFunctionRows:
         return True
 
     def _keep(self, source, live: dict[str, BaseTensor], names: set[str], path: Path) -> None:
-        """Copy what later units read from a shard that goes now to RAM, at most one unit's worth."""
+        """Copy what later units read from a shard that goes now to RAM: at most the largest unit (what remains
+        of a layer spread over several small shards) plus the largest matrix (a head stored early)."""
         if self.runs is None or not names:
             return
         size = sum(source.kept[n].numel() for n in source.kept) + sum(live[n].info.numel for n in names)
-        if size > self.runs.stats.largest_unit:
+        largest = max((t.info.numel for t in self.plan.base.tensors.values()), default=0)
+        if size > self.runs.stats.largest_unit + largest:
             first = sorted(names)[0]
             self._skip(
-                f"skipped: {first} is read after {path.name} is deleted, and keeping it in memory would exceed "
-                f"one layer's weights (the shards' order spreads a unit beyond the streamed window); {_AFTER}"
+                f"skipped: {first} is read after {path.name} is deleted, and keeping it in memory would exceed one "
+                f"layer's weights and one matrix (the shard order spreads a unit beyond the streamed window); {_AFTER}"
             )
             return
         for name in sorted(names):
