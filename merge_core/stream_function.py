@@ -21,7 +21,7 @@ from pathlib import Path
 from .checkpoint import BaseTensor
 from .disk_budget import shard_needs
 from .errors import ModelLoadError
-from .layer_stream import DiskView, LayerRuns, streamed_runs
+from .layer_stream import DiskView, LayerRuns, _Source, streamed_runs
 from .models import MergedModelLoadError, short_error
 from .plan import MergePlan
 from .safetensors_io import read_header
@@ -121,7 +121,7 @@ class StreamedFunctionRows:
         present.discard(path)
         return True
 
-    def _keep(self, source, live: dict[str, BaseTensor], names: set[str], path: Path) -> None:
+    def _keep(self, source: _Source, live: dict[str, BaseTensor], names: set[str], path: Path) -> None:
         """Copy what later units read from a shard that goes now to RAM: at most the largest unit (what remains
         of a layer spread over several small shards) plus the largest matrix (a head stored early)."""
         if self.runs is None or not names:
