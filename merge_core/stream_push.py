@@ -50,6 +50,7 @@ from .plan import MergePlan, build_plan
 from .progress import ProgressCallback, ProgressUpdate, no_progress, serialized
 from .report import MergeReport
 from .safetensors_io import read_header
+from .stream_function import StreamedFunctionRows, held_bytes
 from .stream_transfer import Fetcher, StreamBase, Uploader, retry_hint
 from .verify_report import VerificationReport
 from .verify_stream import ShardVerifier
@@ -155,6 +156,7 @@ def _pipeline(
     budget: int,
     progress: ProgressCallback,
     verifier: ShardVerifier | None = None,
+    function: StreamedFunctionRows | None = None,
 ) -> MergeReport:
     """execute_plan with hooks: base shards just in time (the next one prefetched), each output shard
     handed to the uploader as soon as it is complete and verified while it uploads (its base shards
@@ -168,6 +170,8 @@ def _pipeline(
         for path in sorted(needs[i] - located):
             locate_shard(plan, path)
             located.add(path)
+            if function is not None:
+                function.base_arrived(path)
         held = meter.sample()
         # Prefetch only within the budget; otherwise the next shard downloads once this one's inputs are gone.
         if i + 1 < n and held + fetcher.missing_bytes(needs[i + 1]) + out_bytes[i] <= budget:
@@ -178,9 +182,13 @@ def _pipeline(
         uploader.submit(path)
         if verifier is not None:
             verifier.shard_written(path)
-        for used in sorted(needs[i]):
-            if last_use[used] == i:
+        consumed = [used for used in sorted(needs[i]) if last_use[used] == i]
+        if function is None:
+            for used in consumed:
                 fetcher.drop(used)
+        else:  # the layers that read these shards run first (some shards are held one more shard)
+            function.shard_written(path)
+            function.after_shard(consumed, path, drop=fetcher.drop, uploader=uploader, last=i == n - 1)
         # At most this shard uploading while the next is merged: the disk bound. The last one must be sent
         # before the staging folder is renamed into place.
         uploader.wait(keep=0 if i == n - 1 else 1)
@@ -194,6 +202,42 @@ def _pipeline(
         fetcher.close()
         uploader.close()
     return report
+
+
+def _merge_and_verify(
+    plan: MergePlan,
+    fetcher: Fetcher,
+    uploader: Uploader,
+    workdir: Path,
+    *,
+    meter: DiskMeter,
+    budget: int,
+    progress: ProgressCallback,
+    verify: bool,
+) -> tuple[MergeReport, VerificationReport | None]:
+    """The pipeline into ``workdir``/merged; with ``verify``, the table: numerics shard by shard and the
+    function rows layer by layer, both while each shard's inputs are on disk."""
+    output_dir = workdir / "merged"
+    verifier = ShardVerifier(plan, progress=progress) if verify else None
+    function = StreamedFunctionRows(plan, workdir, device=plan.options.device) if verify else None
+    try:
+        report = _pipeline(
+            plan,
+            fetcher,
+            uploader,
+            output_dir,
+            meter=meter,
+            budget=budget,
+            progress=progress,
+            verifier=verifier,
+            function=function,
+        )
+    finally:
+        if function is not None:
+            function.close()
+    if verifier is None or function is None:
+        return report, None
+    return report, verifier.report(output_dir, function.rows())
 
 
 def _commit(
@@ -279,18 +323,17 @@ def stream_merge_push(
         try:
             plan = build_plan(checkpoint, inputs.adapter_dir, inputs.options)
             needed = disk_needed(plan, folder=base.folder, sizes=base.sizes, adapter_dir=inputs.adapter_dir)
+            if verify:  # the function rows may hold a base shard one more output shard
+                needed += held_bytes(plan, folder=base.folder, sizes=base.sizes)
             budget = default_max_disk(workdir) if max_disk is None else int(max_disk)
             check_budget(needed, budget)
             client = HubClient(request.token, request.endpoint)
             client.create_target(target)
             fetcher = Fetcher(client, base, request.cache_dir, progress)
             uploader = Uploader(client, target, plan.output_nbytes, progress)
-            output_dir = workdir / "merged"
-            verifier = ShardVerifier(plan, progress=progress) if verify else None
-            report = _pipeline(
-                plan, fetcher, uploader, output_dir, meter=meter, budget=budget, progress=progress, verifier=verifier
+            report, verification = _merge_and_verify(
+                plan, fetcher, uploader, workdir, meter=meter, budget=budget, progress=progress, verify=verify
             )
-            verification = verifier.report(output_dir) if verifier is not None else None
             if verification is not None and not verification.passed:
                 raise StreamVerificationError(
                     f"Verification failed, so nothing was committed.{retry_hint(target)}", report=verification
@@ -298,7 +341,7 @@ def stream_merge_push(
             pushed = _commit(
                 client,
                 target,
-                output_dir,
+                workdir / "merged",
                 inputs=inputs,
                 uploader=uploader,
                 report=report,

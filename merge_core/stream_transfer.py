@@ -116,6 +116,16 @@ class Uploader:
         self.operations: list[Any] = []
         self.uploaded: list[str] = []
         self.already: list[str] = []
+        self.held: set[Path] = set()  # the streamed function rows still read these: deleted on release
+
+    def hold(self, path: Path) -> None:
+        self.held.add(path)
+
+    def release(self, path: Path) -> None:
+        """Delete a held shard now if it is sent, else once ``wait`` sees it sent."""
+        self.held.discard(path)
+        if not self.keep and all(queued != path for queued, _ in self.queue):
+            path.unlink(missing_ok=True)
 
     def _add(self, n: int, message: str = "") -> None:
         self.done += n
@@ -135,7 +145,7 @@ class Uploader:
             except Exception as exc:
                 detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
                 raise PushError(f"Upload failed ({detail}).{retry_hint(self.target)}") from exc
-            if not self.keep:
+            if not self.keep and path not in self.held:
                 path.unlink(missing_ok=True)
 
     def _upload(self, path: Path, prepared: Future) -> None:

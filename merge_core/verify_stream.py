@@ -7,7 +7,7 @@ untouched tensors bit for bit against the base, NaN/Inf. These read sampled rows
 first, the last and evenly spaced windows): the full check of a 5 GB shard took 260 s on 2 shared cores,
 longer than the shard's upload, so it held the pipeline back (benchmarks/RESULTS.md). The structure rows
 and the config and tokenizer row follow once the index and the small files are written. The function rows
-need the base and the merged model together, which the bounded disk never holds: they say so in their row.
+are computed alongside, layer by layer while the shards go by (stream_function), and handed to ``report``.
 """
 
 from __future__ import annotations
@@ -20,16 +20,11 @@ from .progress import ProgressCallback, ProgressUpdate, no_progress
 from .safetensors_io import TensorInfo, read_header
 from .tensor_math import DEFAULT_BLOCK_ELEMENTS
 from .verify import _files_check, _Findings, _Found, _numerics_checks, _stream_tensors, _structure_checks
-from .verify_function import _planned_rows
 from .verify_report import Check, VerificationReport
 
 SAMPLE_WINDOWS, SAMPLE_ROWS = 4, 32
 SAMPLED = f"sampled: {SAMPLE_WINDOWS} windows of {SAMPLE_ROWS} rows per tensor (first, last, evenly between)"
 _SAMPLED_ROWS = ("untouched tensors bit-identical to base", "every adapted tensor changed", "no NaN/Inf")
-FUNCTION_SKIPPED = (
-    "the streamed push never holds the base and the merged model together (it deletes each shard once it is "
-    "used or uploaded); merge to an OUTPUT folder with --verify for these rows"
-)
 
 
 def sampled_rows(n_rows: int, _step: int) -> list[tuple[int, int]]:
@@ -79,8 +74,9 @@ class ShardVerifier:
         self.findings.nonfinite += part.nonfinite
         self.findings.modules += part.modules
 
-    def report(self, output_dir: Path) -> VerificationReport:
-        """The table, once ``output_dir`` holds the index, config, tokenizer (the shards may be gone)."""
+    def report(self, output_dir: Path, function: list[Check]) -> VerificationReport:
+        """The table, once ``output_dir`` holds the index, config, tokenizer (the shards may be gone);
+        ``function``: the rows stream_function computed while the shards went by."""
         found = _Found(self.tensors, self.problems + _index_problems(output_dir, self.tensors))
         report = VerificationReport(checks=_structure_checks(self.plan, found), modules=self.findings.modules)
         structure, numerics = self.findings.checks(), _numerics_checks(self.plan, self.findings.modules)
@@ -91,7 +87,7 @@ class ShardVerifier:
             *structure,
             _files_check(self.plan, output_dir),
             *numerics,
-            *(Check(name, "function", None, "-", "-", FUNCTION_SKIPPED) for name in _planned_rows(self.plan)),
+            *function,
         ]
         return report
 
@@ -109,4 +105,4 @@ def _index_problems(output_dir: Path, tensors: dict[str, tuple[Path, TensorInfo]
     ][:3]
 
 
-__all__ = ["FUNCTION_SKIPPED", "ShardVerifier"]
+__all__ = ["ShardVerifier"]

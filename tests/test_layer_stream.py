@@ -131,3 +131,37 @@ def test_a_model_that_cannot_be_streamed_gets_skipped_rows_that_say_why(tmp_path
     rows = functional_checks(plan, merged, memory_budget=1000)
     assert [r.name for r in rows] == LOGIT_ROWS
     assert all(r.passed is None and "GB" in r.detail and "vocabulary" in r.detail for r in rows), rows
+
+
+def test_layer_runs_advance_as_shards_appear_and_give_the_whole_folder_rows(tmp_path: Path) -> None:
+    from itertools import zip_longest
+
+    from merge_core.checkpoint import BaseTensor
+    from merge_core.layer_stream import DiskView, streamed_runs
+    from merge_core.safetensors_io import read_header
+
+    base = make_base(tmp_path / "base", "llama", layers=4, max_shard_size="60KB")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    merged, options = tmp_path / "merged", MergeOptions(max_shard_size="40KB")
+    merge_adapter(base, adapter, merged, options)
+    plan = build_plan(base, adapter, options)
+    base_shards = sorted({Path(t.shard) for t in plan.base.tensors.values()})
+    merged_shards = sorted(merged.glob("model-*.safetensors"))
+    assert len(base_shards) > 2 and len(merged_shards) > 2
+    view = DiskView(plan.base.tensors, {})
+    ran: list[int] = []
+    with streamed_runs(plan, view, merged) as runs:
+        assert not runs.advance()  # nothing on disk: every forward waits before its first unit
+        for base, out in zip_longest(base_shards, merged_shards):
+            if base is not None:
+                view.base_present.add(base)
+            if out is not None:
+                view.merged.update({n: BaseTensor(out, i) for n, i in read_header(out).tensors.items()})
+                view.merged_present.add(out)
+            done = runs.advance()
+            ran.append(sum(len(p.outputs) for p in runs.passes))
+            assert runs.stats.held == 0  # a paused forward holds no weights
+        rows = runs.rows()
+        assert done and 0 < ran[0] < ran[-1] and ran == sorted(ran)  # advanced shard by shard, never back
+    whole = streamed_logit_checks(plan, merged)
+    assert [(r.name, r.passed, r.value) for r in rows] == [(r.name, r.passed, r.value) for r in whole]

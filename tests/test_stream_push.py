@@ -225,8 +225,16 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
     assert (
         rows["untouched tensors bit-identical to base"].passed and rows["all tensors present with their shapes"].passed
     )
-    function = [c for c in table.checks if c.group == "function"]
-    assert function and all(c.passed is None and "never holds the base" in c.detail for c in function)
+    _assert_function_rows_equal_the_whole_folder_rows(env.base, env.adapter, table, tmp_path)
+    # The rows hold a base shard one more output shard when a layer straddles two: counted in the bound.
+    tight = stream_merge_push(
+        _request(env),
+        client.preflight_push("alice/verified-tight", "new"),
+        tmp_path / "tight",
+        verify=True,
+        max_disk=result.disk_needed,
+    )
+    assert tight.verification.passed and 0 < tight.peak_disk_bytes <= tight.disk_needed == result.disk_needed
     verify_bytes = [u for u in updates if u.stage == "verify"]
     assert verify_bytes and verify_bytes[-1].done == verify_bytes[-1].total
     card = env.hub.repo_files("alice/verified")["README.md"].decode()
@@ -239,6 +247,64 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
         stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
     assert not failed.value.report.passed
     assert _model_commits(env.hub, "alice/refused") == []
+
+
+def _assert_function_rows_equal_the_whole_folder_rows(base: Path, adapter: Path, table, tmp_path: Path) -> None:
+    """The rows computed while the shards went by are layer_stream's rows on the whole merged folder."""
+    from merge_core.layer_stream import streamed_logit_checks
+    from merge_core.merge import merge_adapter
+    from merge_core.options import MergeOptions
+    from merge_core.plan import build_plan
+    from merge_core.tasks import LOGIT_ROWS
+
+    merge_adapter(base, adapter, tmp_path / "whole", MergeOptions())
+    whole = streamed_logit_checks(build_plan(base, adapter, MergeOptions()), tmp_path / "whole")
+    function = [c for c in table.checks if c.group == "function"]
+    assert [c.name for c in function] == [c.name for c in whole] == LOGIT_ROWS
+    for got, want in zip(function, whole, strict=True):
+        if got.name == LOGIT_ROWS[2]:  # greedy decoding needs the whole model: said, not run
+            assert got.passed is None and want.passed is None and "whole model" in got.detail
+            continue
+        assert got.passed is True and want.passed is True, (got, want)
+        assert float(got.value.rstrip("%")) == pytest.approx(float(want.value.rstrip("%")), abs=1e-5)
+    assert "layer by layer" in function[0].detail
+
+
+def test_a_scaled_merged_tensor_fails_the_streamed_function_row_and_nothing_is_committed(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merge_core import stream_function
+    from merge_core.safetensors_io import DTYPE_FROM_ST, read_header
+    from merge_core.tasks import LOGIT_ROWS
+
+    real = stream_function.StreamedFunctionRows.shard_written
+    scaled: list[str] = []
+
+    def scale_then_check(self, path: Path) -> None:
+        # One layer's o_proj (which the adapter leaves alone) times 1.5, after the numerics rows read it:
+        # only the function rows can see it.
+        header = read_header(path)
+        name = next((n for n in header.tensors if n.endswith("layers.1.self_attn.o_proj.weight")), None)
+        if name is not None:
+            info = header.tensors[name]
+            with open(path, "r+b") as f:
+                f.seek(info.begin)
+                value = torch.frombuffer(bytearray(f.read(info.nbytes)), dtype=DTYPE_FROM_ST[info.dtype]) * 1.5
+                f.seek(info.begin)
+                f.write(value.numpy().tobytes())
+            scaled.append(name)
+        real(self, path)
+
+    monkeypatch.setattr(stream_function.StreamedFunctionRows, "shard_written", scale_then_check)
+    target = HubClient(ALICE, env.hub.url).preflight_push("alice/function-refused", "new")
+    with pytest.raises(StreamVerificationError, match="nothing was committed") as failed:
+        stream_merge_push(_request(env), target, tmp_path / "work", verify=True)
+    assert scaled
+    table = failed.value.report
+    failed_rows = table.failed()
+    assert LOGIT_ROWS[0] in [c.name for c in failed_rows] and {c.group for c in failed_rows} == {"function"}
+    assert float(table.check(LOGIT_ROWS[0]).value) > 1e-3
+    assert _model_commits(env.hub, "alice/function-refused") == []
 
 
 def _corrupt_second_shard(monkeypatch: pytest.MonkeyPatch, shard: str) -> None:
@@ -282,3 +348,59 @@ def test_streamed_checks_sample_first_last_and_evenly_spaced_rows() -> None:
     assert windows[0] == (0, SAMPLE_ROWS) and windows[-1] == (5120 - SAMPLE_ROWS, 5120)
     assert len(windows) == SAMPLE_WINDOWS and all(b - a == SAMPLE_ROWS for a, b in windows)
     assert sampled_rows(SAMPLE_WINDOWS * SAMPLE_ROWS, 800) == [(0, SAMPLE_WINDOWS * SAMPLE_ROWS)]  # small: every row
+
+
+def _upload_pair(env: Env, tmp: Path, name: str, base: Path) -> MergeRequest:
+    make_tokenizer(base)
+    adapter = make_adapter(base, tmp / f"{name}-adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = f"acme/{name}"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    for repo, folder in [(f"acme/{name}", base), (f"alice/{name}-lora", adapter)]:
+        env.hub.create_repo(repo)
+        env.hub.upload_dir(repo, folder)
+    return MergeRequest(adapter=f"alice/{name}-lora", token=ALICE, endpoint=env.hub.url, max_shard_size=SHARD)
+
+
+def _move_to_last_shard(base: Path, tensor: str) -> None:
+    """Rewrite a sharded checkpoint so ``tensor`` is stored in its last shard, far from its layer."""
+    from safetensors.torch import load_file, save_file
+
+    index_file = base / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first, last = index["weight_map"][tensor], sorted(set(index["weight_map"].values()))[-1]
+    state = load_file(base / first)
+    moved = state.pop(tensor)
+    save_file(state, base / first, metadata={"format": "pt"})
+    save_file({**load_file(base / last), tensor: moved}, base / last, metadata={"format": "pt"})
+    index["weight_map"][tensor] = last
+    index_file.write_text(json.dumps(index))
+
+
+def test_streamed_rows_keep_a_tied_head_in_memory_and_skip_a_layer_spread_over_the_checkpoint(
+    env: Env, tmp_path: Path
+) -> None:
+    from merge_core.tasks import LOGIT_ROWS
+
+    client = HubClient(ALICE, env.hub.url)
+    # Tied: the head runs last but is the embedding matrix of the first shard, copied to RAM before it goes.
+    tied = make_base(tmp_path / "tied", "qwen2", tie=True, max_shard_size=SHARD)
+    request = _upload_pair(env, tmp_path, "tied-qwen", tied)
+    result = stream_merge_push(request, client.preflight_push("alice/tied", "new"), tmp_path / "t", verify=True)
+    assert not any(
+        "lm_head" in n for n in json.loads((tied / "model.safetensors.index.json").read_text())["weight_map"]
+    )
+    _assert_function_rows_equal_the_whole_folder_rows(
+        tied, tmp_path / "tied-qwen-adapter", result.verification, tmp_path
+    )
+
+    # Layer 0's q_proj stored in the last shard: layer 0 cannot run until the end, and every layer after it
+    # would have to wait in memory. The rows say so, the other rows still decide, and the push lands.
+    spread = make_base(tmp_path / "spread", "llama", max_shard_size=SHARD)
+    _move_to_last_shard(spread, "model.layers.0.self_attn.q_proj.weight")
+    request = _upload_pair(env, tmp_path, "spread-llama", spread)
+    result = stream_merge_push(request, client.preflight_push("alice/spread", "new"), tmp_path / "s", verify=True)
+    function = [c for c in result.verification.checks if c.group == "function"]
+    assert [c.name for c in function] == LOGIT_ROWS
+    assert all(c.passed is None and "beyond the streamed window" in c.detail for c in function), function
+    assert result.verification.passed and len(_model_commits(env.hub, "alice/spread")) == 1
