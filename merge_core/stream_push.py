@@ -292,6 +292,30 @@ def _commit(
     return pushed
 
 
+def _refuse_failed(verification: VerificationReport | None, target: PushTarget) -> None:
+    if verification is not None and not verification.passed:
+        raise StreamVerificationError(
+            f"Verification failed, so nothing was committed.{retry_hint(target)}", report=verification
+        )
+
+
+def _disk_roots(workdir: Path, cache_dir: Path) -> list[Path]:
+    """The folders whose bytes count against the budget (the cache once, also when inside the workdir)."""
+    return [workdir] + ([] if cache_dir.resolve().is_relative_to(workdir.resolve()) else [cache_dir])
+
+
+def _checked_budget(
+    plan: MergePlan, base: StreamBase, adapter_dir: Path, workdir: Path, *, max_disk: int | None, verify: bool
+) -> tuple[int, int]:
+    """(bytes the pipeline needs, the budget), refused up front when the first exceeds the second."""
+    needed = disk_needed(plan, folder=base.folder, sizes=base.sizes, adapter_dir=adapter_dir)
+    if verify:  # the function rows may hold a base shard one more output shard
+        needed += held_bytes(plan, folder=base.folder, sizes=base.sizes)
+    budget = default_max_disk(workdir) if max_disk is None else int(max_disk)
+    check_budget(needed, budget)
+    return needed, budget
+
+
 def stream_merge_push(
     request: MergeRequest,
     target: PushTarget,
@@ -309,24 +333,16 @@ def stream_merge_push(
     ``verify``: each output shard is verified while it uploads (merge_core.verify_stream); a failed check
     raises StreamVerificationError, with the table, before anything is committed.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir := Path(workdir)).mkdir(parents=True, exist_ok=True)
     progress = serialized(progress)
     owned = request.cache_dir is None
     request = replace(request, cache_dir=Path(request.cache_dir or workdir / "hub-cache"))
-    roots = [workdir] + (
-        [] if Path(request.cache_dir).resolve().is_relative_to(workdir.resolve()) else [request.cache_dir]
-    )
-    with DiskMeter(roots) as meter:
+    with DiskMeter(_disk_roots(workdir, Path(request.cache_dir))) as meter:
         inputs, checkpoint, base = _resolve_metadata(request, workdir, progress)
         base.owned_cache = owned
         try:
             plan = build_plan(checkpoint, inputs.adapter_dir, inputs.options)
-            needed = disk_needed(plan, folder=base.folder, sizes=base.sizes, adapter_dir=inputs.adapter_dir)
-            if verify:  # the function rows may hold a base shard one more output shard
-                needed += held_bytes(plan, folder=base.folder, sizes=base.sizes)
-            budget = default_max_disk(workdir) if max_disk is None else int(max_disk)
-            check_budget(needed, budget)
+            needed, budget = _checked_budget(plan, base, inputs.adapter_dir, workdir, max_disk=max_disk, verify=verify)
             client = HubClient(request.token, request.endpoint)
             client.create_target(target)
             fetcher = Fetcher(client, base, request.cache_dir, progress)
@@ -334,10 +350,7 @@ def stream_merge_push(
             report, verification = _merge_and_verify(
                 plan, fetcher, uploader, workdir, meter=meter, budget=budget, progress=progress, verify=verify
             )
-            if verification is not None and not verification.passed:
-                raise StreamVerificationError(
-                    f"Verification failed, so nothing was committed.{retry_hint(target)}", report=verification
-                )
+            _refuse_failed(verification, target)
             pushed = _commit(
                 client,
                 target,
