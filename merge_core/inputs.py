@@ -11,7 +11,7 @@ from typing import Any
 
 from .adapter import load_adapter_config
 from .card import read_local_card_data
-from .checkpoint import BaseCheckpoint, BaseTensor, read_json
+from .checkpoint import read_json
 from .errors import GgufUnsupportedError, InvalidOptionError
 from .gguf_outputs import preflight_folder
 from .hub import (
@@ -19,15 +19,14 @@ from .hub import (
     HubClient,
     RepoRef,
     adapter_files,
-    base_weight_files,
     matching,
     parse_source,
 )
+from .hub_base import hub_base_files
 from .locks import Claim
 from .merge import check_disk
 from .plan import MergeOptions, build_plan, parse_size
 from .progress import ProgressCallback, ProgressUpdate, no_progress
-from .safetensors_io import TensorInfo
 from .workdirs import new_combined_folder, sweep_combined
 
 
@@ -243,35 +242,6 @@ def base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Pat
     return source, declared
 
 
-def headers_checkpoint(base_dir: Path, headers: dict[str, dict[str, Any]], name: str) -> BaseCheckpoint | None:
-    """A BaseCheckpoint from remote headers, so the plan validates before the shards download.
-
-    None when a 4-bit weight's shape can only be read from its quant state (inside the shards): the
-    plan is then validated once they are downloaded.
-    """
-    from .quant import config_shapes, detect_quantization, with_shape_hints
-
-    config = read_json(base_dir / "config.json", "the base model's config")
-    tensors: dict[str, BaseTensor] = {}
-    for shard, entries in sorted(headers.items()):
-        for tensor, (dtype, shape, offsets) in entries.items():
-            info = TensorInfo(tensor, dtype, tuple(shape), offsets[0], offsets[1])
-            tensors[tensor] = BaseTensor(base_dir / shard, info)
-    quant = detect_quantization(config, tensors)
-    if quant is not None and not quant.resolved:
-        quant = with_shape_hints(quant, config_shapes(config))
-        if any(t.shape is None for t in quant.tensors.values()):
-            return None
-    return BaseCheckpoint(
-        path=base_dir,
-        config=config,
-        tensors=tensors,
-        shards=[base_dir / s for s in sorted(headers)],
-        name=name,
-        quant=quant,
-    )
-
-
 def _fetch_hub_base(
     ref: RepoRef,
     adapter_dir: Path,
@@ -285,26 +255,24 @@ def _fetch_hub_base(
     """Small files and safetensors headers first; the GGUF types and the plan are validated (and the
     disk checked) before any shard is downloaded."""
     client, cache = hub.client, hub.request.cache_dir
-    sha, files = client.resolve(ref)
-    base_weight_files(files, ref)  # refuses pickle-only repos before any download
-    small = matching(files, BASE_SMALL_PATTERNS)
-    base_dir = client.download(ref, sha, small, cache_dir=cache)
-    _gguf_preflight(Path(base_dir), hub.request, notes)
-    headers = client.safetensors_headers(ref, sha)
-    checkpoint = headers_checkpoint(base_dir, headers, str(ref))
-    shards = sorted(headers)
+    meta = hub_base_files(ref, client, cache_dir=cache)
+    _gguf_preflight(meta.folder, hub.request, notes)
+    files, base_dir, checkpoint = meta.files, meta.folder, meta.checkpoint
+    shards = sorted(meta.headers)
     shard_bytes = sum(files.get(s, 0) for s in shards)
     output_bytes = build_plan(checkpoint, adapter_dir, options).output_nbytes if checkpoint is not None else 0
-    if _same_disk(Path(base_dir), output_parent):
+    if _same_disk(base_dir, output_parent):
         # One disk holds both (the app's per-request folder): the download still to come and the merged copy
         # must fit together, or the merge would stop after the whole download. Shards in the cache cost nothing.
-        to_fetch = sum(files.get(s, 0) for s in shards if not (Path(base_dir) / s).exists())
+        to_fetch = sum(files.get(s, 0) for s in shards if not (base_dir / s).exists())
         check_disk(output_parent, to_fetch + output_bytes, f"{ref.repo_id} and the merged model together")
     else:
         check_disk(base_dir, shard_bytes, f"downloading {ref.repo_id}")
         if checkpoint is not None:
             check_disk(output_parent, output_bytes)
-    base_dir = client.download(ref, sha, small + shards, cache_dir=cache, progress=progress, total_bytes=shard_bytes)
+    base_dir = client.download(
+        ref, meta.sha, meta.small + shards, cache_dir=cache, progress=progress, total_bytes=shard_bytes
+    )
     return BaseInput(Path(base_dir), ref.repo_id, ref.revision, client.card_data(ref))
 
 
@@ -429,4 +397,11 @@ def resolve_inputs(
     return inputs
 
 
-__all__ = ["AdapterInput", "BaseInput", "MergeRequest", "ResolvedInputs", "parse_adapter_list", "resolve_inputs"]
+__all__ = [
+    "AdapterInput",
+    "BaseInput",
+    "MergeRequest",
+    "ResolvedInputs",
+    "parse_adapter_list",
+    "resolve_inputs",
+]

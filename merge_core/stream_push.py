@@ -27,22 +27,19 @@ from .disk_budget import (
 )
 from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError, StreamVerificationError
 from .hub import (
-    BASE_SMALL_PATTERNS,
     HubClient,
     PushMode,
     PushResult,
     PushTarget,
     RepoRef,
-    base_weight_files,
-    matching,
 )
+from .hub_base import hub_base_files
 from .inputs import (
     BaseInput,
     HubSession,
     MergeRequest,
     ResolvedInputs,
     base_source,
-    headers_checkpoint,
     resolve_adapter,
 )
 from .merge import ShardHooks, execute_plan
@@ -96,30 +93,25 @@ def _resolve_metadata(
         inputs.options = request.options(
             base_name=str(source), adapter_name=inputs.adapter_id, adapter_revision=inputs.adapter_revision
         )
-        client = hub.client
-        sha, files = client.resolve(source)
-        base_weight_files(files, source)  # refuses pickle-only repos
-        folder = client.download(source, sha, matching(files, BASE_SMALL_PATTERNS), cache_dir=request.cache_dir)
-        headers = client.safetensors_headers(source, sha)
-        checkpoint = headers_checkpoint(folder, headers, str(source))
-        if checkpoint is None:
+        meta = hub_base_files(source, hub.client, cache_dir=request.cache_dir)
+        if meta.checkpoint is None:
             raise InvalidOptionError(
                 "This quantized base's shapes are only known from its shards, so it cannot be streamed; "
                 "merge it to a folder first, then push."
             )
-        inputs.base = BaseInput(folder, source.repo_id, source.revision, client.card_data(source))
+        inputs.base = BaseInput(meta.folder, source.repo_id, source.revision, hub.client.card_data(source))
     except BaseException:
         inputs.release()
         raise
     progress(ProgressUpdate("resolve", 2, 2, "", "done"))
-    sizes = {s: int(files.get(s, 0)) for s in headers}
-    return inputs, checkpoint, StreamBase(source, sha, folder, sizes, owned_cache=False)
+    sizes = {s: int(meta.files.get(s, 0)) for s in meta.headers}
+    return inputs, meta.checkpoint, StreamBase(source, meta.sha, meta.folder, sizes, owned_cache=False)
 
 
 def locate_shard(plan: MergePlan, path: Path) -> None:
     """Point the plan's tensors of one downloaded shard at their absolute offsets in the file.
 
-    A headers-only checkpoint (inputs.headers_checkpoint) holds the Hub's data offsets, which
+    A headers-only checkpoint (hub_base.headers_checkpoint) holds the Hub's data offsets, which
     count from the end of the header; the file on disk tells the header's length, and must agree
     with everything else the plan was built from.
     """
