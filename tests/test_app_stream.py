@@ -3,8 +3,7 @@ local Hub test server: through merge_core.pipeline and through the app's handler
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,39 +14,15 @@ from merge_core import pipeline
 from merge_core.errors import DiskBudgetError
 from merge_core.inputs import MergeRequest
 from merge_core.progress import ProgressUpdate
-from tests.conftest import ALICE, ALICE_READ, HUB_PORT, start_hub
-from tests.factories import make_adapter, make_base, make_tokenizer
-from tests.hubserver import HubServer
-
-SHARD = "20KB"
-
-
-@dataclass
-class Env:
-    hub: HubServer
-    base: Path
-    adapter: Path
+from tests.conftest import ALICE, ALICE_READ
+from tests.sharded_hub import SHARD, Env, model_commits, sharded_env
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("app-stream")
-    base = make_base(root / "base", "llama", max_shard_size=SHARD)
-    make_tokenizer(base)
-    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj"])
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "acme/sharded-llama"
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    hub = start_hub(root / "hub", port=HUB_PORT)  # HF_ENDPOINT's port: the app reads the Hub from there
-    for repo, folder in [("acme/sharded-llama", base), ("alice/sharded-lora", adapter)]:
-        hub.create_repo(repo)
-        hub.upload_dir(repo, folder)
-    yield Env(hub, base, adapter)
-    hub.stop()
-
-
-def _model_commits(hub: HubServer, repo: str) -> list:
-    return [c for c in hub.commits(repo) if ".safetensors" in json.dumps(c)]
+    env = sharded_env(tmp_path_factory.mktemp("app-stream"), target_modules=["q_proj", "v_proj"])
+    yield env
+    env.hub.stop()
 
 
 def _form(**changes: Any) -> pipeline.MergeForm:
@@ -81,7 +56,7 @@ def test_push_of_a_merged_folder_reports_bytes_as_they_go_in_one_commit(env: Env
     # Byte-level: more distinct steps than files, and the last step is the commit (not the last upload).
     assert len(set(done)) > len(shards) + 1 and any("committing" in u.message for u in uploads)
     assert max(u.done for u in uploads if "committing" not in u.message and "committed" not in u.message) < done[-1]
-    assert len(_model_commits(env.hub, "alice/progress")) == 1 and len(pushed.commit_oid) == 40
+    assert len(model_commits(env.hub, "alice/progress")) == 1 and len(pushed.commit_oid) == 40
     assert len([r for r in env.hub.requests_for("PUT", "/lfs-upload/") if r.status == 200]) == len(shards)
     on_hub = env.hub.repo_files("alice/progress")
     assert {n: len(on_hub[n]) for n in files} == files
@@ -107,7 +82,7 @@ def test_streamed_merge_from_the_app_lands_one_commit_with_link_and_snippets(env
         owner="alice",
         progress=pipeline.stream_progress(progress),
     )
-    assert len(_model_commits(env.hub, "alice/streamed-app")) == 1
+    assert len(model_commits(env.hub, "alice/streamed-app")) == 1
     assert {"model.safetensors.index.json", "config.json", "README.md"} <= set(env.hub.repo_files("alice/streamed-app"))
     assert f"[alice/streamed-app]({env.hub.url}/alice/streamed-app)" in done.push_result
     assert "vllm serve alice/streamed-app" in done.push_result and "from_pretrained" in done.push_result
@@ -127,7 +102,7 @@ def test_streamed_merge_from_the_app_lands_one_commit_with_link_and_snippets(env
     assert view.error["visible"] is False and pushed["visible"] is True
     assert "alice/streamed-page" in pushed["value"] and view.state is None
     assert view.push_btn["interactive"] is False and view.gen_merged == "" and "No sample" in view.gen_note
-    assert len(_model_commits(env.hub, "alice/streamed-page")) == 1
+    assert len(model_commits(env.hub, "alice/streamed-page")) == 1
 
 
 def test_streamed_merge_refuses_bad_targets_before_any_download(env: Env) -> None:
@@ -138,7 +113,7 @@ def test_streamed_merge_refuses_bad_targets_before_any_download(env: Env) -> Non
         (_form(repo_name=""), ALICE, "fill in Target repo"),
         (_form(repo_name="alice/no-token"), "", "write token"),
     ]:
-        view, pushed = app.merge_to_hub(dataclass_replace(form, token=token), pipeline.StreamForm())
+        view, pushed = app.merge_to_hub(replace(form, token=token), pipeline.StreamForm())
         assert words in view.error["value"], view.error
         assert pushed["visible"] is False and view.merge_btn["interactive"] is True
     assert not env.hub.requests_for("GET", "/model-000")  # no base shard (nor its header) was read
@@ -152,12 +127,6 @@ def test_streamed_merge_refuses_bad_targets_before_any_download(env: Env) -> Non
     assert "--max-disk" not in str(refused.value) and "30.00 KB to spare" in str(refused.value)
     shard_reads = env.hub.requests_for("GET", "/model-000")
     assert shard_reads and all("range" in {k.lower() for k in r.headers} for r in shard_reads)
-
-
-def dataclass_replace(form: pipeline.MergeForm, **changes: Any) -> pipeline.MergeForm:
-    from dataclasses import replace
-
-    return replace(form, **changes)
 
 
 def test_a_merge_too_large_for_the_disk_stops_before_the_download_and_names_the_streamed_mode(
@@ -238,4 +207,4 @@ def test_cli_push_shows_the_upload_bytes_in_tqdm_and_lands_one_commit(
     assert bars and "100%" in bars[-1] and "committed" in bars[-1], bars[-3:]
     assert len({b.split("|")[0] for b in bars}) > 2  # the bar moved through intermediate values
     assert f"{total / 1024:.0f}k" in bars[-1] or f"{total / 1024:.1f}k" in bars[-1], (total, bars[-1])
-    assert len(_model_commits(env.hub, "alice/cli-progress")) == 1
+    assert len(model_commits(env.hub, "alice/cli-progress")) == 1

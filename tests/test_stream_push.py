@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,44 +13,21 @@ from merge_core.hub import HubClient
 from merge_core.inputs import MergeRequest
 from merge_core.progress import ProgressUpdate
 from merge_core.stream_push import stream_merge_push
-from tests.conftest import ALICE, HUB_PORT, start_hub
-from tests.factories import logits, make_adapter, make_base, make_tokenizer, peft_reference, prompt_ids
+from tests.conftest import ALICE
+from tests.factories import logits, make_base, peft_reference, prompt_ids
 from tests.hubserver import HubServer
-
-SHARD = "20KB"
-
-
-@dataclass
-class Env:
-    hub: HubServer
-    base: Path
-    adapter: Path
+from tests.sharded_hub import SHARD, Env, model_commits, sharded_env, upload_pair
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("stream")
-    base = make_base(root / "base", "llama", max_shard_size=SHARD)
-    make_tokenizer(base)
-    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "acme/sharded-llama"
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    # On HF_ENDPOINT's port, so from_pretrained("alice/...") reads back through this server.
-    hub = start_hub(root / "hub", port=HUB_PORT)
-    for repo, folder in [("acme/sharded-llama", base), ("alice/sharded-lora", adapter)]:
-        hub.create_repo(repo)
-        hub.upload_dir(repo, folder)
-    yield Env(hub, base, adapter)
-    hub.stop()
+    env = sharded_env(tmp_path_factory.mktemp("stream"), target_modules=["q_proj", "v_proj", "down_proj"])
+    yield env
+    env.hub.stop()
 
 
 def _request(env: Env) -> MergeRequest:
     return MergeRequest(adapter="alice/sharded-lora", token=ALICE, endpoint=env.hub.url, max_shard_size=SHARD)
-
-
-def _model_commits(hub: HubServer, repo: str) -> list:
-    return [c for c in hub.commits(repo) if ".safetensors" in json.dumps(c)]
 
 
 def _shards(folder: Path) -> dict[str, int]:
@@ -73,7 +49,7 @@ def test_streamed_push_lands_one_commit_within_the_disk_bound(env: Env, tmp_path
     assert pushed.repo_id == "alice/streamed" and len(pushed.commit_oid) == 40
 
     # One commit carries every shard, the index, config, tokenizer and card.
-    assert len(_model_commits(env.hub, "alice/streamed")) == 1
+    assert len(model_commits(env.hub, "alice/streamed")) == 1
     files = env.hub.repo_files("alice/streamed")
     out_shards = [n for n in files if n.startswith("model-") and n.endswith(".safetensors")]
     assert len(out_shards) >= 4 and sorted(out_shards) == report.shards
@@ -120,7 +96,7 @@ def test_interrupted_push_leaves_no_commit_and_the_rerun_sends_only_what_is_miss
     finally:
         env.hub.fail_uploads_after(None)
     assert "Update existing repo" in str(failed.value)
-    assert _model_commits(env.hub, "alice/resumed") == []
+    assert model_commits(env.hub, "alice/resumed") == []
     assert env.hub.repo_files("alice/resumed").keys() <= {".gitattributes"}
     sent_first = len(_lfs_puts(env.hub, 200))
     assert 1 <= sent_first and _lfs_puts(env.hub, 403)
@@ -138,7 +114,7 @@ def test_interrupted_push_leaves_no_commit_and_the_rerun_sends_only_what_is_miss
     assert any("already in the cache" in u.message for u in updates if u.stage == "download")
     assert len(result.already_on_hub) == sent_first and len(result.uploaded) == n_shards - sent_first
     assert len(_lfs_puts(env.hub)) == n_shards - sent_first  # only the missing shards crossed the wire
-    assert len(_model_commits(env.hub, "alice/resumed")) == 1
+    assert len(model_commits(env.hub, "alice/resumed")) == 1
     assert len(env.hub.commits("alice/resumed")) == len(created) + 1
     assert any("already on the Hub" in u.message for u in updates if u.stage == "upload")
     files = env.hub.repo_files("alice/resumed")
@@ -159,7 +135,7 @@ def test_the_budget_is_refused_below_the_pipeline_and_respected_at_it(env: Env, 
     result = stream_merge_push(_request(env), target, tmp_path / "work", max_disk=needed)
     assert needed < sum(_shards(env.base).values()) + result.report.output_bytes
     assert result.disk_needed == needed and 0 < result.peak_disk_bytes <= needed
-    assert len(_model_commits(env.hub, "alice/tight")) == 1
+    assert len(model_commits(env.hub, "alice/tight")) == 1
 
 
 def test_update_replaces_stale_weights_and_a_pull_request_leaves_main_alone(env: Env, tmp_path: Path) -> None:
@@ -186,7 +162,7 @@ def test_cli_output_dash_streams_hub_to_hub(env: Env, capsys, monkeypatch) -> No
     assert cli_main([*head, "-", *args, "--push", "cli-streamed", "--max-disk", "10MB"]) == 0
     out = capsys.readouterr().out
     assert "pushed:" in out and "peak disk" in out
-    assert len(_model_commits(env.hub, "alice/cli-streamed")) == 1
+    assert len(model_commits(env.hub, "alice/cli-streamed")) == 1
     merged = AutoModelForCausalLM.from_pretrained("alice/cli-streamed", token=ALICE, dtype=torch.float32).eval()
     ids = prompt_ids()
     assert (logits(merged, ids) - logits(peft_reference(env.base, env.adapter), ids)).abs().max().item() <= 1e-4
@@ -195,7 +171,7 @@ def test_cli_output_dash_streams_hub_to_hub(env: Env, capsys, monkeypatch) -> No
     assert cli_main([*head, *args, "--push", "cli-verified", "--verify"]) == 0
     out = capsys.readouterr().out
     assert "verification: PASSED" in out and "merged = float64 reference rounded once" in out
-    assert len(_model_commits(env.hub, "alice/cli-verified")) == 1
+    assert len(model_commits(env.hub, "alice/cli-verified")) == 1
 
     for extra, words in ([[], "or --push"], [["--push", "x", "--gguf", "q8_0"], "does not keep"]):
         assert cli_main([*head, *args, *extra]) == 2
@@ -246,7 +222,7 @@ def test_streamed_verification_checks_each_shard_and_refuses_to_commit_a_bad_one
     with pytest.raises(StreamVerificationError, match="nothing was committed") as failed:
         stream_merge_push(_request(env), target, tmp_path / "bad", verify=True)
     assert not failed.value.report.passed
-    assert _model_commits(env.hub, "alice/refused") == []
+    assert model_commits(env.hub, "alice/refused") == []
 
 
 def _assert_function_rows_equal_the_whole_folder_rows(base: Path, adapter: Path, table, tmp_path: Path) -> None:
@@ -304,7 +280,7 @@ def test_a_scaled_merged_tensor_fails_the_streamed_function_row_and_nothing_is_c
     failed_rows = table.failed()
     assert LOGIT_ROWS[0] in [c.name for c in failed_rows] and {c.group for c in failed_rows} == {"function"}
     assert float(table.check(LOGIT_ROWS[0]).value) > 1e-3
-    assert _model_commits(env.hub, "alice/function-refused") == []
+    assert model_commits(env.hub, "alice/function-refused") == []
 
 
 def _corrupt_second_shard(monkeypatch: pytest.MonkeyPatch, shard: str) -> None:
@@ -338,7 +314,7 @@ def test_cli_streamed_verification_failure_exits_1_with_the_table(env: Env, caps
     assert cli_main([*args, "--push", "cli-refused", "--verify"]) == 1
     captured = capsys.readouterr()
     assert "verification: FAILED" in captured.out and "nothing was committed" in captured.err
-    assert "Traceback" not in captured.err and _model_commits(env.hub, "alice/cli-refused") == []
+    assert "Traceback" not in captured.err and model_commits(env.hub, "alice/cli-refused") == []
 
 
 def test_streamed_checks_sample_first_last_and_evenly_spaced_rows() -> None:
@@ -351,14 +327,14 @@ def test_streamed_checks_sample_first_last_and_evenly_spaced_rows() -> None:
 
 
 def _upload_pair(env: Env, tmp: Path, name: str, base: Path) -> MergeRequest:
-    make_tokenizer(base)
-    adapter = make_adapter(base, tmp / f"{name}-adapter", target_modules=["q_proj", "v_proj", "down_proj"])
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = f"acme/{name}"
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    for repo, folder in [(f"acme/{name}", base), (f"alice/{name}-lora", adapter)]:
-        env.hub.create_repo(repo)
-        env.hub.upload_dir(repo, folder)
+    upload_pair(
+        env.hub,
+        base,
+        tmp / f"{name}-adapter",
+        base_repo=f"acme/{name}",
+        adapter_repo=f"alice/{name}-lora",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
     return MergeRequest(adapter=f"alice/{name}-lora", token=ALICE, endpoint=env.hub.url, max_shard_size=SHARD)
 
 
@@ -403,4 +379,4 @@ def test_streamed_rows_keep_a_tied_head_in_memory_and_skip_a_layer_spread_over_t
     function = [c for c in result.verification.checks if c.group == "function"]
     assert [c.name for c in function] == LOGIT_ROWS
     assert all(c.passed is None and "beyond the streamed window" in c.detail for c in function), function
-    assert result.verification.passed and len(_model_commits(env.hub, "alice/spread")) == 1
+    assert result.verification.passed and len(model_commits(env.hub, "alice/spread")) == 1
