@@ -5,12 +5,10 @@ files (config, tokenizer, index, card). ``upload_folder`` would do the same but 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .errors import MergeError, PushError
-from .hub import HubClient, PushMode, PushResult, PushTarget
+from .hub import HubClient, PushResult, PushTarget
 from .progress import ProgressCallback, ProgressUpdate, no_progress, serialized
-from .stream_transfer import Uploader, retry_hint
+from .stream_transfer import Uploader
 
 # Files the Hub stores in LFS whatever their size; everything else rides in the commit itself.
 LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
@@ -36,8 +34,6 @@ def push_folder_with_progress(
     Progress is one "upload" stage in bytes of the whole folder; it reaches the total only once the
     commit has landed, so a slow commit shows as the last step rather than as a finished bar.
     """
-    from huggingface_hub import CommitOperationAdd
-
     files = folder_files(folder)
     total = sum(p.stat().st_size for _, p in files)
     progress = serialized(progress)
@@ -52,21 +48,10 @@ def push_folder_with_progress(
         uploader.wait()
     finally:
         uploader.close()
-    sent = {op.path_in_repo for op in uploader.operations}
-    small = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(p)) for n, p in files if n not in sent]
-    operations: list[Any] = sorted(uploader.operations, key=lambda op: op.path_in_repo) + small
-    progress(ProgressUpdate("upload", uploader.done, total, "B", f"committing {len(operations)} files"))
-    try:
-        pushed = client.commit_files(target, operations, message=message, description=description)
-    except Exception as exc:
-        detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
-        raise PushError(f"The commit failed ({detail}).{retry_hint(target)}") from exc
-    if target.mode is PushMode.PR and not pushed.pr_url:
-        # huggingface_hub drops files the repo already has; with nothing left it opens no pull request.
-        raise PushError(
-            f"{target.repo_id} already holds exactly these files, so there is nothing to propose; "
-            "no pull request was opened."
-        )
+    small = uploader.small_operations(files)
+    count = len(uploader.operations) + len(small)
+    progress(ProgressUpdate("upload", uploader.done, total, "B", f"committing {count} files"))
+    pushed = uploader.commit(small, message=message, description=description)
     progress(ProgressUpdate("upload", total, total, "B", f"committed {pushed.commit_oid[:10]}"))
     return pushed
 

@@ -25,10 +25,9 @@ from .disk_budget import (
     output_shard_bytes,
     shard_needs,
 )
-from .errors import BaseCheckpointError, InvalidOptionError, MergeError, PushError, StreamVerificationError
+from .errors import BaseCheckpointError, InvalidOptionError, StreamVerificationError
 from .hub import (
     HubClient,
-    PushMode,
     PushResult,
     PushTarget,
     RepoRef,
@@ -233,7 +232,6 @@ def _merge_and_verify(
 
 
 def _commit(
-    client: HubClient,
     target: PushTarget,
     output_dir: Path,
     *,
@@ -244,8 +242,6 @@ def _commit(
     progress: ProgressCallback,
 ) -> PushResult:
     """The card, then ONE commit: the pre-uploaded shards plus config, index, tokenizer and card."""
-    from huggingface_hub import CommitOperationAdd
-
     card = build_model_card(
         report,
         verification,
@@ -257,29 +253,16 @@ def _commit(
         base_card=inputs.base.card,
     )
     card.save(output_dir / "README.md")
-    shards = {op.path_in_repo for op in uploader.operations}
-    small = [
-        CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p))
-        for p in sorted(output_dir.iterdir())
-        if p.is_file() and p.name not in shards
-    ]
-    operations = sorted(uploader.operations, key=lambda op: op.path_in_repo) + small
+    small = uploader.small_operations([(p.name, p) for p in sorted(output_dir.iterdir()) if p.is_file()])
     sizes = sum(Path(str(op.path_or_fileobj)).stat().st_size for op in small)
     what = f"one commit: {len(uploader.operations)} pre-uploaded shards and {len(small)} small files"
     progress(ProgressUpdate("commit", 0, sizes, "B", what))
-    try:
-        pushed = client.commit_files(
-            target,
-            operations,
-            message=f"Merge {inputs.adapter_id} into {inputs.base.name}",
-            description="Merged with LoRA Merge Space (merge_core), streamed: one commit with weights, config, "
-            "tokenizer and card.",
-        )
-    except Exception as exc:
-        detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
-        raise PushError(f"The final commit failed ({detail}).{retry_hint(target)}") from exc
-    if target.mode is PushMode.PR and not pushed.pr_url:
-        raise PushError(f"{target.repo_id} already holds exactly these files, so no pull request was opened.")
+    pushed = uploader.commit(
+        small,
+        message=f"Merge {inputs.adapter_id} into {inputs.base.name}",
+        description="Merged with LoRA Merge Space (merge_core), streamed: one commit with weights, config, "
+        "tokenizer and card.",
+    )
     progress(ProgressUpdate("commit", sizes, sizes, "B", f"committed {pushed.commit_oid[:12]}"))
     return pushed
 
@@ -344,7 +327,6 @@ def stream_merge_push(
             )
             _refuse_failed(verification, target)
             pushed = _commit(
-                client,
                 target,
                 workdir / "merged",
                 inputs=inputs,

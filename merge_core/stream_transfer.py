@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MergeError, PushError
-from .hub import HubClient, PushMode, PushTarget, RepoRef, prepare_upload
+from .hub import HubClient, PushMode, PushResult, PushTarget, RepoRef, prepare_upload
 from .progress import ProgressCallback, ProgressUpdate
 
 
@@ -164,6 +164,29 @@ class Uploader:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.hasher.shutdown(wait=True, cancel_futures=True)
+
+    def small_operations(self, files: list[tuple[str, Path]]) -> list[Any]:
+        """Commit operations for the ``(path in repo, file)`` pairs this uploader did not pre-upload."""
+        from huggingface_hub import CommitOperationAdd
+
+        sent = {op.path_in_repo for op in self.operations}
+        return [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(p)) for n, p in files if n not in sent]
+
+    def commit(self, small: list[Any], *, message: str, description: str) -> PushResult:
+        """ONE commit (or pull request) of the pre-uploaded files and ``small``; nothing lands on failure."""
+        operations = sorted(self.operations, key=lambda op: op.path_in_repo) + small
+        try:
+            pushed = self.client.commit_files(self.target, operations, message=message, description=description)
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+            raise PushError(f"The commit failed ({detail}).{retry_hint(self.target)}") from exc
+        if self.target.mode is PushMode.PR and not pushed.pr_url:
+            # huggingface_hub drops files the repo already has; with nothing left it opens no pull request.
+            raise PushError(
+                f"{self.target.repo_id} already holds exactly these files, so there is nothing to propose; "
+                "no pull request was opened."
+            )
+        return pushed
 
 
 def _counts_bytes() -> bool:
