@@ -110,8 +110,7 @@ class MemoryFit:
 
     @property
     def device_map(self) -> str | None:
-        """On a GPU, from_pretrained places each tensor there as it reads it (no whole copy in host RAM)."""
-        return "cuda" if self.device == "cuda" else None
+        return placement(self.device).get("device_map")
 
     def sentence(self) -> str:
         where = "the GPU has" if self.device == "cuda" else "this machine has"
@@ -124,6 +123,13 @@ class MemoryFit:
 def models_bytes(params: int, adapter_bytes: int, *, bytes_per_param: int = 4, models: int = 2) -> int:
     """Memory of ``models`` loaded copies at the compute dtype, each with the adapter, plus overhead."""
     return (params * bytes_per_param + adapter_bytes) * models + _LOAD_OVERHEAD
+
+
+def placement(device: str | torch.device) -> dict[str, Any]:
+    """from_pretrained's placement arguments: on a GPU each tensor goes from the safetensors file straight to
+    the device (device_map), never whole in host RAM; on a CPU transformers loads as usual."""
+    name = str(device)
+    return {"device_map": name} if name.startswith("cuda") else {}
 
 
 def memory_fit(needed: int, *, device: str, free: int) -> MemoryFit:
@@ -212,8 +218,7 @@ def load_models(
     choice = choose_model_class(plan)
     dev = pick_device(device)
     notes: list[str] = []
-    # On a GPU each tensor goes from the safetensors file straight to the device, never whole in host RAM.
-    placed = {"device_map": str(dev)} if dev.type == "cuda" else {}
+    placed = placement(dev)
     with building_models():
         peft_model, base_vocab = _load_reference(plan, choice, dtype=dtype, notes=notes, placed=placed)
         try:
@@ -410,6 +415,7 @@ __all__ = [
     "free_memory",
     "memory_fit",
     "models_bytes",
+    "placement",
     "architecture_task",
     "choose_model_class",
     "load_models",

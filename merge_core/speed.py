@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .model_lock import building_models
+from .models import placement
 
 
 @dataclass
@@ -84,8 +85,7 @@ def measure(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kwargs = {"new_tokens": new_tokens, "runs": runs, "pad_token_id": pad}
 
-    # On a GPU each tensor is read straight onto it (device_map): no whole copy in host RAM first.
-    placed = {"device_map": device} if device.startswith("cuda") else {}
+    placed = placement(device)
     started = time.perf_counter()
     with building_models():
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto", **placed)
