@@ -208,7 +208,7 @@ def push(
             repo_id,
             token=token,
             private=bool(form.private),
-            mode=pipeline.PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"),
+            mode=pipeline.push_mode_of(form.push_mode),
             progress=pipeline.progress_adapter(pipeline.in_caller_context(progress)),  # from the upload thread
             oauth_scope=_oauth_scope(form.token, oauth_token),
         )

@@ -62,6 +62,11 @@ def _with_model_checks(
     pipeline.add_model_checks(result, checks)
 
 
+def push_mode_of(label: str | None) -> PushMode:
+    """The mode a page's push-mode label (or a plain mode value) names; nothing chosen is a new repo."""
+    return PushMode.parse(PUSH_MODE_LABELS.get(label or "", label or "new"))
+
+
 def check_push_permission(
     form: MergeForm, token: str | None, *, oauth_scope: str | None = None, endpoint: str | None = None
 ) -> None:
@@ -70,7 +75,7 @@ def check_push_permission(
     existence is Push's to check: a re-merge after a push must pass. The name a previous merge
     suggested is not a choice yet, unless a mode other than "new" was picked for it."""
     repo_id = (form.repo_name or "").strip()
-    mode = PushMode.parse(PUSH_MODE_LABELS.get(form.push_mode, form.push_mode or "new"))
+    mode = push_mode_of(form.push_mode)
     previous = getattr(getattr(form.state, "inputs", None), "suggested_name", None)
     if not token or not repo_id or (mode is PushMode.NEW and repo_id.split("/")[-1] == previous):
         return
@@ -166,6 +171,7 @@ __all__ = [
     "check_push_permission",
     "failure_message",
     "push_markdown",
+    "push_mode_of",
     "run_job",
     "scrub",
     "suggest_repo_id",

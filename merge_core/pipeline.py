@@ -282,7 +282,15 @@ def cleanup(result: MergeResult | None) -> None:
 
 
 # Last: jobs uses this module's names at call time.
-from .jobs import ChecksRunner, failure_message, push_markdown, run_job, scrub, suggest_repo_id  # noqa: E402
+from .jobs import (  # noqa: E402
+    ChecksRunner,
+    failure_message,
+    push_markdown,
+    push_mode_of,
+    run_job,
+    scrub,
+    suggest_repo_id,
+)
 from .stream_app import (  # noqa: E402 - the app's streamed mode (it calls stream_push below)
     STREAM_BUTTON,
     STREAM_INFO,
@@ -309,6 +317,7 @@ __all__ = [
     "prefill",
     "speed_markdown",
     "PUSH_MODE_LABELS",
+    "push_mode_of",
     "ChecksRunner",
     "failure_message",
     "push_markdown",

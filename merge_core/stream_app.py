@@ -15,7 +15,8 @@ from typing import Any
 
 from .disk_budget import human_bytes
 from .errors import DiskBudgetError, InsufficientDiskError, InvalidOptionError
-from .frontend import PUSH_MODE_LABELS, LocalPaths, MergeForm, MergeView, merge_request
+from .frontend import LocalPaths, MergeForm, MergeView, merge_request
+from .jobs import push_mode_of
 from .progress import ProgressCallback, ProgressUpdate, eta_text, no_progress
 from .stream_push import StreamPushResult
 from .verify_report import VerificationReport
@@ -92,7 +93,7 @@ def stream_to_hub(
     if not token:
         raise InvalidOptionError(f"'{STREAM_BUTTON}' writes to your Hub repo: sign in or paste a write token first.")
     repo_id = target_repo(form.repo_name, owner)
-    mode = PUSH_MODE_LABELS.get(stream.push_mode, stream.push_mode or "new")
+    mode = push_mode_of(stream.push_mode)
     try:
         result = stream_push(
             request,
