@@ -24,8 +24,9 @@ from .verify_report import VerificationReport
 STREAM_BUTTON = "Merge straight to my Hub repo"
 STREAM_INFO = (
     "For models too large for this Space's disk: base shards are downloaded as needed and each merged shard "
-    "is uploaded as soon as it is written, all in one commit to the target repo above. Nothing is kept here, "
-    "so there is no verification table that reads the files and no sample generation."
+    "is uploaded as soon as it is written, all in one commit to the target repo above. Each shard is verified "
+    "while its base shards are still here (a failed check commits nothing); nothing is kept, so there is no "
+    "sample generation."
 )
 STREAM_STAGES = ("download", "merge", "upload")
 
