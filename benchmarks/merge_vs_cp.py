@@ -76,9 +76,10 @@ def _wait(proc: subprocess.Popen) -> tuple[int, float]:
 
 
 def _merge(args: argparse.Namespace, threads: str, out: Path) -> tuple[dict, float, float]:
-    root = args.before.resolve() if threads == "before" else REPO  # also the cwd: `python -c` imports from there
+    # An older engine (--before) runs from its own folder, also the cwd: `python -c` imports from there.
+    root = args.before[threads].resolve() if threads in args.before else REPO
     env = dict(os.environ, PYTHONPATH=str(root))
-    if threads not in ("auto", "before"):
+    if threads != "auto" and threads not in args.before:
         env["MERGE_CORE_MATH_THREADS"] = threads
     cmd = [sys.executable, "-c", _ENGINE, str(args.base), str(args.adapter), str(out), args.dtype, args.device]
     started = time.perf_counter()
@@ -163,7 +164,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scratch", type=Path, help="where outputs go (default: beside the base)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", default="auto,1", help="math-thread settings: 'auto' = the engine's rule, a number")
-    p.add_argument("--before", type=Path, help="a folder holding an older merge_core: adds a row 'before' that runs it")
+    p.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a folder holding an older merge_core: adds a row NAME (default 'before') that runs it; repeatable",
+    )
     p.add_argument("--busy", default="0,2", help="busy-loop processes beside the runs, per level")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
@@ -175,13 +182,19 @@ def parse_args() -> argparse.Namespace:
         p.error("give --base and --adapter, or --make SIZE")
     args.base, args.adapter = args.base.resolve(), args.adapter.resolve()
     args.scratch = (args.scratch or args.base.parent).resolve()
+    args.before = dict(_named_engine(spec) for spec in args.before)
     return args
+
+
+def _named_engine(spec: str) -> tuple[str, Path]:
+    name, _, folder = spec.rpartition("=")
+    return name or "before", Path(folder)
 
 
 def main() -> None:
     args = parse_args()
     levels = [int(b) for b in args.busy.split(",")]
-    settings = args.threads.split(",") + (["before"] if args.before else [])
+    settings = args.threads.split(",") + list(args.before)
     rows = {(b, t): Row(b, t) for b in levels for t in settings}
     print(f"{os.cpu_count()} cores, affinity {len(os.sched_getaffinity(0))}; base {args.base}", flush=True)
     for round_ in range(args.rounds):
