@@ -10,6 +10,39 @@ from typing import BinaryIO
 import torch
 
 from .safetensors_io import _ELEMENT_SIZE, ST_FROM_DTYPE, StreamingWriter, _ClosesOnSuccess
+from .tensor_math import Workspace
+
+
+class BlockRing:
+    """A few working blocks that the merge thread fills and the writer thread rounds, in turn.
+
+    Handing the block itself to the writer (not a rounded copy) moves the rounding off the merge
+    thread and lets the writer round straight into the output file's buffers; a block is reused only
+    after the writer has rounded it, so the merge never overwrites a block still being written.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 3) -> None:
+        self._slots = [(Workspace(device), threading.Event()) for _ in range(slots)]
+        for _, idle in self._slots:
+            idle.set()
+        self._turn = 0
+        self.current: tuple[Workspace, threading.Event] | None = None
+
+    def next(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The next slot's block, once the writer is done with its previous contents."""
+        workspace, idle = self.current = self._slots[self._turn]
+        self._turn = (self._turn + 1) % len(self._slots)
+        idle.wait()
+        return workspace.get("block", shape, dtype)
+
+    def owns(self, tensor: torch.Tensor) -> threading.Event | None:
+        """The current slot's idle flag when ``tensor`` lives in its block (ops may return other tensors)."""
+        if self.current is None:
+            return None
+        workspace, idle = self.current
+        block = workspace.get("block", (0,), tensor.dtype, tensor.device)
+        same = tensor.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+        return idle if same else None
 
 
 class BackgroundWriter(_ClosesOnSuccess):
@@ -47,15 +80,20 @@ class BackgroundWriter(_ClosesOnSuccess):
                     if check is not None:
                         check(view)  # here, not in the caller: it overlaps the caller's next block of math
                     self._writer.write(staged[:nbytes])
+                elif kind == "round":
+                    block, dtype, check, _ = args
+                    self._writer.write(block, dtype, check=check)
                 else:
                     self._writer.copy_from(*args)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = exc
             finally:
-                # Every staged buffer returns to the pool, also after an error: otherwise the
-                # caller can block forever waiting for a free one.
+                # Every staged buffer and ring block returns to its owner, also after an error:
+                # otherwise the caller can block forever waiting for a free one.
                 if kind == "write":
                     self._free.put(args[0])
+                elif kind == "round":
+                    args[3].set()
 
     def _put(self, item: tuple) -> None:
         if self._error is not None:
@@ -88,6 +126,16 @@ class BackgroundWriter(_ClosesOnSuccess):
             view.copy_(data)
         self._put(("write", staged, nbytes, view, check))
         return view
+
+    def round_block(self, block: torch.Tensor, dtype: torch.dtype, idle: threading.Event, *, check: Callable) -> None:
+        """Queue a BlockRing block, rounded to ``dtype`` on the writer thread straight into the file's
+        buffers; ``idle`` is set once the block may be reused."""
+        idle.clear()
+        try:
+            self._put(("round", block, dtype, check, idle))
+        except BaseException:
+            idle.set()
+            raise
 
     def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:
         self._put(("copy", src, offset, nbytes))

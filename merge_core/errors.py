@@ -121,6 +121,7 @@ _OS_ERROR_ADVICE = {
     "ENOENT": "the path does not exist; check it",
     "EEXIST": "something already exists there; choose another path",
     "EMFILE": "too many open files; close other programs and try again",
+    "EFBIG": "a file would be larger than this filesystem or a file-size limit allows; choose a folder on another disk",
 }
 
 

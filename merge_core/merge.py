@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .background_writer import BackgroundWriter
+from .background_writer import BackgroundWriter, BlockRing
 from .errors import InsufficientDiskError, NonFiniteOutputError, OutputWriteError, explain_os_error
 from .options import MergeOptions, dtype_name
 from .outputs import begin_staging, check_output_target, discard, publish
@@ -74,6 +74,7 @@ class _Context:
     timings: Timings = field(default_factory=Timings)
     check_workspace: Workspace = field(default_factory=Workspace)  # the writer thread's own buffers
     reads: ReadAhead | None = None  # the current shard's row blocks, read ahead on a thread
+    ring: BlockRing | None = None  # CPU merges: float64 blocks the writer thread rounds (see _emit)
 
     def rows(self, t: OutputTensorPlan, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of ``t``'s starting value; the time spent waiting for them is the "read" phase."""
@@ -137,6 +138,12 @@ def _emit(ctx: _Context, writer: BackgroundWriter, t: OutputTensorPlan, work: to
     out_dtype = DTYPE_FROM_ST[t.dtype]
     check = _finite_check(ctx, t, rows)
     with ctx.timings.phase("write"):
+        idle = ctx.ring.owns(work) if ctx.ring is not None else None
+        if idle is not None:
+            # The writer thread rounds the block straight into the file's buffers, overlapping our next block.
+            writer.round_block(work, out_dtype, idle, check=check)
+            ctx.on_bytes(work.numel() * element_size(t.dtype))
+            return
         if work.device.type != "cpu":
             # Round on the accelerator: the copy back then moves 2 bytes per element, not 8.
             rounded = ctx.workspace.get("rounded", tuple(work.shape), out_dtype)
@@ -220,7 +227,10 @@ class _DeltaMath:
         ctx, shape = self.ctx, (b - a, *self.t.shape[1:]) if self.t.shape else ()
         start = ctx.rows(self.t, a, b)
         with ctx.timings.phase("math"):
-            work = ctx.workspace.get("work", shape, ctx.plan.compute_dtype)
+            if ctx.ring is not None:
+                work = ctx.ring.next(shape, ctx.plan.compute_dtype)
+            else:
+                work = ctx.workspace.get("work", shape, ctx.plan.compute_dtype)
             if work.device.type != "cpu":
                 # Move the stored dtype (2 bytes/element), widen on the accelerator.
                 staged = ctx.workspace.get("start", shape, start.dtype)
@@ -345,6 +355,7 @@ def execute_plan(
 
     device = torch.device(plan.options.device)
     ctx = _Context(plan, device, block_elements or block_elements_for(device), on_bytes, Workspace(device))
+    ctx.ring = BlockRing(device) if device.type == "cpu" else None
     started = time.perf_counter()
     # Staging first: an unwritable location is then reported as such, not as a lack of space.
     staging = begin_staging(output_dir)

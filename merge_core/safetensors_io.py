@@ -14,12 +14,14 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+
+from .output_file import open_output
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
     raise ImportError("merge_core reads safetensors as raw little-endian bytes")
@@ -168,15 +170,15 @@ def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> torch.Tensor:
         return read_rows(f, info, 0, info.shape[0] if info.shape else 1)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw little-endian bytes of a tensor as a flat uint8 CPU tensor (no copy when it is contiguous on the CPU)."""
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8)
 
 
 class OpenFiles:
@@ -255,9 +257,8 @@ class StreamingWriter(_ClosesOnSuccess):
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         # The reference implementation pads the header to 8 bytes so the data is aligned.
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        self._file = open_output(self.path)
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
         self._index = 0
         self._written_in_current = 0
 
@@ -293,43 +294,30 @@ class StreamingWriter(_ClosesOnSuccess):
         if self.current.nbytes == 0:
             self._index += 1
 
-    def write(self, tensor: torch.Tensor) -> None:
-        data = tensor_bytes(tensor)
-        if data.nbytes == 0:
+    def write(self, tensor: torch.Tensor, dtype: torch.dtype | None = None, *, check: Callable | None = None) -> None:
+        """Append ``tensor``'s values, rounded to ``dtype`` (default: its own) by the file as it stores
+        them; ``check`` sees every rounded piece before the piece can reach the disk's queue."""
+        if dtype is not None and dtype != tensor.dtype:
+            nbytes = tensor.numel() * element_size(ST_FROM_DTYPE[dtype])
+            if nbytes:
+                self._advance(nbytes)
+                self._file.write_rounded(tensor.detach().reshape(-1), dtype, check)
             return
-        self._advance(data.nbytes)
+        data = flat_bytes(tensor)
+        if check is not None:
+            check(tensor)
+        if data.numel() == 0:
+            return
+        self._advance(data.numel())
         self._file.write(data)
 
     def copy_from(self, src: BinaryIO, offset: int, nbytes: int) -> None:
-        """Copy raw bytes from another file; kernel-side where the OS allows."""
+        """Copy raw bytes from another file (positional reads: other threads share ``src``)."""
         self._advance(nbytes)
-        self._file.flush()
-        src_fd, dst_fd = src.fileno(), self._file.fileno()
-        remaining = nbytes
-        pos = offset
-        if hasattr(os, "copy_file_range"):
-            try:
-                while remaining:
-                    n = os.copy_file_range(src_fd, dst_fd, remaining, pos)
-                    if n == 0:
-                        raise SafetensorsFormatError(f"unexpected end of {getattr(src, 'name', 'file')}")
-                    remaining -= n
-                    pos += n
-                # copy_file_range advances dst's kernel offset; keep Python's view in sync.
-                self._file.seek(0, os.SEEK_END)
-                return
-            except OSError:
-                self._file.seek(0, os.SEEK_END)
-        # pread, not seek+read: BackgroundWriter runs this on its thread while the merge thread
-        # reads other tensors through the same handle.
-        chunk = 16 << 20
-        while remaining:
-            buf = os.pread(src_fd, min(chunk, remaining), pos)
-            if not buf:
-                raise SafetensorsFormatError(f"unexpected end of {getattr(src, 'name', 'file')}")
-            self._file.write(buf)
-            remaining -= len(buf)
-            pos += len(buf)
+        try:
+            self._file.copy_from(src.fileno(), offset, nbytes)
+        except EOFError:
+            raise SafetensorsFormatError(f"unexpected end of {getattr(src, 'name', 'file')}") from None
 
     def close(self) -> None:
         # No fsync here: the kernel writes dirty pages back while later shards are merged;
@@ -339,14 +327,13 @@ class StreamingWriter(_ClosesOnSuccess):
         while self._index < len(self._tensors) and self._tensors[self._index].nbytes == 0:
             self._index += 1
         complete = self._index == len(self._tensors) and self._written_in_current == 0
-        self._file.flush()
         self._file.close()
         if not complete:
             raise RuntimeError(f"{self.path.name}: closed before all declared tensors were written")
 
     def abort(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            self._file.abort()
 
 
 def fsync_tree(folder: Path) -> None:

@@ -120,3 +120,28 @@ def test_merge_threads_applies_the_rule_and_restores(monkeypatch: pytest.MonkeyP
     with merge_threads(torch.device("cpu")) as used:
         assert used == math_threads() and torch.get_num_threads() == used
     assert torch.get_num_threads() == before
+
+
+def test_a_slow_writer_never_rounds_a_block_the_merge_thread_has_moved_on_from(tmp: Path, monkeypatch) -> None:
+    """The merge thread hands its float64 blocks to the writer thread (BlockRing) and must wait before reusing one."""
+    import time
+
+    import merge_core.output_file as output_file
+
+    base = make_base(tmp / "base", "llama", dtype=torch.bfloat16)
+    adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    plan = build_plan(base, adapter)
+    execute_plan(plan, tmp / "fast", block_elements=1 << 30)
+    rounded, original = [], output_file.DirectFile.write_rounded
+
+    def slow(self, values, dtype, check):
+        time.sleep(0.002)  # the merge thread meanwhile computes the next blocks
+        rounded.append(values.numel())
+        return original(self, values, dtype, check)
+
+    monkeypatch.setattr(output_file.DirectFile, "write_rounded", slow)
+    execute_plan(plan, tmp / "slow", block_elements=37)
+    assert len(rounded) > 100  # the hand-off path ran, block by block
+    fast, slow_ = sorted((tmp / "fast").glob("*.safetensors")), sorted((tmp / "slow").glob("*.safetensors"))
+    for a, b in zip(fast, slow_, strict=True):
+        assert a.read_bytes() == b.read_bytes()

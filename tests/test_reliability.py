@@ -265,11 +265,11 @@ def test_disk_failure_mid_write(inputs: Inputs, tmp: Path, monkeypatch, errno_na
     calls = {"n": 0}
     original = merge_core.safetensors_io.StreamingWriter.write
 
-    def failing(self, tensor):
+    def failing(self, tensor, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
-        return original(self, tensor)
+        return original(self, tensor, *args, **kwargs)
 
     monkeypatch.setattr(merge_core.safetensors_io.StreamingWriter, "write", failing)
     expect_refusal(inputs, tmp / "merged", OutputWriteError, match, options=MergeOptions(max_shard_size=10_000))
