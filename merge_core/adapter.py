@@ -269,15 +269,23 @@ class AdapterWeights:
         return self._cache
 
     def check_finite(self) -> None:
-        """NaN/Inf in an adapter would silently poison the merged model: refuse up front."""
-        for key in self.specs:
-            value = self.tensor(key)
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                bad = int((~torch.isfinite(value)).sum())
-                raise NonFiniteAdapterWeightsError(
-                    f"The adapter tensor {key} contains {bad} NaN/Inf value(s); training probably "
-                    "diverged. Use an earlier checkpoint of the adapter."
-                )
+        """NaN/Inf in an adapter would silently poison the merged model: refuse up front.
+
+        On the merge's thread count, with the bit test: hundreds of small parallel ``isfinite`` calls took 15 s
+        on a busy 2-core machine (each waiting for a descheduled pool thread), 0.1 s this way."""
+        from .tensor_math import Workspace, all_finite
+        from .threads import merge_threads
+
+        workspace = Workspace()
+        with merge_threads(torch.device("cpu")):
+            for key in self.specs:
+                value = self.tensor(key)
+                if value.is_floating_point() and not all_finite(value.contiguous(), workspace):
+                    bad = int((~torch.isfinite(value)).sum())
+                    raise NonFiniteAdapterWeightsError(
+                        f"The adapter tensor {key} contains {bad} NaN/Inf value(s); training probably "
+                        "diverged. Use an earlier checkpoint of the adapter."
+                    )
 
 
 def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:

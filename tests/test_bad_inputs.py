@@ -194,11 +194,11 @@ def _disk_fails_mid_write(i: Inputs) -> Attempt:
     calls = {"n": 0}
     original = merge_core.merge.StreamingWriter.write
 
-    def flaky(self: Any, tensor: Any) -> Any:
+    def flaky(self: Any, tensor: Any, *args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk went away")
-        return original(self, tensor)
+        return original(self, tensor, *args, **kwargs)
 
     i.monkeypatch.setattr(merge_core.merge.StreamingWriter, "write", flaky)
     return Attempt(i.base, i.adapter, MergeOptions(max_shard_size=10_000))
@@ -424,7 +424,7 @@ def test_name_mismatch_with_matching_shapes_is_a_warning(tmp: Path, tiny_base: P
 def test_writer_failure_with_many_blocks_in_flight_raises_instead_of_hanging(
     tmp: Path, tiny_base: Path, tiny_adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: Any, tensor: Any) -> None:
+    def broken(self: Any, tensor: Any, *args: Any, **kwargs: Any) -> None:
         raise OSError("disk went away")
 
     monkeypatch.setattr(merge_core.merge.StreamingWriter, "write", broken)
