@@ -67,6 +67,7 @@ class TqdmProgress:
 
     def __init__(self, disable: bool = False) -> None:
         self._bars: dict[str, object] = {}
+        self._messages: dict[str, str] = {}
         self._disable = disable
 
     def __call__(self, update: ProgressUpdate) -> None:
@@ -87,15 +88,21 @@ class TqdmProgress:
             self._bars[update.stage] = bar
         if update.total is not None and bar.total != update.total:  # type: ignore[attr-defined]
             bar.total = update.total  # type: ignore[attr-defined]
-        bar.n = update.done  # type: ignore[attr-defined]
-        if update.message:
+        if update.message != self._messages.get(update.stage):
+            # The message is the current state, shown at once; an empty one clears the last.
+            self._messages[update.stage] = update.message
             bar.set_postfix_str(update.message, refresh=False)  # type: ignore[attr-defined]
-        bar.refresh()  # type: ignore[attr-defined]
+            bar.n = update.done  # type: ignore[attr-defined]
+            bar.refresh()  # type: ignore[attr-defined]
+        else:
+            # update(), not refresh(): tqdm redraws at most every mininterval; a merge reports every block.
+            bar.update(update.done - bar.n)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         for bar in self._bars.values():
             bar.close()  # type: ignore[attr-defined]
         self._bars.clear()
+        self._messages.clear()
 
 
 def serialized(progress: ProgressCallback) -> ProgressCallback:
