@@ -9,7 +9,7 @@ become a tensor of its own), tensors (what each output tensor is made of), vocab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .adapter import AdapterConfig, AdapterWeights, load_adapter_config, load_adapter_weights
@@ -105,6 +105,8 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     replaced: dict[str, str] = {}
     for module_tensor, key in inp.adapter.replacements.items():
         target = inp.resolve(module_tensor)
+        if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
+            continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding
         if target is None and is_task_head(module_tensor, inp.config.task_type):
             spec = inp.adapter.specs[key]  # a head the base lacks: the merged model gains it
             starts[module_tensor] = PlannedTensor(module_tensor, ST_FROM_DTYPE.get(spec.dtype, "F32"), spec.shape)
@@ -137,6 +139,11 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         modules=BaseModules.from_tensors(shapes, renamed=inp._model_names or None),
         resolved={name: tensor.rsplit(".", 1)[0] if tensor else None for name, tensor in resolved.items()},
     )
+    if _tied_by_peft(inp) and OUTPUT_EMBEDDING_NAME.removesuffix(".weight") in selection.ignored:
+        # PEFT wraps the tied lm_head with the embedding's own LoRA (transposed): one delta on the shared matrix.
+        ignored = tuple(n for n in selection.ignored if n != OUTPUT_EMBEDDING_NAME.removesuffix(".weight"))
+        selection = replace(selection, ignored=ignored)
+        notes.append("lm_head's LoRA is the embedding's, tied by ensure_weight_tying: the shared matrix takes it once.")
     note = selection.note()
     if note:
         notes.append(note)
@@ -147,6 +154,12 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             raise inp.not_found(name, f"{name}.weight")
         targets.append(LoraTarget(module, tensor))
     return targets
+
+
+def _tied_by_peft(inp: _Inputs) -> bool:
+    """ensure_weight_tying on a base whose lm_head is the embedding: PEFT ties lm_head's adapter to the embedding's
+    (tuners_utils._check_tied_modules), so whatever the adapter does to one, it does to both."""
+    return inp.config.ensure_weight_tying and OUTPUT_EMBEDDING_NAME in inp.virtual
 
 
 def _untie(inp: _Inputs, touched: set[str], notes: list[str]) -> bool:

@@ -1,0 +1,32 @@
+"""adapter_config.json variants as published adapters carry them, each merged and compared with PeftModel(base,
+adapter) unmerged: options whose PEFT semantics the merge once got wrong or refused without cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from merge_core import MergeOptions, merge_adapter
+from tests.factories import load_model, logits, make_adapter, make_base, peft_reference, prompt_ids
+
+
+def _merged_logits(base: Path, adapter: Path, out: Path) -> torch.Tensor:
+    merge_adapter(base, adapter, out, MergeOptions(dtype="float32"))
+    return logits(load_model(out), prompt_ids())
+
+
+def test_ensure_weight_tying_lora_on_a_tied_embedding_changes_both_sides_once(tmp: Path) -> None:
+    # PEFT wraps the tied lm_head with the embedding's own LoRA (transposed) and saves both factor pairs;
+    # unmerged, embedding and head both compute with W + delta. (PEFT 0.21's merge_and_unload adds delta twice.)
+    base = make_base(tmp / "base", "qwen2", tie=True)
+    adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
+    reference = peft_reference(base, adapter)
+    want = logits(reference, prompt_ids())
+    with reference.disable_adapter():
+        plain = logits(reference, prompt_ids())
+    got = _merged_logits(base, adapter, tmp / "merged")
+    assert float((want - plain).abs().max()) > 1.0, "the tied head's delta must show in the logits"
+    assert float((want - got).abs().max()) <= 1e-4
+    assert json.loads((tmp / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
