@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from merge_core import MergeOptions, merge_adapter
+from merge_core.errors import UnsupportedAdapterError
 from tests.factories import load_model, logits, make_adapter, make_base, peft_reference, prompt_ids
 
 
@@ -30,3 +32,21 @@ def test_ensure_weight_tying_lora_on_a_tied_embedding_changes_both_sides_once(tm
     assert float((want - plain).abs().max()) > 1.0, "the tied head's delta must show in the logits"
     assert float((want - got).abs().max()) <= 1e-4
     assert json.loads((tmp / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        # PEFT stacks copies of base layers that share their weights; its merge adds every copy's delta to them.
+        ({"layer_replication": [[0, 2], [1, 2]]}, "uses layer replication"),
+        ({"trainable_token_indices": [2, 5], "use_dora": True}, "combines DoRA with trainable_token_indices"),
+    ],
+    ids=["layer-replication", "dora-with-trainable-tokens"],
+)
+def test_options_no_module_can_merge_are_refused_by_the_config(tmp: Path, options: dict, reason: str) -> None:
+    base = make_base(tmp / "base")
+    adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj"], **options)
+    with pytest.raises(UnsupportedAdapterError) as refusal:
+        merge_adapter(base, adapter, tmp / "merged", MergeOptions(dtype="float32"))
+    assert refusal.value.args[0].startswith(f"adapter_config.json: this LORA adapter {reason}")
+    assert not (tmp / "merged").exists()
