@@ -14,8 +14,9 @@ from pathlib import Path
 
 from .adapter import AdapterConfig, AdapterWeights, load_adapter_config, load_adapter_weights
 from .checkpoint import BaseCheckpoint, BaseTensor, load_base_checkpoint
+from .errors import UnsupportedAdapterError
 from .formats import refuse_foreign
-from .layouts import model_names
+from .layouts import model_names, shared_embeddings
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .peft_types import uses_registry
@@ -156,6 +157,37 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     return targets
 
 
+# The modules an encoder-decoder's one embedding matrix serves (T5, BART, Marian: shared, encoder and decoder
+# embed_tokens, lm_head); only adapters that change one of these need the model class's tying map.
+_SHARED_EMBEDDING_LEAVES = ("shared", "embed_tokens", "lm_head")
+
+
+def _refuse_shared_embedding(inp: _Inputs) -> None:
+    """Refuse an adapter that changes one module of a matrix the model shares among three or more modules.
+
+    PEFT wraps that module alone, so base + adapter changes one of them (or nothing, for T5's and BART's never-called
+    ``shared``), while merge_and_unload changes the matrix for all; reproducing the first needs each module's
+    matrix stored separately, which this tool does not write.
+    """
+    adapted = {f"{m}.weight" for m in inp.adapter.lora_modules} | set(inp.adapter.replacements)
+    if uses_registry(inp.config.raw):
+        from .peft_types import record_for
+
+        adapted |= {f"{m}.weight" for m in record_for(inp.config.peft_type).parse_adapter(inp.adapter.specs)}
+    if not any(name.rsplit(".", 2)[-2] in _SHARED_EMBEDDING_LEAVES for name in adapted if "." in name):
+        return
+    for source, aliases in shared_embeddings(inp.base.path).items():
+        members = [source, *(a for a in aliases if a not in inp.base.tensors)]
+        changed = sorted(n.removesuffix(".weight") for n in adapted if n in members)
+        if len(members) > 2 and changed:
+            shown = ", ".join(m.removesuffix(".weight") for m in members)
+            raise UnsupportedAdapterError(
+                f"The adapter changes {changed[0]}, one of the modules that share one embedding matrix in this "
+                f"{inp.base.model_type} model ({shown}): its merge needs each of them stored separately, which this "
+                "tool does not write yet; use the adapter with PEFT on top of the base model."
+            )
+
+
 def _tied_by_peft(inp: _Inputs) -> bool:
     """ensure_weight_tying on a base whose lm_head is the embedding: PEFT ties lm_head's adapter to the embedding's
     (tuners_utils._check_tied_modules), so whatever the adapter does to one, it does to both."""
@@ -243,6 +275,7 @@ def plan_merge(
 ) -> MergePlan:
     """Every decision about merging ``adapter`` into ``base``, from metadata only."""
     inp = _inputs(base, adapter_config, adapter, options)
+    _refuse_shared_embedding(inp)
     notes: list[str] = [base.quant.describe()] if base.quant is not None else []
     out_dtype = output_dtype(base, options)
     starts = _starts(inp, out_dtype)

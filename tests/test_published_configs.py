@@ -11,6 +11,7 @@ import torch
 
 from merge_core import MergeOptions, merge_adapter
 from merge_core.errors import UnsupportedAdapterError
+from tests.arch_models import bart, t5
 from tests.factories import load_model, logits, make_adapter, make_base, peft_reference, prompt_ids
 
 
@@ -50,3 +51,52 @@ def test_options_no_module_can_merge_are_refused_by_the_config(tmp: Path, option
         merge_adapter(base, adapter, tmp / "merged", MergeOptions(dtype="float32"))
     assert refusal.value.args[0].startswith(f"adapter_config.json: this LORA adapter {reason}")
     assert not (tmp / "merged").exists()
+
+
+def _seq2seq_adapter(folder: Path, build, **lora: object) -> tuple[Path, Path]:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = build()
+    model.save_pretrained(folder / "base")
+    config = LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False, **lora)
+    get_peft_model(model, config).save_pretrained(folder / "adapter")
+    return folder / "base", folder / "adapter"
+
+
+@pytest.mark.parametrize(
+    ("build", "lora", "changed"),
+    [
+        # PEFT wraps T5's `shared`, which the forward never calls: base + adapter computes as the base, while the
+        # merge used to change the matrix the encoder, decoder and head read.
+        (t5, {"target_modules": ["q", "shared"]}, "shared"),
+        (bart, {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "lm_head"),
+        (bart, {"target_modules": ["q_proj", "embed_tokens"]}, "model.decoder.embed_tokens"),
+    ],
+    ids=["t5-lora-on-shared", "bart-saved-head", "bart-lora-on-embed-tokens"],
+)
+def test_a_change_to_one_user_of_a_shared_encoder_decoder_embedding_is_refused(
+    tmp: Path, build, lora: dict, changed: str
+) -> None:
+    base, adapter = _seq2seq_adapter(tmp, build, **lora)
+    with pytest.raises(UnsupportedAdapterError) as refusal:
+        merge_adapter(base, adapter, tmp / "merged", MergeOptions(dtype="float32"))
+    message = refusal.value.args[0]
+    assert message.startswith(f"The adapter changes {changed}, one of the modules that share one embedding matrix")
+    assert message.endswith("use the adapter with PEFT on top of the base model.")
+    assert not (tmp / "merged").exists()
+
+
+def test_seq2seq_adapters_on_attention_alone_still_merge(tmp: Path) -> None:
+    from peft import PeftModel
+    from transformers import BartForConditionalGeneration
+
+    base, adapter = _seq2seq_adapter(tmp, bart, target_modules=["q_proj", "v_proj", "fc1"])
+    merge_adapter(base, adapter, tmp / "merged", MergeOptions(dtype="float32"))
+    ids = prompt_ids(vocab=128)
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(BartForConditionalGeneration.from_pretrained(base), adapter).eval()
+        want = reference(input_ids=ids, decoder_input_ids=ids).logits
+        merged = BartForConditionalGeneration.from_pretrained(tmp / "merged").eval()
+        got = merged(input_ids=ids, decoder_input_ids=ids).logits
+    assert float((want - got).abs().max()) <= 1e-4
