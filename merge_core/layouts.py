@@ -114,3 +114,18 @@ def shared_embeddings(config_dir: Path) -> dict[str, tuple[str, ...]]:
     for alias, source in dict(tied).items():
         groups.setdefault(str(source), []).append(str(alias))
     return {source: tuple(sorted(aliases)) for source, aliases in groups.items() if len(aliases) >= 2}
+
+
+def has_conv1d(config_dir: Path) -> bool | None:
+    """Whether the model class has transformers' Conv1D layers (weights stored (in, out)); None when the class
+    cannot be built here (custom code, unknown architecture)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        model = meta_model(config_dir)
+    except Exception as exc:  # noqa: BLE001 - without the class, the layer types are unknown
+        log.debug("no model class for %s: %s", config_dir, exc)
+        return None
+    if model is None:
+        return None
+    return any(isinstance(module, Conv1D) for module in model.modules())

@@ -16,12 +16,12 @@ from .adapter import AdapterConfig, AdapterWeights, load_adapter_config, load_ad
 from .checkpoint import BaseCheckpoint, BaseTensor, load_base_checkpoint
 from .errors import UnsupportedAdapterError
 from .formats import refuse_foreign
-from .layouts import model_names, shared_embeddings
+from .layouts import has_conv1d, model_names, shared_embeddings
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .peft_types import uses_registry
 from .plan_heads import apply_head, head_output, is_task_head
-from .plan_lora import LoraTarget, plan_lora_module, weights_transposed
+from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
 from .plan_registry import registry_plans
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
@@ -63,6 +63,13 @@ class _Inputs:
 
     def not_found(self, module: str, tensor: str):
         return self.blame.not_found(module, tensor, list(self.base.tensors))
+
+    def fan_in_fan_out(self) -> bool:
+        """The config's fan_in_fan_out as PEFT applies it: PEFT resets it to the layer's type (true only on
+        transformers' Conv1D), so a "true" on a model built of nn.Linear layers changes nothing."""
+        if not self.config.fan_in_fan_out or self.base.model_type in CONV1D_MODEL_TYPES:
+            return self.config.fan_in_fan_out
+        return has_conv1d(self.base.path) is not False  # an unknown class keeps the config's word
 
 
 def _inputs(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions) -> _Inputs:
@@ -251,7 +258,9 @@ def _module_plans(
         if target in plans
     ]
     shapes = {name: start.shape for name, start in starts.items()}
-    transposed = weights_transposed(inp.config, inp.adapter, targets, shapes, model_type=inp.base.model_type)
+    transposed = weights_transposed(
+        inp.config, inp.adapter, targets, shapes, model_type=inp.base.model_type, fan_in_fan_out=inp.fan_in_fan_out()
+    )
     for target in targets:
         if target.tensor not in plans:  # tied head left tied: the delta lands on the shared embedding
             target = LoraTarget(target.module, str(inp.embed))

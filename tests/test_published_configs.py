@@ -100,3 +100,33 @@ def test_seq2seq_adapters_on_attention_alone_still_merge(tmp: Path) -> None:
         merged = BartForConditionalGeneration.from_pretrained(tmp / "merged").eval()
         got = merged(input_ids=ids, decoder_input_ids=ids).logits
     assert float((want - got).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("peft_type", ["LORA", "IA3"])
+def test_fan_in_fan_out_true_on_linear_layers_is_ignored_as_peft_ignores_it(tmp: Path, peft_type: str) -> None:
+    # PEFT resets fan_in_fan_out to the layer's type (true only on Conv1D); a config written by another tool or by
+    # hand may still say true for Llama's nn.Linear, whose square q_proj would then take the delta transposed.
+    from peft import IA3Config, get_peft_model
+
+    base = make_base(tmp / "base")
+    if peft_type == "LORA":
+        adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj", "v_proj"])
+    else:
+        model = get_peft_model(
+            load_model(base), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+        )
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ia3_l" in name:
+                    p.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+        adapter = tmp / "adapter"
+        model.save_pretrained(adapter)
+    config_file = adapter / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "fan_in_fan_out": True}))
+    reference = peft_reference(base, adapter)
+    want = logits(reference, prompt_ids())
+    with reference.disable_adapter():
+        plain = logits(reference, prompt_ids())
+    got = _merged_logits(base, adapter, tmp / "merged")
+    assert float((want - plain).abs().max()) > 1e-3, "the adapter must change the output"
+    assert float((want - got).abs().max()) <= 1e-4
