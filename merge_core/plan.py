@@ -170,7 +170,8 @@ _SHARED_EMBEDDING_LEAVES = ("shared", "embed_tokens", "lm_head")
 
 
 def _refuse_shared_embedding(inp: _Inputs) -> None:
-    """Refuse an adapter that changes one module of a matrix the model shares among three or more modules.
+    """Refuse an adapter that changes one module of a matrix the model shares among three or more modules, where
+    the checkpoint does not store the others as tensors of their own (those are matrices of their own).
 
     PEFT wraps that module alone, so base + adapter changes one of them (or nothing, for T5's and BART's never-called
     ``shared``), while merge_and_unload changes the matrix for all; reproducing the first needs each module's
@@ -186,7 +187,9 @@ def _refuse_shared_embedding(inp: _Inputs) -> None:
     for source, aliases in shared_embeddings(inp.base.path).items():
         members = [source, *(a for a in aliases if a not in inp.base.tensors)]
         changed = sorted(n.removesuffix(".weight") for n in adapted if n in members)
-        if len(members) > 2 and changed:
+        # One virtual alias (lm_head) of a matrix the model calls is the usual pair, stored apart when it changes;
+        # several, or a change to the source that only its aliases call, have no such split.
+        if changed and (len(members) > 2 or (source.removesuffix(".weight") in changed and len(members) > 1)):
             shown = ", ".join(m.removesuffix(".weight") for m in members)
             raise UnsupportedAdapterError(
                 f"The adapter changes {changed[0]}, one of the modules that share one embedding matrix in this "

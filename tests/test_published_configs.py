@@ -130,3 +130,33 @@ def test_fan_in_fan_out_true_on_linear_layers_is_ignored_as_peft_ignores_it(tmp:
     got = _merged_logits(base, adapter, tmp / "merged")
     assert float((want - plain).abs().max()) > 1e-3, "the adapter must change the output"
     assert float((want - got).abs().max()) <= 1e-4
+
+
+def _store_embedding_copies(base: Path) -> None:
+    """The layout of BART checkpoints saved by transformers 4: encoder and decoder embeddings stored as tensors."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(base / "model.safetensors")
+    for side in ("encoder", "decoder"):
+        tensors[f"model.{side}.embed_tokens.weight"] = tensors["model.shared.weight"].clone()
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_bart_with_stored_embeddings_merges_a_saved_head_and_refuses_lora_on_shared(tmp: Path) -> None:
+    from peft import PeftModel
+    from transformers import BartForConditionalGeneration
+
+    base, adapter = _seq2seq_adapter(tmp / "head", bart, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    _store_embedding_copies(base)
+    merge_adapter(base, adapter, tmp / "merged", MergeOptions(dtype="float32"))
+    ids = prompt_ids(vocab=128)
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(BartForConditionalGeneration.from_pretrained(base), adapter).eval()
+        want = reference(input_ids=ids, decoder_input_ids=ids).logits
+        got = BartForConditionalGeneration.from_pretrained(tmp / "merged")(input_ids=ids, decoder_input_ids=ids).logits
+    assert float((want - got).abs().max()) <= 1e-4
+
+    base, adapter = _seq2seq_adapter(tmp / "shared", bart, target_modules=["q_proj", "shared"])
+    _store_embedding_copies(base)
+    with pytest.raises(UnsupportedAdapterError, match="^The adapter changes model.shared, one of the modules"):
+        merge_adapter(base, adapter, tmp / "shared-merged", MergeOptions(dtype="float32"))
