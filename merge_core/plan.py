@@ -177,11 +177,8 @@ def _refuse_shared_embedding(inp: _Inputs) -> None:
     ``shared``), while merge_and_unload changes the matrix for all; reproducing the first needs each module's
     matrix stored separately, which this tool does not write.
     """
-    adapted = {f"{m}.weight" for m in inp.adapter.lora_modules} | set(inp.adapter.replacements)
-    if uses_registry(inp.config.raw):
-        from .peft_types import record_for
-
-        adapted |= {f"{m}.weight" for m in record_for(inp.config.peft_type).parse_adapter(inp.adapter.specs)}
+    adapted = {f"{m}.weight" for m in [*inp.adapter.lora_modules, *_registry_modules(inp)]}
+    adapted |= set(inp.adapter.replacements)
     if not any(name.rsplit(".", 2)[-2] in _SHARED_EMBEDDING_LEAVES for name in adapted if "." in name):
         return
     for source, aliases in shared_embeddings(inp.base.path).items():
@@ -196,6 +193,25 @@ def _refuse_shared_embedding(inp: _Inputs) -> None:
                 f"{inp.base.model_type} model ({shown}): its merge needs each of them stored separately, which this "
                 "tool does not write yet; use the adapter with PEFT on top of the base model."
             )
+
+
+def _registry_modules(inp: _Inputs) -> list[str]:
+    """The modules a merge_core.peft_types record plans (adapter names); none for the LoRA planner's adapters."""
+    if not uses_registry(inp.config.raw):
+        return []
+    from .peft_types import record_for
+
+    return list(record_for(inp.config.peft_type).parse_adapter(inp.adapter.specs))
+
+
+def _registry_head(inp: _Inputs) -> set[str]:
+    """A tied lm_head that a registry adapter changes with tensors of its own (its own trainable-token rows, LoHa,
+    IA3, ...): PEFT changes the head alone, so, like a LoRA target, it needs a tensor of its own. The embedding's
+    own trainable tokens are not listed: PEFT ties the head's rows to them."""
+    head = OUTPUT_EMBEDDING_NAME
+    if head not in inp.virtual:
+        return set()
+    return {head} if any(inp.resolve(f"{m}.weight") == head for m in _registry_modules(inp)) else set()
 
 
 def _tied_by_peft(inp: _Inputs) -> bool:
@@ -294,7 +310,7 @@ def plan_merge(
     replaced = _replacements(inp, starts, notes)
     registry = uses_registry(adapter_config.raw)
     targets = [] if registry else _lora_targets(inp, starts, notes)
-    untie = _untie(inp, set(replaced) | {t.tensor for t in targets}, notes)
+    untie = _untie(inp, set(replaced) | {t.tensor for t in targets} | _registry_head(inp), notes)
     plans = _tensor_plans(inp, starts, replaced, untie=untie, out_dtype=out_dtype)
     modules = _module_plans(inp, plans, replaced, targets, starts)
     if registry:

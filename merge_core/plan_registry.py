@@ -79,9 +79,8 @@ def registry_plans(
         )
         tensors[module] = {"weight": weight, "bias": f"{prefix}.bias", **params}
     context = record.context(config, shapes, inputs)
-    tied = (
-        set(inp.virtual) if record.peft_type == "TRAINABLE_TOKENS" or config.get("trainable_token_indices") else set()
-    )
+    tokens = record.peft_type == "TRAINABLE_TOKENS" or config.get("trainable_token_indices")
+    tied = {name for name in inp.virtual if name not in plans} if tokens else set()  # an untied head has its own
     return [_attach(record, inputs[m], context, tensors[m], plans, tied, layout.fused) for m in inputs]
 
 

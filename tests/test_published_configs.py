@@ -160,3 +160,14 @@ def test_bart_with_stored_embeddings_merges_a_saved_head_and_refuses_lora_on_sha
     _store_embedding_copies(base)
     with pytest.raises(UnsupportedAdapterError, match="^The adapter changes model.shared, one of the modules"):
         merge_adapter(base, adapter, tmp / "shared-merged", MergeOptions(dtype="float32"))
+
+
+def test_trainable_tokens_of_their_own_on_a_tied_head_untie_it(tmp: Path) -> None:
+    # Other indices for lm_head than for the embedding: PEFT does not tie the two token adapters, and saves both.
+    base = make_base(tmp / "base", "qwen2", tie=True)
+    indices = {"embed_tokens": [1, 2], "lm_head": [3, 4]}
+    adapter = make_adapter(base, tmp / "adapter", target_modules=["q_proj"], trainable_token_indices=indices)
+    want = logits(peft_reference(base, adapter), prompt_ids())
+    got = _merged_logits(base, adapter, tmp / "merged")
+    assert float((want - got).abs().max()) <= 1e-4
+    assert json.loads((tmp / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
