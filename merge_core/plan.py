@@ -147,11 +147,19 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         modules=BaseModules.from_tensors(shapes, renamed=inp._model_names or None),
         resolved={name: tensor.rsplit(".", 1)[0] if tensor else None for name, tensor in resolved.items()},
     )
-    if _tied_by_peft(inp) and OUTPUT_EMBEDDING_NAME.removesuffix(".weight") in selection.ignored:
-        # PEFT wraps the tied lm_head with the embedding's own LoRA (transposed): one delta on the shared matrix.
-        ignored = tuple(n for n in selection.ignored if n != OUTPUT_EMBEDDING_NAME.removesuffix(".weight"))
-        selection = replace(selection, ignored=ignored)
-        notes.append("lm_head's LoRA is the embedding's, tied by ensure_weight_tying: the shared matrix takes it once.")
+    head = OUTPUT_EMBEDDING_NAME.removesuffix(".weight")
+    if _tied_by_peft(inp) and head in selection.ignored:
+        # PEFT wraps the tied lm_head with the embedding's own LoRA factors (transposed): the same delta, which the
+        # shared matrix takes once. With DoRA the head has a magnitude (row norms) of its own, so a tensor of its own.
+        ignored = tuple(n for n in selection.ignored if n != head)
+        applied = dict(selection.applied)
+        if inp.adapter.lora_modules[head].magnitude is not None:
+            applied[head] = inp.adapter.lora_modules[head]
+        else:
+            notes.append(
+                "lm_head's LoRA is the embedding's, tied by ensure_weight_tying: the shared matrix takes it once."
+            )
+        selection = replace(selection, applied=applied, ignored=ignored)
     note = selection.note()
     if note:
         notes.append(note)
