@@ -158,8 +158,9 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
     peft_type = peft_type.upper()
     from .peft_types import record_for
 
-    record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge
+    record = record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge
     check_config_types(data, source)
+    record.check_config(Path(source).name, data)  # options no module could merge, before any module is resolved
     modules_to_save = data.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]

@@ -96,3 +96,36 @@ def transposed_parameter_modules(config_dir: Path, modules: Iterable[str]) -> se
         return set()
     named = dict(model.named_modules())
     return {m for m in modules if getattr(named.get(m), "is_transposed", False)}
+
+
+def shared_embeddings(config_dir: Path) -> dict[str, tuple[str, ...]]:
+    """{source tensor: the tensors transformers ties to it} where one matrix serves two or more other modules
+    (an encoder-decoder's shared embedding: encoder and decoder embeddings, and the output head), model-class names.
+
+    The usual input/output embedding pair (one alias) is left out. Returns {} when the class cannot be built here.
+    """
+    try:
+        model = meta_model(config_dir)
+        tied = getattr(model, "all_tied_weights_keys", None) or {} if model is not None else {}
+    except Exception as exc:  # noqa: BLE001 - without the class, nothing is known to be shared
+        log.debug("no model class for %s: %s", config_dir, exc)
+        return {}
+    groups: dict[str, list[str]] = {}
+    for alias, source in dict(tied).items():
+        groups.setdefault(str(source), []).append(str(alias))
+    return {source: tuple(sorted(aliases)) for source, aliases in groups.items() if len(aliases) >= 2}
+
+
+def has_conv1d(config_dir: Path) -> bool | None:
+    """Whether the model class has transformers' Conv1D layers (weights stored (in, out)); None when the class
+    cannot be built here (custom code, unknown architecture)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        model = meta_model(config_dir)
+    except Exception as exc:  # noqa: BLE001 - without the class, the layer types are unknown
+        log.debug("no model class for %s: %s", config_dir, exc)
+        return None
+    if model is None:
+        return None
+    return any(isinstance(module, Conv1D) for module in model.modules())

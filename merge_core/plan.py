@@ -9,18 +9,19 @@ become a tensor of its own), tensors (what each output tensor is made of), vocab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .adapter import AdapterConfig, AdapterWeights, load_adapter_config, load_adapter_weights
 from .checkpoint import BaseCheckpoint, BaseTensor, load_base_checkpoint
+from .errors import UnsupportedAdapterError
 from .formats import refuse_foreign
-from .layouts import model_names
+from .layouts import has_conv1d, model_names, shared_embeddings
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .peft_types import uses_registry
 from .plan_heads import apply_head, head_output, is_task_head
-from .plan_lora import LoraTarget, plan_lora_module, weights_transposed
+from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
 from .plan_registry import registry_plans
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
@@ -62,6 +63,13 @@ class _Inputs:
 
     def not_found(self, module: str, tensor: str):
         return self.blame.not_found(module, tensor, list(self.base.tensors))
+
+    def fan_in_fan_out(self) -> bool:
+        """The config's fan_in_fan_out as PEFT applies it: PEFT resets it to the layer's type (true only on
+        transformers' Conv1D), so a "true" on a model built of nn.Linear layers changes nothing."""
+        if not self.config.fan_in_fan_out or self.base.model_type in CONV1D_MODEL_TYPES:
+            return self.config.fan_in_fan_out
+        return has_conv1d(self.base.path) is not False  # an unknown class keeps the config's word
 
 
 def _inputs(base: BaseCheckpoint, config: AdapterConfig, adapter: AdapterWeights, options: MergeOptions) -> _Inputs:
@@ -105,6 +113,8 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     replaced: dict[str, str] = {}
     for module_tensor, key in inp.adapter.replacements.items():
         target = inp.resolve(module_tensor)
+        if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
+            continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding
         if target is None and is_task_head(module_tensor, inp.config.task_type):
             spec = inp.adapter.specs[key]  # a head the base lacks: the merged model gains it
             starts[module_tensor] = PlannedTensor(module_tensor, ST_FROM_DTYPE.get(spec.dtype, "F32"), spec.shape)
@@ -137,6 +147,19 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         modules=BaseModules.from_tensors(shapes, renamed=inp._model_names or None),
         resolved={name: tensor.rsplit(".", 1)[0] if tensor else None for name, tensor in resolved.items()},
     )
+    head = OUTPUT_EMBEDDING_NAME.removesuffix(".weight")
+    if _tied_by_peft(inp) and head in selection.ignored:
+        # PEFT wraps the tied lm_head with the embedding's own LoRA factors (transposed): the same delta, which the
+        # shared matrix takes once. With DoRA the head has a magnitude (row norms) of its own, so a tensor of its own.
+        ignored = tuple(n for n in selection.ignored if n != head)
+        applied = dict(selection.applied)
+        if inp.adapter.lora_modules[head].magnitude is not None:
+            applied[head] = inp.adapter.lora_modules[head]
+        else:
+            notes.append(
+                "lm_head's LoRA is the embedding's, tied by ensure_weight_tying: the shared matrix takes it once."
+            )
+        selection = replace(selection, applied=applied, ignored=ignored)
     note = selection.note()
     if note:
         notes.append(note)
@@ -147,6 +170,62 @@ def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             raise inp.not_found(name, f"{name}.weight")
         targets.append(LoraTarget(module, tensor))
     return targets
+
+
+# The modules an encoder-decoder's one embedding matrix serves (T5, BART, Marian: shared, encoder and decoder
+# embed_tokens, lm_head); only adapters that change one of these need the model class's tying map.
+_SHARED_EMBEDDING_LEAVES = ("shared", "embed_tokens", "lm_head")
+
+
+def _refuse_shared_embedding(inp: _Inputs) -> None:
+    """Refuse an adapter that changes one module of a matrix the model shares among three or more modules, where
+    the checkpoint does not store the others as tensors of their own (those are matrices of their own).
+
+    PEFT wraps that module alone, so base + adapter changes one of them (or nothing, for T5's and BART's never-called
+    ``shared``), while merge_and_unload changes the matrix for all; reproducing the first needs each module's
+    matrix stored separately, which this tool does not write.
+    """
+    adapted = {f"{m}.weight" for m in [*inp.adapter.lora_modules, *_registry_modules(inp)]}
+    adapted |= set(inp.adapter.replacements)
+    if not any(name.rsplit(".", 2)[-2] in _SHARED_EMBEDDING_LEAVES for name in adapted if "." in name):
+        return
+    for source, aliases in shared_embeddings(inp.base.path).items():
+        members = [source, *(a for a in aliases if a not in inp.base.tensors)]
+        changed = sorted(n.removesuffix(".weight") for n in adapted if n in members)
+        # One virtual alias (lm_head) of a matrix the model calls is the usual pair, stored apart when it changes;
+        # several, or a change to the source that only its aliases call, have no such split.
+        if changed and (len(members) > 2 or (source.removesuffix(".weight") in changed and len(members) > 1)):
+            shown = ", ".join(m.removesuffix(".weight") for m in members)
+            raise UnsupportedAdapterError(
+                f"The adapter changes {changed[0]}, one of the modules that share one embedding matrix in this "
+                f"{inp.base.model_type} model ({shown}): its merge needs each of them stored separately, which this "
+                "tool does not write yet; use the adapter with PEFT on top of the base model."
+            )
+
+
+def _registry_modules(inp: _Inputs) -> list[str]:
+    """The modules a merge_core.peft_types record plans (adapter names); none for the LoRA planner's adapters."""
+    if not uses_registry(inp.config.raw):
+        return []
+    from .peft_types import record_for
+
+    return list(record_for(inp.config.peft_type).parse_adapter(inp.adapter.specs))
+
+
+def _registry_head(inp: _Inputs) -> set[str]:
+    """A tied lm_head that a registry adapter changes with tensors of its own (its own trainable-token rows, LoHa,
+    IA3, ...): PEFT changes the head alone, so, like a LoRA target, it needs a tensor of its own. The embedding's
+    own trainable tokens are not listed: PEFT ties the head's rows to them."""
+    head = OUTPUT_EMBEDDING_NAME
+    if head not in inp.virtual:
+        return set()
+    return {head} if any(inp.resolve(f"{m}.weight") == head for m in _registry_modules(inp)) else set()
+
+
+def _tied_by_peft(inp: _Inputs) -> bool:
+    """ensure_weight_tying on a base whose lm_head is the embedding: PEFT ties lm_head's adapter to the embedding's
+    (tuners_utils._check_tied_modules), so whatever the adapter does to one, it does to both."""
+    return inp.config.ensure_weight_tying and OUTPUT_EMBEDDING_NAME in inp.virtual
 
 
 def _untie(inp: _Inputs, touched: set[str], notes: list[str]) -> bool:
@@ -206,7 +285,9 @@ def _module_plans(
         if target in plans
     ]
     shapes = {name: start.shape for name, start in starts.items()}
-    transposed = weights_transposed(inp.config, inp.adapter, targets, shapes, model_type=inp.base.model_type)
+    transposed = weights_transposed(
+        inp.config, inp.adapter, targets, shapes, model_type=inp.base.model_type, fan_in_fan_out=inp.fan_in_fan_out()
+    )
     for target in targets:
         if target.tensor not in plans:  # tied head left tied: the delta lands on the shared embedding
             target = LoraTarget(target.module, str(inp.embed))
@@ -230,13 +311,14 @@ def plan_merge(
 ) -> MergePlan:
     """Every decision about merging ``adapter`` into ``base``, from metadata only."""
     inp = _inputs(base, adapter_config, adapter, options)
+    _refuse_shared_embedding(inp)
     notes: list[str] = [base.quant.describe()] if base.quant is not None else []
     out_dtype = output_dtype(base, options)
     starts = _starts(inp, out_dtype)
     replaced = _replacements(inp, starts, notes)
     registry = uses_registry(adapter_config.raw)
     targets = [] if registry else _lora_targets(inp, starts, notes)
-    untie = _untie(inp, set(replaced) | {t.tensor for t in targets}, notes)
+    untie = _untie(inp, set(replaced) | {t.tensor for t in targets} | _registry_head(inp), notes)
     plans = _tensor_plans(inp, starts, replaced, untie=untie, out_dtype=out_dtype)
     modules = _module_plans(inp, plans, replaced, targets, starts)
     if registry:

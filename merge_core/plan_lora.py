@@ -44,10 +44,14 @@ def weights_transposed(
     shapes: dict[str, tuple[int, ...]],
     *,
     model_type: str,
+    fan_in_fan_out: bool,
 ) -> bool:
-    """Whether square Linear-like weights are stored (in, out), as transformers' Conv1D does."""
+    """Whether square Linear-like weights are stored (in, out), as transformers' Conv1D does.
+
+    ``fan_in_fan_out``: the config's, as PEFT applies it to this model (the planner's ``fan_in_fan_out()``).
+    """
     stored = [(checked_factors(config, adapter, t.module), shapes[t.tensor]) for t in targets]
-    return model_stores_transposed(fan_in_fan_out=config.fan_in_fan_out, model_type=model_type, stored=stored)
+    return model_stores_transposed(fan_in_fan_out=fan_in_fan_out, model_type=model_type, stored=stored)
 
 
 def _delta(module: LoraModule, *, transposed: bool, scale: float, rank: int, alpha: float) -> LowRankDelta:

@@ -57,7 +57,7 @@ def registry_plans(
     config = inp.config.raw
     record = record_for(inp.config.peft_type)
     shapes = {key: spec.shape for key, spec in inp.adapter.specs.items()}
-    conv1d = bool(config.get("fan_in_fan_out")) or inp.base.model_type in CONV1D_MODEL_TYPES
+    conv1d = inp.fan_in_fan_out() or inp.base.model_type in CONV1D_MODEL_TYPES
     parsed = record.parse_adapter(shapes)
     experts = transposed_parameter_modules(inp.base.path, parsed) if config.get("target_parameters") else set()
     layout = _layout(inp, parsed) if config.get("target_parameters") else ExpertLayout()
@@ -79,9 +79,8 @@ def registry_plans(
         )
         tensors[module] = {"weight": weight, "bias": f"{prefix}.bias", **params}
     context = record.context(config, shapes, inputs)
-    tied = (
-        set(inp.virtual) if record.peft_type == "TRAINABLE_TOKENS" or config.get("trainable_token_indices") else set()
-    )
+    tokens = record.peft_type == "TRAINABLE_TOKENS" or config.get("trainable_token_indices")
+    tied = {name for name in inp.virtual if name not in plans} if tokens else set()  # an untied head has its own
     return [_attach(record, inputs[m], context, tensors[m], plans, tied, layout.fused) for m in inputs]
 
 

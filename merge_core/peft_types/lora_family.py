@@ -113,23 +113,37 @@ def requested_variants(config: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def _check_lora_options(module: str, config: Mapping[str, Any]) -> None:
+def check_lora_config(where: str, config: Mapping[str, Any]) -> None:
+    """Refuse what no LoRA module of this config can merge, before any module is resolved: a variant this tool does
+    not reproduce, a structural option, a base-changing initialisation. ``where`` opens the message."""
     for name in requested_variants(config):
-        if name == "use_dora":
-            raise refuse("LORA", module, "uses DoRA, which the LoRA planner (plan_lora) merges, not this registry")
-        if name not in ("use_bdlora", "kasa_config"):
-            raise refuse("LORA", module, f"uses the LoRA variant {name}, whose merge this tool does not reproduce")
+        if name not in ("use_dora", "use_bdlora", "kasa_config"):
+            raise refuse("LORA", where, f"uses the LoRA variant {name}, whose merge this tool does not reproduce")
+    if "use_dora" in requested_variants(config) and needs_lora_variants(config):
+        # DoRA renormalises whole columns of W + delta: the LoRA planner merges it, the registry's row ops cannot.
+        raise refuse(
+            "LORA",
+            where,
+            "combines DoRA with trainable_token_indices, target_parameters, use_bdlora, kasa_config or an "
+            "unconverted PiSSA/OLoRA init (merge it with PEFT's merge_and_unload() instead)",
+        )
     for name, what in _STRUCTURAL.items():
         if config.get(name) not in (None, False, {}, [], ""):
-            raise refuse("LORA", module, f"uses {what}")
+            raise refuse("LORA", where, f"uses {what}")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise refuse(
             "LORA",
-            module,
+            where,
             f"was saved with init_lora_weights={init!r} without conversion to plain LoRA (PEFT rebuilds a residual "
             "base when it loads it; convert it with PEFT's path_initial_model_for_weight_conversion)",
         )
+
+
+def _check_lora_options(module: str, config: Mapping[str, Any]) -> None:
+    check_lora_config(module, config)
+    if "use_dora" in requested_variants(config):
+        raise refuse("LORA", module, "uses DoRA, which the LoRA planner (plan_lora) merges, not this registry")
 
 
 def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:

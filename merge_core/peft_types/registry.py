@@ -18,6 +18,7 @@ from .lora_family import (
     HIRA_TOKENS,
     LORA_TOKENS,
     adalora_ops,
+    check_lora_config,
     delora_ops,
     hira_ops,
     lora_ops,
@@ -51,6 +52,13 @@ class PeftTypeRecord:
     tokens: tuple[str, ...] = ()  # the adapter key parts that name its tensors ("hada_w1_a", "ia3_l", ...)
     shared_tokens: tuple[str, ...] = ()  # model-level tensors shared by every module (VeRA's projections)
     ops: ModuleOps | None = None
+    # Refusals that depend on the config alone, run when adapter_config.json is read: (where, config) -> None.
+    config_check: Callable[[str, Mapping[str, Any]], None] | None = None
+
+    def check_config(self, where: str, config_raw: Mapping[str, Any]) -> None:
+        """Raise UnsupportedAdapterError, opening with ``where``, for a config no module of it could merge."""
+        if self.config_check is not None:
+            self.config_check(where, config_raw)
 
     def parse_adapter(self, keys: Iterable[str]) -> dict[str, ModuleKeys]:
         """{module name: {role: adapter key}}; module names carry no ``base_model.model.`` prefix.
@@ -142,8 +150,10 @@ def unsupported(record: PeftTypeRecord) -> UnsupportedAdapterError:
     return UnsupportedAdapterError(f"This tool cannot merge this {record.peft_type} adapter: {record.reason}.")
 
 
-def _merged(peft_type: str, reason: str, tokens: tuple[str, ...], ops: ModuleOps, shared=()) -> PeftTypeRecord:
-    return PeftTypeRecord(peft_type, "merged", reason, tokens, tuple(shared), ops)
+def _merged(
+    peft_type: str, reason: str, tokens: tuple[str, ...], ops: ModuleOps, shared=(), config_check=None
+) -> PeftTypeRecord:
+    return PeftTypeRecord(peft_type, "merged", reason, tokens, tuple(shared), ops, config_check)
 
 
 def _refused(peft_type: str, reason: str) -> PeftTypeRecord:
@@ -170,6 +180,7 @@ _RECORDS: tuple[PeftTypeRecord, ...] = (
         "rank_pattern/alpha_pattern",
         LORA_TOKENS,
         _lora_variant_ops,
+        config_check=check_lora_config,
     ),
     _merged(
         "ADALORA",
