@@ -275,3 +275,14 @@ def test_conv_lora_on_a_model_class_not_built_here_merges_with_a_warning(tmp: Pa
     assert [w for w in plan.warnings if "dilation and padding_mode" in w] == plan.warnings
     assert len(plan.warnings) == 1 and "PeftModel" in plan.warnings[0]
     assert build_plan(*saved(tmp / "known", CASES["vit-conv2d"]), MergeOptions()).warnings == []
+
+
+def test_combining_conv_lora_adapters_is_refused_before_output(tmp: Path) -> None:
+    from merge_core.combine import AdapterSource, UnsupportedCombinationError, combine_adapters
+
+    base, first = saved(tmp, CASES["vit-conv2d"])
+    second = tmp / "second"
+    save_adapter(type(vit()).from_pretrained(base), base, second, CASES["vit-conv2d"])
+    with pytest.raises(UnsupportedCombinationError, match="convolution"):
+        combine_adapters([AdapterSource(first), AdapterSource(second)], "stack", tmp / "combined")
+    assert not (tmp / "combined").exists()
