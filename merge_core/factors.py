@@ -7,6 +7,10 @@ lora_embedding_A (r, num_embeddings) and lora_embedding_B (embedding_dim, r).
 Orientation: nn.Linear stores its weight (out_features, in_features), so the delta lands as
 ``b @ a``; transformers' Conv1D (``fan_in_fan_out``) and an embedding seen from LoRA's side store
 (in_features, out_features), so the delta lands as ``(b @ a).T = a.T @ b.T``.
+
+Convolutions (nn.Conv1d/2d/3d): PEFT gives lora_A the base's kernel, (r, in_channels, *kernel), and
+lora_B a 1 x ... x 1 kernel, (out_channels, r, 1, ...); seen as matrices (tensor_math.as_matrix) they
+are a (r, in * kernel) and b (out, r), and the delta is ``(b @ a).reshape(weight shape)``, stored as is.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class FactorShapes:
     a: tuple[int, int]
     b: tuple[int, int]
     is_embedding: bool
+    kernel: tuple[int, ...] = ()  # a convolution's kernel size; () for Linear, Conv1D and Embedding
 
     @property
     def rank(self) -> int:
@@ -50,17 +55,13 @@ def checked_factors(
 ) -> FactorShapes:
     """The shapes of ``module``'s factors once a, b and the config agree on one rank.
 
-    Raises UnsupportedAdapterError for factors that are not matrices (LoRA on convolutions),
-    AdapterWeightsError when a and b disagree, AdapterConfigError when r / rank_pattern disagrees.
+    Raises UnsupportedAdapterError for LoRA on a grouped convolution, AdapterWeightsError when a and b
+    disagree, AdapterConfigError when r / rank_pattern disagrees.
     ``adapter_name`` names the adapter in the message where several are read together.
     """
     where = f"Adapter {adapter_name!r}: {module.module}" if adapter_name else module.module
     a, b = adapter.specs[module.a].shape, adapter.specs[module.b].shape
-    if len(a) != 2 or len(b) != 2:
-        raise UnsupportedAdapterError(
-            f"{where}: LoRA on layers with {len(a)}-D weights (convolutions) is not supported; "
-            "this tool merges LoRA on Linear, Conv1D and Embedding layers."
-        )
+    kernel = _conv_kernel(where, tuple(a), tuple(b), is_embedding=module.is_embedding)
     rank = a[0]
     if b[1] != rank:
         raise AdapterWeightsError(
@@ -72,7 +73,26 @@ def checked_factors(
             f"{where}: adapter_config.json says rank {configured} (r / rank_pattern) but the weights have rank "
             f"{rank}. The config does not belong to these weights; save the adapter again with PEFT."
         )
-    return FactorShapes(module.module, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), module.is_embedding)
+    return FactorShapes(module.module, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), module.is_embedding, kernel)
+
+
+def _conv_kernel(where: str, a: tuple[int, ...], b: tuple[int, ...], *, is_embedding: bool) -> tuple[int, ...]:
+    """The kernel of a convolution's factors, () for matrices; refuses shapes PEFT never saves and grouped convs."""
+    if len(a) == 2 and len(b) == 2:
+        return ()
+    if is_embedding or len(a) != len(b) or len(a) not in (3, 4, 5) or any(d != 1 for d in b[2:]):
+        raise AdapterWeightsError(
+            f"{where}: lora_A has shape {list(a)} and lora_B {list(b)}, neither LoRA matrices nor the factors PEFT "
+            "gives a convolution; the adapter file is broken, save it again with PEFT."
+        )
+    if b[1] != a[0] and b[1] > 0 and a[0] % b[1] == 0:
+        # PEFT makes lora_B a grouped 1x1 conv, so B @ A mixes every input channel into every group:
+        # a dense kernel that the grouped weight (out, in / groups, ...) cannot hold; PEFT refuses to merge it too.
+        raise UnsupportedAdapterError(
+            f"{where}: LoRA on a convolution with groups={a[0] // b[1]} cannot be merged into its grouped weight "
+            "(PEFT cannot merge it either); remove this layer from target_modules."
+        )
+    return tuple(int(d) for d in a[2:])
 
 
 def read_factors(

@@ -129,3 +129,24 @@ def has_conv1d(config_dir: Path) -> bool | None:
     if model is None:
         return None
     return any(isinstance(module, Conv1D) for module in model.modules())
+
+
+def conv_settings(config_dir: Path, modules: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """{module: (dilation, padding_mode)} of the torch convolutions among ``modules`` (model-class names);
+    None when the class cannot be built here (custom code, unknown architecture)."""
+    try:
+        model = meta_model(config_dir)
+    except Exception as exc:  # noqa: BLE001 - without the class, the layers' settings are unknown
+        log.debug("no model class for %s: %s", config_dir, exc)
+        return None
+    if model is None:
+        return None
+    import torch
+
+    named = dict(model.named_modules())
+    convs = {m: named.get(m) for m in modules}
+    return {
+        m: (tuple(conv.dilation), str(conv.padding_mode))
+        for m, conv in convs.items()
+        if isinstance(conv, torch.nn.modules.conv._ConvNd)
+    }

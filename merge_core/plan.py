@@ -21,7 +21,7 @@ from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .peft_types import uses_registry
 from .plan_heads import apply_head, head_output, is_task_head
-from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, plan_lora_module, weights_transposed
+from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, check_conv_targets, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
 from .plan_registry import registry_plans
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
@@ -320,6 +320,7 @@ def plan_merge(
     targets = [] if registry else _lora_targets(inp, starts, notes)
     untie = _untie(inp, set(replaced) | {t.tensor for t in targets} | _registry_head(inp), notes)
     plans = _tensor_plans(inp, starts, replaced, untie=untie, out_dtype=out_dtype)
+    conv_warnings = check_conv_targets(base.path, targets, {name: start.shape for name, start in starts.items()})
     modules = _module_plans(inp, plans, replaced, targets, starts)
     if registry:
         modules += registry_plans(inp, starts, plans, notes)
@@ -343,7 +344,7 @@ def plan_merge(
         config=config,
         copy_files=files_to_copy(base.path, adapter.path, notes),
         notes=notes,
-        warnings=_warnings(inp),
+        warnings=_warnings(inp) + conv_warnings,
     )
 
 

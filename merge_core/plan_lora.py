@@ -10,14 +10,23 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 from .adapter import AdapterConfig, AdapterWeights, LoraModule
 from .errors import AdapterWeightsError, UnsupportedAdapterError
 from .factors import CONV1D_MODEL_TYPES, FactorShapes, checked_factors, delta_transposed, model_stores_transposed
+from .layouts import conv_settings
 from .mismatch import Blame
 from .plan_types import DoraSpec, LowRankDelta, ModulePlan, OutputTensorPlan
 
-__all__ = ["CONV1D_MODEL_TYPES", "BiasDelta", "LoraTarget", "plan_lora_module", "weights_transposed"]
+__all__ = [
+    "CONV1D_MODEL_TYPES",
+    "BiasDelta",
+    "LoraTarget",
+    "check_conv_targets",
+    "plan_lora_module",
+    "weights_transposed",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,33 @@ def weights_transposed(
     return model_stores_transposed(fan_in_fan_out=fan_in_fan_out, model_type=model_type, stored=stored)
 
 
+def check_conv_targets(config_dir: Path, targets: list[LoraTarget], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Refuse LoRA on a convolution whose LoRA branch PEFT builds unlike the layer itself; returns a warning
+    when the model class cannot be built here to tell.
+
+    PEFT builds lora_A as ``Conv(in, r, kernel_size, stride, padding)``: no dilation and zero padding
+    whatever the base uses, so with dilation (kernel > 1) or another padding_mode the adapted layer is
+    no single convolution and no merged weight reproduces it.
+    """
+    convs = {t.module.module: shapes[t.tensor][2:] for t in targets if len(shapes.get(t.tensor, ())) > 2}
+    settings = conv_settings(config_dir, convs) if convs else {}
+    if settings is None:
+        return [
+            f"The model class could not be built here, so the dilation and padding_mode of the {len(convs)} "
+            "convolution(s) the adapter changes were not checked; PEFT's LoRA branch assumes dilation 1 and zero "
+            "padding, so compare the merged model with PeftModel if the layers use either."
+        ]
+    for name, (dilation, padding_mode) in settings.items():
+        dilated = any(d != 1 and k != 1 for d, k in zip(dilation, convs[name], strict=False))
+        if dilated or padding_mode != "zeros":
+            setting = f"dilation {list(dilation)}" if dilated else f"padding_mode {padding_mode!r}"
+            raise UnsupportedAdapterError(
+                f"{name}: the base convolution uses {setting}, which PEFT's LoRA branch does not copy, so the "
+                "adapted layer cannot be merged into one convolution; remove this layer from target_modules."
+            )
+    return []
+
+
 def _delta(module: LoraModule, *, transposed: bool, scale: float, rank: int, alpha: float) -> LowRankDelta:
     if transposed:  # stored (in, out): delta = (B @ A).T = A.T @ B.T
         return LowRankDelta(module.module, module.a, module.b, True, True, scale, rank, alpha)
@@ -74,18 +110,13 @@ def plan_lora_module(
     module, name, w_shape = target.module, target.module.module, plan.shape
     factors = checked_factors(config, adapter, module)
     rank = factors.rank
-    if len(w_shape) != 2:
-        raise blame.mismatch(
-            f"{name}: the base tensor {target.tensor} has shape {list(w_shape)}, not a 2-D weight matrix."
-        )
     alpha, scale = config.alpha_for(name), config.scale_for(name)
-    transposed = delta_transposed(factors, w_shape, model_transposed=transposed_model)
-    if transposed is None:
-        raise blame.mismatch(_misfit(factors, target.tensor, w_shape))
+    transposed = _orientation(factors, target.tensor, w_shape, transposed_model=transposed_model, blame=blame)
     if module.is_embedding:
         kind, fifo, dora_axis, mag_len = "embedding", False, "col", w_shape[1]
     else:
-        kind, fifo, dora_axis, mag_len = "linear", transposed, ("col" if transposed else "row"), factors.out_features
+        kind = "conv" if factors.kernel else "linear"
+        fifo, dora_axis, mag_len = transposed, ("col" if transposed else "row"), factors.out_features
     plan.deltas.append(_delta(module, transposed=transposed, scale=scale, rank=rank, alpha=alpha))
     variant = _plan_dora(module, plan, config=config, adapter=adapter, axis=dora_axis, length=mag_len)
     biases: list[BiasDelta] = []
@@ -100,6 +131,27 @@ def plan_lora_module(
     if kind == "embedding":
         variant = "embedding-" + variant
     return ModulePlan(name, target.tensor, kind, variant, w_shape, rank, alpha, scale, fifo), biases
+
+
+def _orientation(
+    factors: FactorShapes, tensor: str, shape: tuple[int, ...], *, transposed_model: bool, blame: Blame
+) -> bool:
+    """Whether the delta lands transposed; a convolution's never does (its weight is (out, in, *kernel))."""
+    if factors.kernel:
+        if shape != (factors.out_features, factors.in_features, *factors.kernel):
+            raise blame.mismatch(
+                f"{factors.module}: convolution LoRA maps {factors.in_features} -> {factors.out_features} channels "
+                f"with kernel {list(factors.kernel)} but the base tensor {tensor} has shape {list(shape)}."
+            )
+        return False
+    if len(shape) != 2:
+        raise blame.mismatch(
+            f"{factors.module}: the base tensor {tensor} has shape {list(shape)}, not a 2-D weight matrix."
+        )
+    transposed = delta_transposed(factors, shape, model_transposed=transposed_model)
+    if transposed is None:
+        raise blame.mismatch(_misfit(factors, tensor, shape))
+    return transposed
 
 
 def _misfit(factors: FactorShapes, tensor: str, shape: tuple[int, ...]) -> str:

@@ -50,7 +50,7 @@ class ModulePlan:
 
     module: str
     tensor: str
-    kind: Literal["linear", "embedding", "replaced"]
+    kind: Literal["linear", "conv", "embedding", "replaced"]
     variant: str
     shape: tuple[int, ...]
     rank: int = 0

@@ -25,15 +25,28 @@ def block_elements_for(device: torch.device) -> int:
     return CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEFAULT_BLOCK_ELEMENTS
 
 
+def as_matrix(block: torch.Tensor) -> torch.Tensor:
+    """``block`` as (rows, everything else); a view, so in-place updates land in the block.
+
+    A convolution's weight (out, in, *kernel) and its LoRA factors, lora_A (r, in, *kernel) and lora_B
+    (out, r, 1, ...), are the matrices PEFT multiplies in this view: delta = (B @ A).reshape(weight shape).
+    """
+    return block.view(block.shape[0] if block.dim() else 1, -1) if block.dim() != 2 else block
+
+
 @dataclass
 class LoadedDelta:
-    left: torch.Tensor  # (rows, r)
-    right: torch.Tensor  # (r, cols)
+    left: torch.Tensor  # (rows, r); a convolution's lora_B (rows, r, 1, ...) is viewed as its matrix
+    right: torch.Tensor  # (r, cols); a convolution's lora_A (r, in, *kernel) as (r, in * kernel)
     scale: float
+
+    def __post_init__(self) -> None:
+        self.left, self.right = as_matrix(self.left), as_matrix(self.right)
 
     def add_rows_to(self, block: torch.Tensor, start: int) -> torch.Tensor:
         """block += delta rows, in place and fused (addmm_): the delta is never materialised."""
-        return block.addmm_(self.left[start : start + block.shape[0]], self.right, alpha=self.scale)
+        as_matrix(block).addmm_(self.left[start : start + block.shape[0]], self.right, alpha=self.scale)
+        return block
 
 
 def rows_per_block(shape: tuple[int, ...], block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> int:
@@ -49,8 +62,9 @@ def row_blocks(n_rows: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 def dora_row_factor(exact_rows: torch.Tensor, magnitude_rows: torch.Tensor) -> torch.Tensor:
-    """DoRA for Linear: each output row is rescaled to the trained magnitude."""
-    return (magnitude_rows / torch.linalg.vector_norm(exact_rows, dim=1)).unsqueeze(1)
+    """DoRA for Linear and convolutions: each output row (channel) is rescaled to the trained magnitude."""
+    factor = magnitude_rows / torch.linalg.vector_norm(as_matrix(exact_rows), dim=1)
+    return factor.view(-1, *([1] * (exact_rows.dim() - 1)))
 
 
 @dataclass

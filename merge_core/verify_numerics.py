@@ -18,7 +18,7 @@ from .peft_types.ops import apply_all_
 from .plan import MergePlan, ModulePlan, OutputTensorPlan
 from .safetensors_io import OpenFiles, TensorInfo, read_rows
 from .sources import start_rows
-from .tensor_math import row_blocks, rows_per_block
+from .tensor_math import as_matrix, row_blocks, rows_per_block
 from .verify_report import ModuleNumerics
 
 PROBE_VECTORS = 4
@@ -50,8 +50,8 @@ class _Reference:
             if m.kind == "replaced" or m.module not in adapter.lora_modules:
                 continue  # a peft_types module: its update is in tensor.ops
             lm = adapter.lora_modules[m.module]
-            a = adapter.tensor(lm.a).double()  # type: ignore[arg-type]
-            b = adapter.tensor(lm.b).double()  # type: ignore[arg-type]
+            a = as_matrix(adapter.tensor(lm.a).double())  # type: ignore[arg-type]
+            b = as_matrix(adapter.tensor(lm.b).double())  # type: ignore[arg-type]
             transposed = m.kind == "embedding" or m.fan_in_fan_out
             self.terms.append((a, b, m.scale, transposed))
             if lm.magnitude is not None:
@@ -63,7 +63,7 @@ class _Reference:
 
     def exact_rows(self, a: int, b: int, start: torch.Tensor) -> torch.Tensor:
         """Rows of W + deltas with every other PEFT type's update applied, in float64."""
-        exact = start + self.delta_rows(a, b) if self.terms or self.bias else start.clone()
+        exact = start + self.delta_rows(a, b).view_as(start) if self.terms or self.bias else start.clone()
         return apply_all_(exact, a, self.ops) if self.ops else exact
 
     def start(self, a: int, b: int) -> torch.Tensor:
@@ -150,8 +150,8 @@ def verify_changed(
         exact = ref.exact_rows(a, b, start)
         row_factor = None
         if ref.magnitude is not None and not ref.dora_cols:
-            row_factor = (ref.magnitude[a:b] / torch.linalg.vector_norm(exact, dim=1)).unsqueeze(1)
-            exact = exact * row_factor
+            row_factor = (ref.magnitude[a:b] / torch.linalg.vector_norm(as_matrix(exact), dim=1)).unsqueeze(1)
+            exact = (as_matrix(exact) * row_factor).view_as(exact)
         elif col_factor is not None:
             exact = exact * col_factor.unsqueeze(0)
         written = read_rows(out_file, out_info, a, b)

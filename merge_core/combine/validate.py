@@ -94,6 +94,11 @@ def _module_shapes(sources: list[Source]) -> dict[str, ModuleShape]:
     for s in sources:
         for name, module in s.tensors.lora_modules.items():
             f = checked_factors(s.config, s.tensors, module, adapter_name=s.name)
+            if f.kernel:
+                raise UnsupportedCombinationError(
+                    f"Adapter {s.name!r} has LoRA on the convolution {name}, which combining does not handle yet; "
+                    "merge that adapter on its own."
+                )
             shape = ModuleShape(f.in_features, f.out_features, f.is_embedding)
             if name in shapes and shapes[name] != shape:
                 raise DifferentBaseModelsError(

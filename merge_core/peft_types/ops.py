@@ -13,6 +13,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..tensor_math import as_matrix
+
 
 @runtime_checkable
 class RowOp(Protocol):
@@ -25,11 +27,6 @@ def _rows(block: Tensor) -> int:
     return block.shape[0] if block.dim() else 1
 
 
-def _matrix(block: Tensor) -> Tensor:
-    """The block as (rows, everything else); a view, so in-place updates land in the block."""
-    return block.view(_rows(block), -1) if block.dim() != 2 else block
-
-
 @dataclass
 class LowRankRows:
     """block += scale * left[a:b] @ right (LoRA, AdaLoRA, VeRA, bdlora, KaSA's truncation)."""
@@ -40,7 +37,7 @@ class LowRankRows:
 
     def apply_(self, block: Tensor, row_start: int) -> Tensor:
         rows = _rows(block)
-        _matrix(block).addmm_(self.left[row_start : row_start + rows], self.right, alpha=self.scale)
+        as_matrix(block).addmm_(self.left[row_start : row_start + rows], self.right, alpha=self.scale)
         return block
 
 
@@ -65,7 +62,7 @@ class BaseHadamardRows:
 
     def apply_(self, block: Tensor, row_start: int) -> Tensor:
         gate = self.left[row_start : row_start + _rows(block)] @ self.right
-        x = _matrix(block)
+        x = as_matrix(block)
         x.addcmul_(x, gate)
         return block
 
@@ -84,7 +81,7 @@ class HadamardRows:
         end = row_start + _rows(block)
         first = self.w1a[row_start:end] @ self.w1b
         first.mul_(self.w2a[row_start:end] @ self.w2b)
-        _matrix(block).add_(first, alpha=self.scale)
+        as_matrix(block).add_(first, alpha=self.scale)
         return block
 
 
@@ -100,7 +97,7 @@ class KroneckerRows:
         rows = torch.arange(row_start, row_start + _rows(block), device=self.w1.device)
         b2 = self.w2.shape[0]
         part = self.w1[rows // b2].unsqueeze(2) * self.w2[rows % b2].unsqueeze(1)
-        _matrix(block).add_(part.reshape(len(rows), -1), alpha=self.scale)
+        as_matrix(block).add_(part.reshape(len(rows), -1), alpha=self.scale)
         return block
 
 
@@ -122,7 +119,7 @@ class ColumnScale:
     factor: Tensor  # (cols,)
 
     def apply_(self, block: Tensor, row_start: int) -> Tensor:
-        _matrix(block).mul_(self.factor)
+        as_matrix(block).mul_(self.factor)
         return block
 
 
@@ -138,7 +135,7 @@ class ColumnRotation:
     factors: list[tuple[Tensor | None, Tensor]]
 
     def apply_(self, block: Tensor, row_start: int) -> Tensor:
-        x = _matrix(block)
+        x = as_matrix(block)
         out = x
         for perm, blocks in self.factors:
             if perm is not None:
@@ -163,7 +160,7 @@ class ReflectRows:
     sequential: bool
 
     def apply_(self, block: Tensor, row_start: int) -> Tensor:
-        x = _matrix(block)
+        x = as_matrix(block)
         if not self.sequential:
             x.addmm_(x @ self.u, self.u.T, alpha=-2.0)
             return block
@@ -184,7 +181,7 @@ class RowReplace:
         end = row_start + _rows(block)
         inside = (self.indices >= row_start) & (self.indices < end)
         if bool(inside.any()):
-            _matrix(block)[self.indices[inside] - row_start] = self.values[inside]
+            as_matrix(block)[self.indices[inside] - row_start] = self.values[inside]
         return block
 
 
