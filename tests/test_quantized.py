@@ -256,11 +256,6 @@ class TestDetection:
 # --- dequantization, bit for bit --------------------------------------------------------------------
 
 
-def _f32(state):
-    state.dtype = torch.float32
-    return state
-
-
 def _bnb_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -315,13 +310,16 @@ class TestDequantization:
         # kernel indexes blocks per row instead and disagrees when cols is not a multiple of the blocksize.
         raw = state["w"].view(torch.uint8).reshape(-1)
         compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-        want = compute(raw, absmax, _get_4bit_code(quant_type, raw.device), blocksize, shape, torch.float32)
+        # In the quant state's dtype (bfloat16 here, the weight's), as dequantize_4bit returns it by default.
+        want = compute(raw, absmax, _get_4bit_code(quant_type, raw.device), blocksize, shape, qs.dtype).float()
         # FP4 code 0b1000 is -0.0: the C kernel we call writes +0.0 for it in some loop tails, the portable one -0.0.
         sign = {"zero_sign": quant_type != "fp4"}
         assert_bitwise(dequantize_tensor(t, dict_reader(state)), want, **sign)
         assert_row_blocks_equal(t, dict_reader(state), want, **sign)
         if shape[1] % blocksize == 0:  # where bitsandbytes' CPU kernel keeps the flat layout, it is the reference too
-            assert_bitwise(dequantize_tensor(t, dict_reader(state)), bnbf.dequantize_4bit(state["w"], _f32(qs)), **sign)
+            assert_bitwise(
+                dequantize_tensor(t, dict_reader(state)), bnbf.dequantize_4bit(state["w"], qs).float(), **sign
+            )
 
     def test_bnb_8bit(self, bases, opened):
         import bitsandbytes.functional as bnbf

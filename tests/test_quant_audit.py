@@ -1,0 +1,74 @@
+"""QLoRA adapters on quantized bases as people publish them: bases quantized from bfloat16/float16 models,
+compute dtypes that differ from the weights' dtype, bfloat16 quant_storage. Each merge is compared with
+transformers' own dequantize() plus PEFT (what PEFT's 4-bit merge and bitsandbytes' MatMul4Bit start from)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_core import MergeOptions, merge_adapter
+from tests.factories import make_adapter
+from tests.quant_factories import make_bnb_base, make_float_base
+
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+UNTOUCHED = "model.layers.0.self_attn.k_proj.weight"  # quantized, and no adapter target
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("quant-audit")
+    for dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        make_float_base(root / name, dtype=dtype)
+        make_adapter(root / name, root / f"{name}-adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    return root
+
+
+def _dequantized(base: Path):
+    """transformers' dequantize() of the bitsandbytes model: the stored weights through dequantize_4bit."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, device_map="cpu").dequantize()
+
+
+def _peft_logits(model, adapter: Path) -> torch.Tensor:
+    from peft import PeftModel
+
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model.float(), adapter).eval()(IDS).logits
+
+
+def _merged_logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(IDS).logits
+    assert torch.isfinite(logits).all()
+    return logits
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(kind="nf4"),
+        dict(kind="fp4", double_quant=True),
+        dict(kind="nf4", double_quant=True, quant_storage=torch.bfloat16),
+    ],
+    ids=["nf4", "fp4-dq", "nf4-dq-bf16-storage"],
+)
+def test_4bit_weights_dequantize_to_their_quant_state_dtype(root: Path, tmp_path: Path, spec: dict) -> None:
+    """A base quantized from bfloat16 (every -bnb-4bit repo) dequantizes to bfloat16 values; the merge used the
+    unrounded float32 products, so a float32 merge was off by bfloat16 rounding of every 4-bit weight."""
+    base = make_bnb_base(root / "bfloat16", tmp_path / "q", load_dtype=torch.bfloat16, **spec)
+    adapter = root / "bfloat16-adapter"
+    merge_adapter(base, adapter, tmp_path / "merged", MergeOptions(dtype="float32"))
+    dequantized = _dequantized(base)
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert torch.equal(weights[UNTOUCHED], dequantized.state_dict()[UNTOUCHED].float())
+    want = _peft_logits(dequantized, adapter)
+    assert float((_merged_logits(tmp_path / "merged") - want).abs().max()) < 1e-4
