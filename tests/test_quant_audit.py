@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from merge_core import MergeOptions, merge_adapter
 from tests.factories import make_adapter
@@ -72,3 +72,31 @@ def test_4bit_weights_dequantize_to_their_quant_state_dtype(root: Path, tmp_path
     assert torch.equal(weights[UNTOUCHED], dequantized.state_dict()[UNTOUCHED].float())
     want = _peft_logits(dequantized, adapter)
     assert float((_merged_logits(tmp_path / "merged") - want).abs().max()) < 1e-4
+
+
+def _set_norm(folder: Path, value: float) -> None:
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"][0] = value
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("stored", "compute"), [("float16", torch.bfloat16), ("bfloat16", torch.float16)], ids=["f16-bf16", "bf16-f16"]
+)
+def test_default_dtype_is_the_weights_dtype_not_the_compute_dtype(
+    root: Path, tmp_path: Path, stored: str, compute: torch.dtype
+) -> None:
+    """bnb_4bit_compute_dtype is the matmuls' dtype: writing the merge in it rounded a float16 model's weights to
+    bfloat16, and overflowed a bfloat16 model's large weights in float16 (refused). The default keeps the dtype
+    the weights are stored and dequantized in, so the unquantized weights come out unchanged."""
+    float_dir = tmp_path / "float"
+    make_float_base(float_dir, dtype=getattr(torch, stored))
+    _set_norm(float_dir, 1e5 if stored == "bfloat16" else 1.0009765625)  # past float16 / below bfloat16 precision
+    base = make_bnb_base(float_dir, tmp_path / "q", "nf4", load_dtype=getattr(torch, stored), compute_dtype=compute)
+    merge_adapter(base, root / f"{stored}-adapter", tmp_path / "merged")
+    got, before = load_file(tmp_path / "merged" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert got["model.norm.weight"].dtype == getattr(torch, stored)
+    for name in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name], before[name]), name
+    assert torch.equal(got[UNTOUCHED], _dequantized(base).state_dict()[UNTOUCHED])
+    _merged_logits(tmp_path / "merged")
