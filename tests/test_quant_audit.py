@@ -100,3 +100,66 @@ def test_default_dtype_is_the_weights_dtype_not_the_compute_dtype(
         assert torch.equal(got[name], before[name]), name
     assert torch.equal(got[UNTOUCHED], _dequantized(base).state_dict()[UNTOUCHED])
     _merged_logits(tmp_path / "merged")
+
+
+# --- target original ------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, dict, str]:
+    import json
+
+    from merge_core.cli import main
+
+    code = main([*argv, "--quiet", "--json"])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if captured.out.strip() else {}), captured.err
+
+
+def _gptq_like(float_dir: Path, path: Path) -> Path:
+    """A GPTQ checkpoint's layout (qweight/qzeros/scales/g_idx): transformers needs optimum to load it."""
+    import json
+    import shutil
+
+    shutil.copytree(float_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    (path / "config.json").write_text(json.dumps(config))
+    state: dict[str, torch.Tensor] = {}
+    for name, value in load_file(float_dir / "model.safetensors").items():
+        if not name.endswith("proj.weight"):
+            state[name] = value
+            continue
+        module, (rows, cols) = name.removesuffix(".weight"), value.shape
+        state[f"{module}.qweight"] = torch.zeros(cols // 8, rows, dtype=torch.int32)
+        state[f"{module}.qzeros"] = torch.zeros(1, rows // 8, dtype=torch.int32)
+        state[f"{module}.scales"] = torch.ones(1, rows, dtype=torch.float16)
+        state[f"{module}.g_idx"] = torch.zeros(cols, dtype=torch.int32)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_original_of_a_base_that_does_not_load_here_skips_the_cost(root: Path, tmp_path: Path, capsys) -> None:
+    """The way out for a GPTQ base is its original; measuring the cost loads the GPTQ model, which raised
+    optimum's ImportError as a traceback after the output was written."""
+    from merge_core.quant_targets import COST_ROW
+
+    float_dir, adapter = root / "bfloat16", root / "bfloat16-adapter"
+    gptq = _gptq_like(float_dir, tmp_path / "gptq")
+    out, plain = tmp_path / "original", tmp_path / "plain"
+    code, data, err = _cli(capsys, str(gptq), str(adapter), str(out), "--quantized-base", "original",
+                           "--original-base", str(float_dir), "--verify", "--functional", "never")  # fmt: skip
+    assert code == 0, err
+    cost = [c for c in data["verification"]["checks"] if c["name"] == COST_ROW]
+    assert len(cost) == 1 and cost[0]["passed"] is None and "does not load here" in cost[0]["detail"]
+    code, _, err = _cli(capsys, str(float_dir), str(adapter), str(plain))
+    assert code == 0, err
+    assert (out / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+
+
+def test_an_original_base_that_is_quantized_is_refused(root: Path, tmp_path: Path, capsys) -> None:
+    """--original-base naming a quantized model merged into it dequantized and called the result 'original'."""
+    base = make_bnb_base(root / "bfloat16", tmp_path / "q", "nf4", load_dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, str(base), str(root / "bfloat16-adapter"), str(out),
+                        "--quantized-base", "original", "--original-base", str(base))  # fmt: skip
+    assert code == 2 and "is itself quantized" in err and "--original-base" in err and not out.exists()
