@@ -262,6 +262,7 @@ def _load_reference(
         replaced={t.name for t in plan.tensors if t.adapter_key} if labels else set(),
         config={**placed, **({"num_labels": labels} if labels else {})},
     )
+    base = _dequantized(plan, base, dtype)
     base_vocab = token_vocab(base)
     merged_vocab = next((t.shape[0] for t in plan.tensors if t.adapter_key and t.name == _embed_name(plan)), None)
     if base_vocab and merged_vocab and merged_vocab != base_vocab:
@@ -276,6 +277,22 @@ def _load_reference(
         raise ModelLoadError(
             f"PEFT could not load the adapter onto the base {choice.model_class.__name__} ({short_error(exc)})."
         ) from exc
+
+
+def _dequantized(plan: MergePlan, base: Any, dtype: torch.dtype) -> Any:
+    """A bitsandbytes base as transformers' dequantize() gives it (dequantize_4bit of the stored weights, where
+    PEFT's own 4-bit merge starts too), every weight in ``dtype``.
+
+    transformers loads a pre-quantized checkpoint in its own dtype whatever ``dtype`` asks (bfloat16 for the
+    Hub's -bnb-4bit repos), so PeftModel on it computes in bfloat16 and misses a float32 comparison by ~5e-2.
+    """
+    from .quant import QuantKind
+
+    quant = plan.base.quant
+    bnb = {QuantKind.BNB_4BIT, QuantKind.BNB_8BIT}
+    if quant is None or not bnb & set(quant.kinds()) or getattr(base, "hf_quantizer", None) is None:
+        return base
+    return base.dequantize(dtype=dtype).to(dtype)
 
 
 def _as_trained(plan: MergePlan, model: Any) -> Any:

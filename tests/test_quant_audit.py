@@ -163,3 +163,21 @@ def test_an_original_base_that_is_quantized_is_refused(root: Path, tmp_path: Pat
     code, _, err = _cli(capsys, str(base), str(root / "bfloat16-adapter"), str(out),
                         "--quantized-base", "original", "--original-base", str(base))  # fmt: skip
     assert code == 2 and "is itself quantized" in err and "--original-base" in err and not out.exists()
+
+
+# --- verification ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_forward_check_on_a_bfloat16_quantized_base_runs_in_float32(
+    root: Path, tmp_path: Path, capsys, kind: str
+) -> None:
+    """transformers loads a pre-quantized checkpoint in its own dtype whatever dtype= asks, so the reference
+    PeftModel computed in bfloat16 and a right float32 merge failed 'logits max abs diff vs PeftModel' (~5e-2)."""
+    base = make_bnb_base(root / "bfloat16", tmp_path / "q", kind, load_dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    code, data, err = _cli(capsys, str(base), str(root / "bfloat16-adapter"), str(out), "--dtype", "float32",
+                           "--verify", "--functional", "always")  # fmt: skip
+    rows = {c["name"]: c for c in data["verification"]["checks"]}
+    assert code == 0, [c for c in rows.values() if c["passed"] is False]
+    assert rows["logits max abs diff vs PeftModel"]["passed"] is True
