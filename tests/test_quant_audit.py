@@ -181,3 +181,42 @@ def test_forward_check_on_a_bfloat16_quantized_base_runs_in_float32(
     rows = {c["name"]: c for c in data["verification"]["checks"]}
     assert code == 0, [c for c in rows.values() if c["passed"] is False]
     assert rows["logits max abs diff vs PeftModel"]["passed"] is True
+
+
+# --- adapters saved from a quantized model ----------------------------------------------------------------
+
+
+def _qlora_adapter(base: Path, path: Path, **lora: object) -> Path:
+    """A LoRA adapter made with PEFT on the bitsandbytes model itself, as QLoRA training saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, device_map="cpu")
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, **lora))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def test_an_adapter_that_ships_a_quantized_weight_is_refused(tmp_path: Path) -> None:
+    """LoRA on a 4-bit lm_head (llm_int8_skip_modules=[]): PEFT saves the quantized base layer too (packed bytes,
+    absmax, quant state), which the plan looked up among the base's weights and failed with a KeyError."""
+    from merge_core.errors import UnsupportedAdapterError
+
+    float_dir = make_float_base(tmp_path / "float")
+    base = make_bnb_base(float_dir, tmp_path / "q", "nf4", skip=[])
+    adapter = _qlora_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    assert "base_model.model.lm_head.base_layer.weight.absmax" in load_file(adapter / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedAdapterError, match=r"quantized copy of lm_head.*save_embedding_layers=False"):
+        merge_adapter(base, adapter, tmp_path / "merged", MergeOptions(dtype="float32"))
+    assert not (tmp_path / "merged").exists()
+    # Without the copy, the LoRA on the 4-bit lm_head merges into what PEFT computes.
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in state.items() if ".base_layer." not in k}, adapter / "adapter_model.safetensors")
+    merge_adapter(base, adapter, tmp_path / "merged", MergeOptions(dtype="float32"))
+    want = _peft_logits(_dequantized(base), adapter)
+    assert float((_merged_logits(tmp_path / "merged") - want).abs().max()) < 1e-4
