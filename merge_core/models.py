@@ -298,8 +298,8 @@ def _dequantized(plan: MergePlan, base: Any, dtype: torch.dtype) -> Any:
 def _as_trained(plan: MergePlan, model: Any) -> Any:
     """On a quantized base, run the reference as training ran it: train mode with every dropout at 0.
 
-    In eval mode bitsandbytes on CPU repacks 4-bit weights (bfloat16 absmax on AVX512-BF16 CPUs) and runs
-    8-bit as an int8 matmul, which drifts about 1e-3 from what training computed.
+    A bitsandbytes base is dequantized before PEFT wraps it (_dequantized), so this matters only where quantized
+    layers remain (FP8 kept as FP8 layers): their eval-mode kernels may differ from the training path.
     """
     if plan.base.quant is None or plan.base.quant.config_only:
         return model
