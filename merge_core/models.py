@@ -262,6 +262,7 @@ def _load_reference(
         replaced={t.name for t in plan.tensors if t.adapter_key} if labels else set(),
         config={**placed, **({"num_labels": labels} if labels else {})},
     )
+    base = _dequantized(plan, base, dtype)
     base_vocab = token_vocab(base)
     merged_vocab = next((t.shape[0] for t in plan.tensors if t.adapter_key and t.name == _embed_name(plan)), None)
     if base_vocab and merged_vocab and merged_vocab != base_vocab:
@@ -278,11 +279,27 @@ def _load_reference(
         ) from exc
 
 
+def _dequantized(plan: MergePlan, base: Any, dtype: torch.dtype) -> Any:
+    """A bitsandbytes base as transformers' dequantize() gives it (dequantize_4bit of the stored weights, where
+    PEFT's own 4-bit merge starts too), every weight in ``dtype``.
+
+    transformers loads a pre-quantized checkpoint in its own dtype whatever ``dtype`` asks (bfloat16 for the
+    Hub's -bnb-4bit repos), so PeftModel on it computes in bfloat16 and misses a float32 comparison by ~5e-2.
+    """
+    from .quant import QuantKind
+
+    quant = plan.base.quant
+    bnb = {QuantKind.BNB_4BIT, QuantKind.BNB_8BIT}
+    if quant is None or not bnb & set(quant.kinds()) or getattr(base, "hf_quantizer", None) is None:
+        return base
+    return base.dequantize(dtype=dtype).to(dtype)
+
+
 def _as_trained(plan: MergePlan, model: Any) -> Any:
     """On a quantized base, run the reference as training ran it: train mode with every dropout at 0.
 
-    In eval mode bitsandbytes on CPU repacks 4-bit weights (bfloat16 absmax on AVX512-BF16 CPUs) and runs
-    8-bit as an int8 matmul, which drifts about 1e-3 from what training computed.
+    A bitsandbytes base is dequantized before PEFT wraps it (_dequantized), so this matters only where quantized
+    layers remain (FP8 kept as FP8 layers): their eval-mode kernels may differ from the training path.
     """
     if plan.base.quant is None or plan.base.quant.config_only:
         return model

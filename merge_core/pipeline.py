@@ -54,7 +54,14 @@ from .merge import execute_plan
 from .models import GENERATIVE_TASKS
 from .plan import MergeOptions, build_plan
 from .progress import ProgressCallback, ProgressUpdate, in_caller_context, no_progress
-from .quant_targets import COST_ROW, QUANT_TARGETS, QuantSummary, finish_target, requantize_settings
+from .quant_targets import (
+    COST_ROW,
+    QUANT_TARGETS,
+    QuantSummary,
+    finish_target,
+    refuse_quantized_original,
+    requantize_settings,
+)
 from .report import MergeReport
 from .speed import SpeedComparison, measure
 from .stream_push import StreamPushResult, stream_merge_push
@@ -137,6 +144,7 @@ def run_merge(
     try:
         plan = build_plan(inputs.base.folder, inputs.adapter_dir, inputs.options)
         settings = requantize_settings(plan, request.quantized_target)  # refused before any writing
+        refuse_quantized_original(plan, inputs)
         output_dir = Path(output_dir) if output_dir is not None else workdir / "merged"
         report = execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
         report.notes += inputs.notes

@@ -122,6 +122,7 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             continue
         if target is None:
             raise inp.not_found(module_tensor.rsplit(".", 1)[0], module_tensor)
+        _refuse_quantized_copy(inp, target, key)
         spec, start = inp.adapter.specs[key], starts[target]
         if len(spec.shape) != len(start.shape) or spec.shape[1:] != start.shape[1:]:
             raise inp.blame.mismatch(
@@ -134,6 +135,23 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         replaced[target] = key
         starts[target] = PlannedTensor(target, ST_FROM_DTYPE.get(spec.dtype, start.dtype), spec.shape)
     return replaced
+
+
+def _refuse_quantized_copy(inp: _Inputs, target: str, key: str) -> None:
+    """An adapter saved from a quantized model can ship a quantized weight's packed bytes and quant state (PEFT's
+    save_embedding_layers on a 4-bit lm_head): PEFT cannot load them back onto the base, so nothing equals it."""
+    quant = inp.base.quant
+    if quant is None:
+        return
+    weight = next((t for t in quant.tensors.values() if target == t.name or target in t.side_tensors), None)
+    if weight is None or (target == weight.name and inp.adapter.specs[key].dtype.is_floating_point):
+        return  # a float copy (modules_to_save trained on the full-precision model) replaces the weight
+    module = weight.name.removesuffix(".weight")
+    raise UnsupportedAdapterError(
+        f"The adapter ships a bitsandbytes-quantized copy of {module} (PEFT's saved embedding layers), which PEFT "
+        "cannot load back onto the quantized base; save the adapter again with save_embedding_layers=False or "
+        f"delete the {module}.base_layer tensors from its file."
+    )
 
 
 def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> list[LoraTarget]:

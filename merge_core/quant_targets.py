@@ -99,6 +99,17 @@ def requantize_settings(plan: MergePlan, target: str) -> dict[str, Any] | None:
     return bnb_settings(plan.base.quant)
 
 
+def refuse_quantized_original(plan: MergePlan, inputs: ResolvedInputs) -> None:
+    """Target original: the model merged into must be the full-precision one, not a quantized one again."""
+    quant = plan.base.quant
+    if inputs.quantized_base is None or quant is None or quant.config_only:
+        return
+    raise InvalidOptionError(
+        f"The original base {inputs.base.name} is itself quantized ({quant.method}), so it is not the "
+        "full-precision model to merge into; give that model with --original-base, or use the default target."
+    )
+
+
 def finish_target(
     plan: MergePlan,
     inputs: ResolvedInputs,
@@ -188,9 +199,14 @@ def cost_row(output_dir: Path, quantized_dir: Path, adapter_dir: Path, *, target
     except Exception as exc:  # noqa: BLE001 - the finding is that it does not load
         first = (str(exc).strip().splitlines() or [""])[0][:140]
         return Check(COST_ROW, "function", False, "-", "-", f"the {target} output does not load ({first})")
-    with building_models():
-        quantized = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map="cpu", dtype=torch.float32)
-        trained = _without_dropout(PeftModel.from_pretrained(quantized, str(adapter_dir)))
+    try:
+        with building_models():
+            quantized = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map="cpu", dtype=torch.float32)
+            trained = _without_dropout(PeftModel.from_pretrained(quantized, str(adapter_dir)))
+    except Exception as exc:  # noqa: BLE001 - e.g. GPTQ/AWQ need a library (and often a GPU) this machine lacks
+        first = (str(exc).strip().splitlines() or [""])[0][:140]
+        skipped = f"skipped: the quantized base does not load here with PEFT ({first})"
+        return Check(COST_ROW, "function", None, "-", "-", skipped)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(output.config.vocab_size), _PROBE_SHAPE, generator=generator)
     want, got = _logits(trained, ids), _logits(output, ids)
@@ -206,6 +222,7 @@ __all__ = [
     "QUANT_TARGETS",
     "QuantSummary",
     "finish_target",
+    "refuse_quantized_original",
     "requantize_settings",
     "check_target",
     "cost_row",

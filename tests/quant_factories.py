@@ -33,21 +33,35 @@ def make_float_base(path: Path, *, dtype: torch.dtype = torch.float32, seed: int
     return path
 
 
-def bnb_config(kind: str, *, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32):
+def bnb_config(
+    kind: str,
+    *,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+    quant_storage: torch.dtype = torch.uint8,
+    skip: list[str] | None = None,
+):
     from transformers import BitsAndBytesConfig
 
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage,
+                              llm_int8_skip_modules=skip)  # fmt: skip
 
 
-def make_bnb_base(float_dir: Path, path: Path, kind: str, **kwargs: Any) -> Path:
-    """A pre-quantized bitsandbytes checkpoint, written the way the Hub's -bnb-4bit repos are."""
+def make_bnb_base(
+    float_dir: Path, path: Path, kind: str, *, load_dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> Path:
+    """A pre-quantized bitsandbytes checkpoint, written the way the Hub's -bnb-4bit repos are.
+
+    ``load_dtype`` is the dtype the model is loaded in to be quantized (bfloat16 for most Hub repos):
+    the unquantized weights keep it and the 4-bit quant states record it.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=bnb_config(kind, **kwargs),
-                                                 device_map="cpu", dtype=torch.float32)  # fmt: skip
+                                                 device_map="cpu", dtype=load_dtype)  # fmt: skip
     model.save_pretrained(path)
     return path
 

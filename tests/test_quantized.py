@@ -123,7 +123,7 @@ class TestDetection:
         logical = qbase.logical_tensors(torch.bfloat16)
         assert {lt.name: lt.shape for lt in logical} == {n: plain.tensors[n].info.shape for n in qbase.tensors}
         assert {lt.dtype for lt in logical} == {torch.bfloat16}
-        assert qbase.default_dtype == torch.float32 and "bnb_4bit_compute_dtype" in qbase.dtype_source
+        assert qbase.default_dtype == torch.float32 and "unquantized weights" in qbase.dtype_source
         words = qbase.describe()
         assert kind.upper() in words and ("with double" if double else "without double") in words
         facts = qbase.facts()
@@ -143,14 +143,18 @@ class TestDetection:
         assert wrong.tensors[name].shape is None
         assert config_shapes({"model_type": "no-such-model"}) == {}
 
-    def test_compute_dtype_is_the_default_output_dtype(self, bases):
+    def test_default_output_dtype_is_the_dtype_of_the_unquantized_weights(self, bases):
         base = load_base_checkpoint(bases["nf4"])
         config = copy.deepcopy(base.config)
         config["quantization_config"]["bnb_4bit_compute_dtype"] = "bfloat16"
-        assert detect_quantization(config, base.tensors).default_dtype == torch.bfloat16
+        # The matmuls' dtype does not change what the weights are stored and dequantized in (float32 here).
+        assert detect_quantization(config, base.tensors).default_dtype == torch.float32
+        header = {n: (t.info.dtype, t.info.shape) for n, t in base.tensors.items()}
+        only_quantized = {n: e for n, e in header.items() if n in base.quant.tensors or n in base.quant.auxiliary}
+        assert detect_quantization(config, only_quantized).default_dtype == torch.bfloat16  # the compute dtype
         del config["quantization_config"]["bnb_4bit_compute_dtype"]
         config.pop("dtype", None)
-        assert detect_quantization(config, base.tensors).default_dtype == torch.bfloat16
+        assert detect_quantization(config, only_quantized).default_dtype == torch.bfloat16
 
     def test_bnb_8bit(self, bases, opened):
         base, qbase, _ = opened(bases["int8"])
@@ -256,11 +260,6 @@ class TestDetection:
 # --- dequantization, bit for bit --------------------------------------------------------------------
 
 
-def _f32(state):
-    state.dtype = torch.float32
-    return state
-
-
 def _bnb_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -315,13 +314,16 @@ class TestDequantization:
         # kernel indexes blocks per row instead and disagrees when cols is not a multiple of the blocksize.
         raw = state["w"].view(torch.uint8).reshape(-1)
         compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
-        want = compute(raw, absmax, _get_4bit_code(quant_type, raw.device), blocksize, shape, torch.float32)
+        # In the quant state's dtype (bfloat16 here, the weight's), as dequantize_4bit returns it by default.
+        want = compute(raw, absmax, _get_4bit_code(quant_type, raw.device), blocksize, shape, qs.dtype).float()
         # FP4 code 0b1000 is -0.0: the C kernel we call writes +0.0 for it in some loop tails, the portable one -0.0.
         sign = {"zero_sign": quant_type != "fp4"}
         assert_bitwise(dequantize_tensor(t, dict_reader(state)), want, **sign)
         assert_row_blocks_equal(t, dict_reader(state), want, **sign)
         if shape[1] % blocksize == 0:  # where bitsandbytes' CPU kernel keeps the flat layout, it is the reference too
-            assert_bitwise(dequantize_tensor(t, dict_reader(state)), bnbf.dequantize_4bit(state["w"], _f32(qs)), **sign)
+            assert_bitwise(
+                dequantize_tensor(t, dict_reader(state)), bnbf.dequantize_4bit(state["w"], qs).float(), **sign
+            )
 
     def test_bnb_8bit(self, bases, opened):
         import bitsandbytes.functional as bnbf

@@ -116,8 +116,8 @@ def test_quantized_merge_passes_the_streamed_verification(root: Path, tmp: Path)
     assert report.check("merged = float64 reference rounded once").passed
 
 
-def test_default_dtype_is_the_compute_dtype(root: Path, tmp: Path) -> None:
-    base = _quantized(root, "nf4")  # bnb_4bit_compute_dtype float32 in the factory
+def test_default_dtype_is_the_dtype_of_the_weights(root: Path, tmp: Path) -> None:
+    base = _quantized(root, "nf4")  # quantized from float32 (test_quant_audit.py: other dtypes and compute dtypes)
     merge_adapter(base, root / "adapter", tmp / "merged")
     weights = load_file(tmp / "merged" / "model.safetensors")
     assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32

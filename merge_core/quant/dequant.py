@@ -33,14 +33,15 @@ def checkpoint_reader(tensors: Mapping[str, BaseTensor], files: OpenFiles) -> Ro
 
 
 def dequantize_rows(tensor: QuantizedTensor, read: RowReader, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of the logical weight, dequantized, as float32.
+    """Rows [start, stop) of the logical weight, dequantized, as float32 (exact, whatever it was rounded to).
 
-    float32 is where every scheme computes: bitsandbytes 4-bit multiplies code by absmax in
-    float32 and rounds to the requested dtype (its default output, the quant state's dtype, is
-    exactly ``result.to(state dtype)``; its forward uses ``result.to(compute dtype)``); 8-bit is
-    float32 (``int8_vectorwise_dequant``); FP8 is float32 in transformers' Fp8Dequantize before
-    its final cast. The values are exact in float64, so the executor adds the delta there and
-    rounds once. Memory: one row block plus at most one quantization block on each side.
+    bitsandbytes 4-bit gives ``dequantize_4bit(W, state)``: code times absmax in float32, rounded to
+    the quant state's dtype (the weight's dtype when it was quantized, e.g. bfloat16). That rounded
+    value is the weight transformers' ``dequantize()`` and PEFT's 4-bit merge start from, and the one
+    QLoRA trained on (``MatMul4Bit``: ``dequantize_4bit(B, state).to(A.dtype)``). 8-bit is float32
+    (``int8_vectorwise_dequant``); FP8 is float32 in transformers' Fp8Dequantize before its final
+    cast. The values are exact in float64, so the executor adds the delta there and rounds once.
+    Memory: one row block plus at most one quantization block on each side.
     """
     if tensor.shape is None:
         raise ValueError(f"{tensor.name}: call resolve_shapes before dequantizing")
@@ -80,10 +81,10 @@ def _rows_4bit(t: QuantizedTensor, read: RowReader, start: int, stop: int) -> to
         shape=torch.Size([c1 - c0]),
         blocksize=bs,
         quant_type=t.bnb4.quant_type,
-        dtype=torch.float32,
+        dtype=t.bnb4.dtype,  # the default output dtype of dequantize_4bit: the state's, not float32
     )
     flat = bnbf.dequantize_4bit(packed.reshape(-1, 1), state).reshape(-1)
-    return flat[first - c0 : last - c0].reshape(stop - start, cols)
+    return flat[first - c0 : last - c0].reshape(stop - start, cols).to(torch.float32)
 
 
 def _packed_bytes(t: QuantizedTensor, read: RowReader, b0: int, b1: int) -> torch.Tensor:

@@ -117,7 +117,7 @@ def detect_quantization(config: Mapping[str, Any], header: Mapping[str, HeaderEn
         return None
     if not method:
         method = "fp8" if all(t.kind is QuantKind.FP8 for t in tensors.values()) else "bitsandbytes"
-    dtype, source = _default_dtype(config, qconfig, tensors)
+    dtype, source = _default_dtype(config, qconfig, tensors, entries)
     return QuantizedBase(
         method=method, tensors=tensors, default_dtype=dtype, dtype_source=source, quantization_config=qconfig
     )
@@ -254,14 +254,24 @@ def _fp8_block(
 
 
 def _default_dtype(
-    config: Mapping[str, Any], qconfig: Mapping[str, Any], tensors: Mapping[str, QuantizedTensor]
+    config: Mapping[str, Any],
+    qconfig: Mapping[str, Any],
+    tensors: Mapping[str, QuantizedTensor],
+    entries: Mapping[str, tuple[str, tuple[int, ...]]],
 ) -> tuple[torch.dtype, str]:
-    """bnb 4-bit computes in bnb_4bit_compute_dtype, so the merged model is written in it; others keep config dtype.
+    """The dtype the base's weights are in: bnb 4-bit from its unquantized weights, others from the config.
 
-    For a config-only base this is just the config's dtype: the planner's usual default applies there.
+    A bnb 4-bit checkpoint is saved from a model loaded in one dtype: its unquantized weights keep it and
+    its 4-bit states record it, so dequantize_4bit returns it. bnb_4bit_compute_dtype only says what the
+    matmuls run in; writing in it when it differs would round every unquantized weight (float16 ->
+    bfloat16 drops 3 bits) or overflow them (bfloat16 -> float16). For a config-only base this is just
+    the config's dtype: the planner's usual default applies there.
     """
     kinds = {t.kind for t in tensors.values()}
     if QuantKind.BNB_4BIT in kinds:
+        stored = _stored_float_dtype(entries, tensors)
+        if stored is not None:
+            return stored, "the dtype of the base's unquantized weights, which its 4-bit weights dequantize to"
         dtype = _float_dtype(qconfig.get("bnb_4bit_compute_dtype"))
         if dtype is not None:
             return dtype, "the quantization config's bnb_4bit_compute_dtype"
@@ -270,6 +280,23 @@ def _default_dtype(
         if dtype is not None:
             return dtype, f"the base config's {key}"
     return torch.bfloat16, "bfloat16, as the config names no compute dtype"
+
+
+_TORCH_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stored_float_dtype(
+    entries: Mapping[str, tuple[str, tuple[int, ...]]], tensors: Mapping[str, QuantizedTensor]
+) -> torch.dtype | None:
+    """The dtype holding most bytes of the weights stored as plain floats (not a quantized weight or its side)."""
+    quantized = set(tensors)
+    for t in tensors.values():
+        quantized |= t.side_tensors
+    totals: dict[str, int] = {}
+    for name, (dtype, shape) in entries.items():
+        if name not in quantized and dtype in _TORCH_FLOAT:
+            totals[dtype] = totals.get(dtype, 0) + math.prod(shape) * element_size(dtype)
+    return _TORCH_FLOAT[max(totals, key=totals.__getitem__)] if totals else None
 
 
 def _float_dtype(value: Any) -> torch.dtype | None:
