@@ -3,7 +3,7 @@
 A merge writes every byte of the model once and never reads it back while writing, so the page
 cache only costs: on the 3B benchmark (6 GB, 2 cores) buffered writes took 11.6 s of system time
 (the kernel's copy into the cache, allocating its pages, writing them back) and O_DIRECT writes from
-our own aligned buffers 1.1-1.6 s; the merge went from 13 s to 4.3-5 s (benchmarks/RESULTS.md).
+our own aligned buffers 0.5-1.1 s; the merge went from 11.3-14.1 s to 5.8-7.1 s (benchmarks/RESULTS.md).
 Bytes are gathered into page-aligned chunks, and a thread of this file writes full chunks while the
 next ones fill, so the disk works while the merge computes. Filesystems without O_DIRECT (tmpfs,
 some network and FUSE filesystems, macOS) get ordinary buffered writes and ``copy_file_range``.
