@@ -115,7 +115,7 @@ def load_adapter_config(path: str | Path) -> AdapterConfig:
     path = Path(path)
     config_path = path / ADAPTER_CONFIG
     if not config_path.is_file():
-        hint = ""
+        hint = " Point the adapter at the folder that holds it and the adapter's weights."
         if path.is_dir():
             subdirs = local_adapter_subfolders(path)
             if subdirs:
@@ -324,7 +324,7 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
         )
     specs = _read_specs(file)
     if not specs:
-        raise AdapterWeightsError(f"{file.name} holds no tensors.")
+        raise AdapterWeightsError(f"{file.name} holds no tensors; save the adapter again with PEFT.")
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     keys = list(specs)

@@ -38,6 +38,10 @@ def check_output_target(output: str | Path, *, protected: Iterable[tuple[str, Pa
     ``protected`` pairs a description ("the base model") with a path; symlinks are resolved on
     both sides, so a link pointing into an input is caught too.
     """
+    if "\x00" in str(output):  # os functions raise a bare ValueError("embedded null byte") on it
+        raise OutputWriteError(
+            f"The output path {str(output)!r} holds a NUL character, which no filesystem allows; choose another name."
+        )
     output = Path(os.path.abspath(Path(output).expanduser()))
     try:
         return _checked(output, protected=protected, overwrite=overwrite)
