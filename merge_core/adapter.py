@@ -226,11 +226,10 @@ def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = _torch_load(file)
     except Exception as exc:
-        # torch's own text runs over several lines (advice on weights_only=False, which is never taken here).
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".:")[:160]
+        # torch's own text runs over several lines of advice on weights_only=False, which is never taken here.
         raise AdapterWeightsError(
-            f"{file.name} could not be loaded safely with weights_only=True ({first}), and this tool never "
-            "executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
+            f"{file.name} is not a PyTorch weights file that loads safely with weights_only=True, and this tool "
+            "never executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterWeightsError(

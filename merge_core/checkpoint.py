@@ -133,7 +133,9 @@ def _indexed_shards(index_path: Path, index: dict[str, Any]) -> list[str]:
     disclose) a file outside the folder the user chose; no model saved by transformers has one."""
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise BaseCheckpointError(f"{index_path} has no weight_map; the checkpoint is incomplete.")
+        raise BaseCheckpointError(
+            f"{index_path} has no weight_map; the checkpoint is incomplete, so download it again."
+        )
     names = list(dict.fromkeys(weight_map.values()))
     for name in names:
         parts = Path(name).parts if isinstance(name, str) else ()

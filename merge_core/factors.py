@@ -56,6 +56,11 @@ def checked_factors(
     """
     where = f"Adapter {adapter_name!r}: {module.module}" if adapter_name else module.module
     a, b = adapter.specs[module.a].shape, adapter.specs[module.b].shape
+    if (len(a), len(b)) != (2, 2) and not 3 <= len(a) == len(b) <= 5:  # Conv1d/2d/3d LoRA have 3-5 dims
+        raise AdapterWeightsError(
+            f"{where}: lora_A has shape {list(a)} and lora_B {list(b)}, which are no pair of LoRA factors; the "
+            "adapter file is damaged, so save it again with PEFT."
+        )
     if len(a) != 2 or len(b) != 2:
         raise UnsupportedAdapterError(
             f"{where}: LoRA on layers with {len(a)}-D weights (convolutions) is not supported; "
@@ -64,7 +69,8 @@ def checked_factors(
     rank = a[0]
     if b[1] != rank:
         raise AdapterWeightsError(
-            f"{where}: lora_A has rank {rank} but lora_B has rank {b[1]}; the adapter file is inconsistent."
+            f"{where}: lora_A has rank {rank} but lora_B has rank {b[1]}; the adapter file is inconsistent, so "
+            "save it again with PEFT."
         )
     configured = config.rank_for(module.module)
     if configured != rank:

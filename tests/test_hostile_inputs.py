@@ -289,6 +289,12 @@ REFUSALS = [
         if name in ("offsets-overlap", "offsets-into-the-header", "shape-negative", "offsets-floats")
     ],
     Refusal(
+        "lora_A-flattened",
+        _weights(lambda s: s.__setitem__(Q_A, s[Q_A].flatten())),
+        AdapterWeightsError,
+        r"lora_A has shape \[128\] and lora_B \[32, 4\], which are no pair of LoRA factors.*save it again with PEFT",
+    ),
+    Refusal(
         "adapter-without-tensors",
         lambda c: _write(_adapter_file(c), {"__metadata__": {"format": "pt"}}, b""),
         AdapterWeightsError,
@@ -298,7 +304,7 @@ REFUSALS = [
         "adapter-pickle-not-a-torch-file",
         lambda c: (_adapter_file(c).unlink(), (c.adapter / "adapter_model.bin").write_bytes(b"garbage")),
         AdapterWeightsError,
-        r"adapter_model\.bin could not be loaded safely with weights_only=True .*convert the adapter to safetensors",
+        r"adapter_model\.bin is not a PyTorch weights file that loads safely with weights_only=True.*safetensors",
     ),
     # the base's config and index
     Refusal(
