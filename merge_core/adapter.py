@@ -228,13 +228,12 @@ def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         # torch's own text runs over several lines of advice on weights_only=False, which is never taken here.
         raise AdapterWeightsError(
-            f"{file.name} is not a PyTorch weights file that loads safely with weights_only=True, and this tool "
+            f"{file} is not a PyTorch weights file that loads safely with weights_only=True, and this tool "
             "never executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterWeightsError(
-            f"{file.name} is not a flat dict of tensors, so it is not a PEFT adapter file; save the adapter again "
-            "with PEFT."
+            f"{file} is not a flat dict of tensors, so it is not a PEFT adapter file; save the adapter again with PEFT."
         )
     return state
 
@@ -273,7 +272,7 @@ def _read_specs(file: Path) -> dict[str, AdapterTensorSpec]:
             header = read_header(file)
         except SafetensorsFormatError as exc:
             raise AdapterWeightsError(
-                f"The adapter weights {file.name} are corrupt ({exc}); download the adapter again or save it "
+                f"The adapter weights {file} are corrupt ({exc}); download the adapter again or save it "
                 "again with PEFT."
             ) from exc
         return {k: AdapterTensorSpec(k, t.shape, t.torch_dtype) for k, t in header.tensors.items()}
@@ -323,7 +322,7 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
         )
     specs = _read_specs(file)
     if not specs:
-        raise AdapterWeightsError(f"{file.name} holds no tensors; save the adapter again with PEFT.")
+        raise AdapterWeightsError(f"{file} holds no tensors; save the adapter again with PEFT.")
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     keys = list(specs)

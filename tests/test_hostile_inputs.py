@@ -42,7 +42,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 SAVE_AGAIN = "save the adapter again with PEFT"
-CORRUPT_ADAPTER = r"adapter weights adapter_model\.safetensors are corrupt \(.*{}.*\); download the adapter again"
+CORRUPT_ADAPTER = r"adapter weights /.*/adapter_model\.safetensors are corrupt \(.*{}.*\); download the adapter again"
 CORRUPT_BASE = r"Base shard model\.safetensors is corrupt \(.*{}.*\); download it again"
 
 
