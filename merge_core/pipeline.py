@@ -8,6 +8,7 @@ a front end needs (see ``__all__``).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -135,7 +136,29 @@ def run_merge(
     ``workdir``/merged). The forward-pass checks are off by default: the app runs them on the
     GPU through model_checks; the CLI asks for them here."""
     workdir = Path(workdir)
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]  # innermost first
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_merge(
+            request, workdir, progress, output_dir=output_dir, overwrite=overwrite, verify=verify, functional=functional
+        )
+    except BaseException:
+        for folder in created:  # the output's parents this run made: a refused run leaves none behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only while empty
+        raise
+
+
+def _run_merge(
+    request: MergeRequest,
+    workdir: Path,
+    progress: ProgressCallback,
+    *,
+    output_dir: Path | None,
+    overwrite: bool,
+    verify: bool,
+    functional: str,
+) -> MergeResult:
     request = replace(request, measure_cost=verify, gguf_types=list(request.gguf_types))
     inputs = resolve_inputs(request, workdir, progress)
     published: Path | None = None

@@ -439,3 +439,13 @@ def test_a_failure_after_publishing_leaves_no_output(
         "the disk is full; free some space or choose a folder on another disk.\n"
     )
     assert tree_state(case.root.parent) == before
+
+
+def test_a_refused_run_leaves_no_parent_folders(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI made the output's missing parents before reading the inputs, and left them behind on a refusal."""
+    (case.adapter / "adapter_config.json").write_text("{not json")
+    before = tree_state(case.root.parent)
+    output = case.root.parent / "new" / "deeper" / "merged"
+    assert cli.main([str(case.base), str(case.adapter), str(output), "--quiet"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert tree_state(case.root.parent) == before
