@@ -449,3 +449,19 @@ def test_a_refused_run_leaves_no_parent_folders(case: Case, capsys: pytest.Captu
     assert cli.main([str(case.base), str(case.adapter), str(output), "--quiet"]) == 2
     assert "cannot be read" in capsys.readouterr().err
     assert tree_state(case.root.parent) == before
+
+
+def test_a_write_failure_leaves_no_parent_folders(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up mid-write into an output whose parents did not exist: staging and parents both go."""
+    import errno
+
+    import merge_core.safetensors_io
+
+    def full(self: Any, tensor: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(merge_core.safetensors_io.StreamingWriter, "write", full)
+    before = tree_state(case.root.parent)
+    with pytest.raises(OutputWriteError, match="disk is full"):
+        merge_adapter(case.base, case.adapter, case.root.parent / "new" / "deeper" / "merged")
+    assert tree_state(case.root.parent) == before
