@@ -166,7 +166,7 @@ def _check_index_agrees(path: Path, shards: list[Path], tensors: dict[str, BaseT
 def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheckpoint:
     path = Path(path)
     if not path.is_dir():
-        raise BaseCheckpointError(f"The base model folder {path} does not exist.")
+        raise BaseCheckpointError(f"The base model folder {path} does not exist; check the path (or give a Hub ID).")
     try:
         config = read_json(path / "config.json", "the base model's config")
     except FileNotFoundError:

@@ -465,3 +465,12 @@ def test_a_write_failure_leaves_no_parent_folders(case: Case, monkeypatch: pytes
     with pytest.raises(OutputWriteError, match="disk is full"):
         merge_adapter(case.base, case.adapter, case.root.parent / "new" / "deeper" / "merged")
     assert tree_state(case.root.parent) == before
+
+
+@pytest.mark.parametrize(("which", "error"), [("base", BaseCheckpointError), ("adapter", AdapterConfigError)])
+def test_nul_in_an_input_path_is_refused_by_its_loader(case: Case, which: str, error: type[MergeError]) -> None:
+    """os.path.realpath raised a bare ValueError ('embedded null byte') in the output guard."""
+    paths = {"base": case.base, "adapter": case.adapter, which: case.root / "a\0b"}
+    with pytest.raises(error, match="does not exist|No adapter_config.json"):
+        merge_adapter(paths["base"], paths["adapter"], case.root.parent / "merged")
+    assert not (case.root.parent / "merged").exists()
