@@ -112,6 +112,9 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     """Full tensors the adapter ships (modules_to_save, resized embeddings): base tensor -> adapter key."""
     replaced: dict[str, str] = {}
     for module_tensor, key in inp.adapter.replacements.items():
+        if not _loaded_by_peft(module_tensor, key, inp.config):
+            notes.append(f"{key} is left out, as PEFT leaves it: modules_to_save does not name its module.")
+            continue
         target = inp.resolve(module_tensor)
         if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
             continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding
@@ -127,6 +130,12 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             raise inp.blame.mismatch(
                 f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is {list(start.shape)}."
             )
+        resizable = start.shape[0] in _token_rows(inp) or is_task_head(target, inp.config.task_type)
+        if spec.shape != start.shape and not resizable:
+            raise inp.blame.mismatch(
+                f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is "
+                f"{list(start.shape)}; only a resized vocabulary or a task head with other labels changes size."
+            )
         if spec.shape != start.shape:
             notes.append(
                 f"{target}: the adapter resized it from {start.shape[0]} to {spec.shape[0]} rows (resized vocabulary)."
@@ -134,6 +143,23 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         replaced[target] = key
         starts[target] = PlannedTensor(target, ST_FROM_DTYPE.get(spec.dtype, start.dtype), spec.shape)
     return replaced
+
+
+def _loaded_by_peft(module_tensor: str, key: str, config: AdapterConfig) -> bool:
+    """A modules_to_save copy is loaded only into a module PEFT wrapped: one whose name ends with an entry of
+    modules_to_save (_set_trainable) or a head its task adds; any other copy is an unexpected key PEFT skips."""
+    if ".modules_to_save." not in f".{key}.":
+        return True
+    module = module_tensor.rsplit(".", 1)[0]
+    return is_task_head(module_tensor, config.task_type) or any(module.endswith(m) for m in config.modules_to_save)
+
+
+def _token_rows(inp: _Inputs) -> set[int]:
+    """Row counts of a tensor with a row per token: vocab_size, and the embedding's own (Mllama's has 8 more)."""
+    embed = input_embedding(inp.base)
+    rows = {inp.base.tensors[embed].info.shape[0]} if embed is not None else set()
+    vocab = inp.base.text_config().get("vocab_size")
+    return rows | ({vocab} if isinstance(vocab, int) else set())
 
 
 def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> list[LoraTarget]:

@@ -33,6 +33,7 @@ from merge_core.errors import (
     BaseCheckpointError,
     MergeError,
     OutputWriteError,
+    ShapeMismatchError,
 )
 from merge_core.jobs import failure_message
 from tests.factories import load_model, logits, make_adapter, make_base, peft_reference, prompt_ids
@@ -235,6 +236,16 @@ def _misplace_head(weight_map: dict[str, str]) -> None:
     weight_map["lm_head.weight"] = sorted(set(weight_map.values()) - {weight_map["lm_head.weight"]})[0]
 
 
+def _saved_norm_copy(value: torch.Tensor, **config: Any) -> Callable[[Case], None]:
+    """A modules_to_save copy of the final norm in the adapter file (and ``config`` changes)."""
+
+    def build(c: Case) -> None:
+        _weights(lambda s: s.__setitem__("base_model.model.model.norm.modules_to_save.default.weight", value))(c)
+        c.config(**config)
+
+    return build
+
+
 REFUSALS = [
     # adapter_config.json as text
     *[
@@ -293,6 +304,12 @@ REFUSALS = [
         _weights(lambda s: s.__setitem__(Q_A, s[Q_A].flatten())),
         AdapterWeightsError,
         r"lora_A has shape \[128\] and lora_B \[32, 4\], which are no pair of LoRA factors.*save it again with PEFT",
+    ),
+    Refusal(
+        "saved-copy-of-another-shape",
+        _saved_norm_copy(torch.ones(7), modules_to_save=["norm"]),
+        ShapeMismatchError,
+        r"saved copy of model\.norm\.weight has shape \[7\], the base's is \[32\]",
     ),
     Refusal(
         "adapter-without-tensors",
@@ -375,6 +392,8 @@ def _single_file_beside_an_index(c: Case) -> None:
 
 
 ACCEPTED: dict[str, Callable[[Case], None]] = {
+    # modules_to_save does not name the norm: PEFT skips the copy as an unexpected key (it used to replace the norm)
+    "copy-of-a-module-modules_to_save-leaves-out": _saved_norm_copy(torch.full((32,), 3.0)),
     "legacy-pickle-format": _legacy_pickle,  # torch.save(_use_new_zipfile_serialization=False): no mmap
     "float8-adapter-weights": _weights(lambda s: s.__setitem__(Q_A, s[Q_A].to(torch.float8_e4m3fn))),
     "model.safetensors-beside-an-index": _single_file_beside_an_index,
