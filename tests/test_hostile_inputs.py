@@ -9,12 +9,12 @@ fails the test, which is what a traceback is); the acceptances compare logits wi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +38,6 @@ from merge_core.errors import (
 from merge_core.jobs import failure_message
 from tests.factories import load_model, logits, make_adapter, make_base, peft_reference, prompt_ids
 
-REPO = Path(__file__).resolve().parents[1]
 ADAPTER_FILE = "adapter_model.safetensors"
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -424,17 +423,16 @@ def test_stack_of_a_lora_bias_adapter_and_a_plain_one_merges_like_peft(tmp_path:
     assert float((logits(model, ids) - logits(load_model(tmp_path / "merged"), ids)).abs().max()) <= 1e-4
 
 
-def test_output_path_of_undecodable_bytes_merges_and_prints(tmp_path: Path, pristine: dict[str, Path]) -> None:
+def test_output_path_of_undecodable_bytes_merges_and_prints(
+    tmp_path: Path, pristine: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A name of non-UTF-8 bytes: the card and the summary used to fail after the merge, leaving it behind (exit 2)."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # as under en_US.UTF-8
+    monkeypatch.setattr(sys, "stdout", stdout)
     output = tmp_path / "merged\udcff\udcfe"
-    run = subprocess.run(
-        [sys.executable, "-m", "merge_core.cli", str(pristine["base"]), str(pristine["adapter"]), str(output)],
-        cwd=REPO,
-        capture_output=True,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},  # as under en_US.UTF-8
-    )
-    assert run.returncode == 0, run.stderr.decode(errors="replace")
-    assert b"Traceback" not in run.stderr
+    assert cli.main([str(pristine["base"]), str(pristine["adapter"]), str(output)]) == 0
+    stdout.flush()
+    assert os.fsencode(output) in stdout.buffer.getvalue()  # the summary names it as its bytes
     assert (output / "README.md").read_text(encoding="utf-8").count("\ufffd") >= 2
     assert (output / "model.safetensors").is_file()
 
