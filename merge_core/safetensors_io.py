@@ -42,6 +42,13 @@ DTYPE_FROM_ST: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     # ue8m0 scales of some FP8 checkpoints: read so that detection can name the scheme it refuses.
     "F8_E8M0": torch.float8_e8m0fnu,
+    # The rest of what safetensors' own torch loader reads (safetensors.torch._TYPES): copied bit for bit.
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C64": torch.complex64,
 }
 ST_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_ST.items()}
 FLOAT_ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})

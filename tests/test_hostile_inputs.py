@@ -491,3 +491,25 @@ def test_nul_in_an_input_path_is_refused_by_its_loader(case: Case, which: str, e
     with pytest.raises(error, match="does not exist|No adapter_config.json"):
         merge_adapter(paths["base"], paths["adapter"], case.root.parent / "merged")
     assert not (case.root.parent / "merged").exists()
+
+
+def test_every_dtype_safetensors_reads_is_copied_bit_for_bit(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    """U16/U32/U64, the FNUZ float8 kinds and C64 were refused as a "corrupt" shard; transformers reads them."""
+    state = load_file(_base_file(case))
+    extra = {
+        "extra.u16": torch.arange(6).to(torch.uint16),
+        "extra.u32": torch.arange(10).to(torch.uint32),
+        "extra.u64": torch.arange(3).to(torch.uint64),
+        "extra.e4m3fnuz": torch.randn(4).to(torch.float8_e4m3fnuz),
+        "extra.e5m2fnuz": torch.randn(4).to(torch.float8_e5m2fnuz),
+        "extra.c64": torch.randn(3, dtype=torch.complex64),
+    }
+    save_file({**state, **extra}, _base_file(case), metadata={"format": "pt"})
+    # --verify reads them back too (its finiteness check had no float8 path either)
+    assert cli.main([str(case.base), str(case.adapter), str(case.root / "merged"), "--verify", "--quiet"]) == 0
+    merged = load_file(case.root / "merged" / "model.safetensors")
+    for name, value in extra.items():
+        assert merged[name].dtype == value.dtype and torch.equal(
+            merged[name].view(torch.uint8), value.view(torch.uint8)
+        )
+    assert _max_diff(case.base, case.adapter, case.root / "merged") <= 1e-4
