@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError
+from .config_checks import ADAPTER_CONFIG, check_config_regexes, check_config_types, shown
+from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError, explain_os_error
+from .json_files import JsonFormatError, read_json_file
 from .safetensors_io import SafetensorsFormatError, SafetensorsHeader, read_header, read_tensor
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 # Which PEFT types and LoRA variants merge, and why the others do not, is merge_core.peft_types'
@@ -65,101 +64,21 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _is_positive_int(value: Any) -> bool:
-    # bool is an int in Python, but "r": true is no rank; PEFT itself needs a real int (it compares r <= 0).
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _is_finite_number(value: Any) -> bool:
-    # json.loads accepts NaN and Infinity; either would make every merged weight NaN/Inf.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_str_or_str_list(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-
-
-def _is_layer_indexes(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_pattern_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
-
-
-# key -> (check, what the key must be); a key absent from the file (or null where allowed) takes PEFT's default.
-_REQUIRED_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "r": (_is_positive_int, "a positive integer such as 8"),
-    "lora_alpha": (_is_finite_number, "a finite number such as 16"),
-}
-_OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "use_rslora": (_is_bool, "true or false"),
-    "use_dora": (_is_bool, "true or false"),
-    "fan_in_fan_out": (_is_bool, "true or false"),
-    "lora_bias": (_is_bool, "true or false"),
-    "ensure_weight_tying": (_is_bool, "true or false"),
-    "rank_pattern": (_is_pattern_of(_is_positive_int), "an object mapping module names to positive integers"),
-    "alpha_pattern": (_is_pattern_of(_is_finite_number), "an object mapping module names to finite numbers"),
-    "target_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
-    "exclude_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
-    "modules_to_save": (_is_str_or_str_list, "a list of module names or one module name"),
-    "layers_to_transform": (_is_layer_indexes, "a layer index or a list of layer indexes (integers)"),
-    "layers_pattern": (_is_str_or_str_list, 'a module name or a list of module names, such as "layers"'),
-    "lora_dropout": (_is_finite_number, "a number such as 0.05"),
-    "bias": (lambda v: v in ("none", "all", "lora_only"), 'one of "none", "all" or "lora_only"'),
-    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
-    "task_type": (lambda v: isinstance(v, str), 'a task name such as "CAUSAL_LM"'),
-    "base_model_name_or_path": (lambda v: isinstance(v, str), "a model ID or a path"),
-    "revision": (lambda v: isinstance(v, str), "a branch, tag or commit of the base model"),
-}
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
-    return text if len(text) <= 80 else text[:60] + "…" + text[-15:]
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# OFT/BOFT size their blocks by oft_block_size and save r = 0; a rank of 0 is only wrong for LoRA.
-_OTHER_TYPES_R = (_is_count, "a non-negative integer")
-
-
-def check_config_types(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> None:
-    """Refuse values of the wrong type up front, one sentence naming the key, the value and what it must be."""
-    lora = str(data.get("peft_type", "")).upper() == "LORA"
-    required = _REQUIRED_TYPES if lora else {**_REQUIRED_TYPES, "r": _OTHER_TYPES_R}
-    checks = [(k, *required[k], False) for k in required if k in data]
-    checks += [(k, *_OPTIONAL_TYPES[k], True) for k in _OPTIONAL_TYPES if k in data]
-    for key, check, expected, nullable in checks:
-        value = data[key]
-        if (value is None and nullable) or check(value):
-            continue
-        raise AdapterConfigError(
-            f"{source}: {key} is {_shown(value)} but must be {expected}; correct it in the file "
-            "(or save the adapter again with PEFT)."
-        )
-
-
 def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> AdapterConfig:
     peft_type = data.get("peft_type")
     if not peft_type:
-        raise AdapterConfigError(f"{source} has no peft_type; it does not look like a PEFT adapter config.")
+        raise AdapterConfigError(
+            f"{source} has no peft_type, so it is not a PEFT adapter config; save the adapter with PEFT's "
+            "save_pretrained."
+        )
     if not isinstance(peft_type, str):
-        raise AdapterConfigError(f'{source}: peft_type is {_shown(peft_type)} but must be a string such as "LORA".')
+        raise AdapterConfigError(f'{source}: peft_type is {shown(peft_type)} but must be a string such as "LORA".')
     peft_type = peft_type.upper()
     from .peft_types import record_for
 
     record = record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge
     check_config_types(data, source)
+    check_config_regexes(data, source)
     record.check_config(Path(source).name, data)  # options no module could merge, before any module is resolved
     modules_to_save = data.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
@@ -196,7 +115,7 @@ def load_adapter_config(path: str | Path) -> AdapterConfig:
     path = Path(path)
     config_path = path / ADAPTER_CONFIG
     if not config_path.is_file():
-        hint = ""
+        hint = " Point the adapter at the folder that holds it and the adapter's weights."
         if path.is_dir():
             subdirs = local_adapter_subfolders(path)
             if subdirs:
@@ -205,11 +124,17 @@ def load_adapter_config(path: str | Path) -> AdapterConfig:
                 hint = " It looks like a full model, not a LoRA adapter: did you swap base and adapter?"
         raise AdapterConfigError(f"No {ADAPTER_CONFIG} in {path}.{hint}")
     try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterConfigError(f"Could not read {config_path}: {exc}") from exc
+        data = read_json_file(config_path)
+    except JsonFormatError as exc:
+        raise AdapterConfigError(
+            f"{config_path} cannot be read: {exc}; correct the file or save the adapter again with PEFT."
+        ) from None
+    except OSError as exc:
+        raise AdapterConfigError(explain_os_error(exc, "read", config_path)) from exc
     if not isinstance(data, dict):
-        raise AdapterConfigError(f"{config_path} is not a JSON object.")
+        raise AdapterConfigError(
+            f"{config_path} is not a JSON object; correct the file or save the adapter again with PEFT."
+        )
     return parse_adapter_config(data, str(config_path))
 
 
@@ -282,24 +207,34 @@ class AdapterWeights:
             for key in self.specs:
                 value = self.tensor(key)
                 if value.is_floating_point() and not all_finite(value.contiguous(), workspace):
-                    bad = int((~torch.isfinite(value)).sum())
+                    bad = int((~torch.isfinite(value.float())).sum())
                     raise NonFiniteAdapterWeightsError(
                         f"The adapter tensor {key} contains {bad} NaN/Inf value(s); training probably "
                         "diverged. Use an earlier checkpoint of the adapter."
                     )
 
 
+def _torch_load(file: Path) -> Any:
+    # mmap needs the zip format of torch.save; PEFT also reads the legacy one (torch.load, weights_only=True).
+    import zipfile
+
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+
+
 def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
     # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code.
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load(file)
     except Exception as exc:
+        # torch's own text runs over several lines of advice on weights_only=False, which is never taken here.
         raise AdapterWeightsError(
-            f"{file.name} could not be loaded safely (weights_only=True): {exc}. This tool never "
-            "executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
+            f"{file} is not a PyTorch weights file that loads safely with weights_only=True, and this tool "
+            "never executes pickled code; convert the adapter to safetensors with PEFT's save_pretrained."
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterWeightsError(f"{file.name} is not a flat dict of tensors, so it is not a PEFT adapter file.")
+        raise AdapterWeightsError(
+            f"{file} is not a flat dict of tensors, so it is not a PEFT adapter file; save the adapter again with PEFT."
+        )
     return state
 
 
@@ -336,7 +271,10 @@ def _read_specs(file: Path) -> dict[str, AdapterTensorSpec]:
         try:
             header = read_header(file)
         except SafetensorsFormatError as exc:
-            raise AdapterWeightsError(f"The adapter weights {file.name} are corrupt: {exc}") from exc
+            raise AdapterWeightsError(
+                f"The adapter weights {file} are corrupt ({exc}); download the adapter again or save it "
+                "again with PEFT."
+            ) from exc
         return {k: AdapterTensorSpec(k, t.shape, t.torch_dtype) for k, t in header.tensors.items()}
     state = load_pickle_state_dict(file)
     return {k: AdapterTensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -384,7 +322,7 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
         )
     specs = _read_specs(file)
     if not specs:
-        raise AdapterWeightsError(f"{file.name} holds no tensors.")
+        raise AdapterWeightsError(f"{file} holds no tensors; save the adapter again with PEFT.")
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     keys = list(specs)

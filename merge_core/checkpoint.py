@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BaseCheckpointError
+from .errors import BaseCheckpointError, explain_os_error
+from .json_files import JsonFormatError, read_json_file
 from .safetensors_io import OpenFiles, SafetensorsFormatError, TensorInfo, read_header
 
 if TYPE_CHECKING:
@@ -85,26 +86,26 @@ class BaseCheckpoint:
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json_file(path)
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BaseCheckpointError(f"Could not read {what} ({path.name}): {exc}") from exc
+    except JsonFormatError as exc:
+        raise BaseCheckpointError(f"Could not read {what} ({path}): {exc}; download the model again.") from None
+    except OSError as exc:
+        raise BaseCheckpointError(explain_os_error(exc, f"read {what} at", path)) from exc
     if not isinstance(data, dict):
-        raise BaseCheckpointError(f"{what} ({path.name}) is not a JSON object.")
+        raise BaseCheckpointError(f"{what} ({path}) is not a JSON object; download the model again.")
     return data
 
 
 def shard_files(path: Path) -> list[Path]:
-    """The safetensors files that make up the model, as the index (or the single file) says."""
+    """The safetensors files that make up the model, as transformers picks them: model.safetensors when the
+    folder has one (even beside an index, as from_pretrained does), else the shards the index lists."""
+    if (path / SAFE_SINGLE).is_file():
+        return [path / SAFE_SINGLE]
     index_path = path / SAFE_INDEX
     if index_path.is_file():
-        index = read_json(index_path, "the safetensors index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise BaseCheckpointError(f"{index_path} has no weight_map; the checkpoint is incomplete.")
-        names = list(dict.fromkeys(weight_map.values()))
+        names = _indexed_shards(index_path, read_json(index_path, "the safetensors index"))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise BaseCheckpointError(
@@ -112,8 +113,6 @@ def shard_files(path: Path) -> list[Path]:
                 f"(e.g. {missing[0]}). Download the complete model."
             )
         return sorted((path / n for n in names), key=lambda p: p.name)
-    if (path / SAFE_SINGLE).is_file():
-        return [path / SAFE_SINGLE]
     pickles = [n for n in PICKLE_WEIGHT_NAMES if (path / n).exists()]
     if pickles:
         raise BaseCheckpointError(
@@ -127,10 +126,47 @@ def shard_files(path: Path) -> list[Path]:
     )
 
 
+def _indexed_shards(index_path: Path, index: dict[str, Any]) -> list[str]:
+    """The shard names of an index's weight_map: plain file names in the model's folder, nothing else.
+
+    A name such as "../other/model.safetensors" or "/abs/path" would make the merge read (and, in the app,
+    disclose) a file outside the folder the user chose; no model saved by transformers has one."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BaseCheckpointError(
+            f"{index_path} has no weight_map; the checkpoint is incomplete, so download it again."
+        )
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if not parts or Path(name).is_absolute() or ".." in parts or any(p in ("", ".") for p in parts):
+            raise BaseCheckpointError(
+                f"{index_path} lists the shard {json.dumps(name)[:80]}, which is not a file inside the model's "
+                "folder; the index is broken or crafted, so download the model again."
+            )
+    return names
+
+
+def _check_index_agrees(path: Path, shards: list[Path], tensors: dict[str, BaseTensor]) -> None:
+    """transformers loads each tensor from the shard the index names: one the index misplaces would come out
+    freshly initialised (random) from from_pretrained, so a merge of it could never equal PEFT's model."""
+    if shards == [path / SAFE_SINGLE]:
+        return
+    weight_map = read_json(path / SAFE_INDEX, "the safetensors index")["weight_map"]
+    for name, shard in weight_map.items():
+        found = tensors.get(name)
+        if found is None or found.shard != path / shard:
+            where = f"it is in {found.shard.name}" if found is not None else "no shard holds it"
+            raise BaseCheckpointError(
+                f"{path / SAFE_INDEX} places {name} in {shard} but {where}; the index does not match its shards, "
+                "so download the model again."
+            )
+
+
 def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheckpoint:
     path = Path(path)
     if not path.is_dir():
-        raise BaseCheckpointError(f"The base model folder {path} does not exist.")
+        raise BaseCheckpointError(f"The base model folder {path} does not exist; check the path (or give a Hub ID).")
     try:
         config = read_json(path / "config.json", "the base model's config")
     except FileNotFoundError:
@@ -144,13 +180,15 @@ def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheck
         try:
             header = read_header(shard)
         except SafetensorsFormatError as exc:
-            raise BaseCheckpointError(f"Base shard {shard.name} is corrupt: {exc}. Download it again.") from exc
+            raise BaseCheckpointError(f"Base shard {shard.name} is corrupt ({exc}); download it again.") from exc
         for info in header.tensors.values():
             if info.name in tensors:
                 raise BaseCheckpointError(
-                    f"Tensor {info.name} appears in two shards of {path}; the checkpoint is broken."
+                    f"Tensor {info.name} appears in two shards of {path}; the checkpoint is broken, so download "
+                    "the model again."
                 )
             tensors[info.name] = BaseTensor(shard, info)
+    _check_index_agrees(path, shards, tensors)
     return BaseCheckpoint(
         path=path,
         config=config,

@@ -263,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0: merged (and verified/pushed when asked); 1: a verification check failed;
     2: refused or failed, with one sentence on stderr and nothing left behind."""
     args = build_parser().parse_args(argv)
+    _print_paths_as_given()
     progress = TqdmProgress(disable=args.quiet)
     if args.output == "-":
         return _main_streamed(args, progress)
@@ -280,6 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.close()
     _print(args, result, pushed)
     return 0 if _passed(result.verification) else 1
+
+
+def _print_paths_as_given() -> None:
+    """A path of bytes that are not UTF-8 reaches Python as surrogate escapes (PEP 383); a strict UTF-8 stdout
+    (any UTF-8 locale but C.UTF-8) would fail on the summary after the merge succeeded. Print the bytes back."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
 
 
 def _main_streamed(args: argparse.Namespace, progress: TqdmProgress) -> int:

@@ -65,7 +65,8 @@ def checked_factors(
     rank = a[0]
     if b[1] != rank:
         raise AdapterWeightsError(
-            f"{where}: lora_A has rank {rank} but lora_B has rank {b[1]}; the adapter file is inconsistent."
+            f"{where}: lora_A has rank {rank} but lora_B has rank {b[1]}; the adapter file is inconsistent, so "
+            "save it again with PEFT."
         )
     configured = config.rank_for(module.module)
     if configured != rank:

@@ -102,13 +102,13 @@ def refuse_foreign(folder: Path) -> None:
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
-    import json
+    from .json_files import JsonFormatError, read_json_file
 
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = read_json_file(path)
+    except JsonFormatError:
         return None  # the loader reports a broken config itself
     return data if isinstance(data, dict) else None
 

@@ -27,6 +27,7 @@ class Claim:
 
     folder: Path
     fd: int
+    made_parents: tuple[Path, ...] = ()  # folders created to hold ``folder``, innermost first (outputs.discard)
 
     def release(self, *, remove_folder: bool = False) -> None:
         if remove_folder:

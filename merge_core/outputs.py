@@ -8,6 +8,7 @@ a live merge from a dead one and remove only the dead one's leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -38,6 +39,10 @@ def check_output_target(output: str | Path, *, protected: Iterable[tuple[str, Pa
     ``protected`` pairs a description ("the base model") with a path; symlinks are resolved on
     both sides, so a link pointing into an input is caught too.
     """
+    if "\x00" in str(output):  # os functions raise a bare ValueError("embedded null byte") on it
+        raise OutputWriteError(
+            f"The output path {str(output)!r} holds a NUL character, which no filesystem allows; choose another name."
+        )
     output = Path(os.path.abspath(Path(output).expanduser()))
     try:
         return _checked(output, protected=protected, overwrite=overwrite)
@@ -48,6 +53,8 @@ def check_output_target(output: str | Path, *, protected: Iterable[tuple[str, Pa
 def _checked(output: Path, *, protected: Iterable[tuple[str, Path]], overwrite: bool) -> Path:
     real = _real(output)
     for what, path in protected:
+        if "\x00" in str(path):
+            continue  # no such file can exist; its loader refuses it by name ("does not exist")
         relation = _relation(real, _real(Path(path)))
         if relation is not None:
             raise UnsafeOutputError(
@@ -78,9 +85,12 @@ def begin_staging(output: Path) -> Claim:
         existing = next(p for p in output.parents if p.exists())
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        made = tuple(p for p in output.parents if p not in existing.parents and p != existing)
         output.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(output)
-        return claim(output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+        staging = claim(output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+        staging.made_parents = made
+        return staging
     except OSError as exc:
         raise OutputWriteError(explain_os_error(exc, "create the output folder in", output.parent)) from exc
 
@@ -105,8 +115,11 @@ def publish(staging: Claim, output: Path) -> None:
 
 
 def discard(staging: Claim) -> None:
-    """Remove an unfinished staging folder and its lock."""
+    """Remove an unfinished staging folder and its lock, and the output's parents made for it (while empty)."""
     staging.release(remove_folder=True)
+    for folder in staging.made_parents:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 __all__ = ["begin_staging", "check_output_target", "discard", "publish", "sweep_leftovers"]

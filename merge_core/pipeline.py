@@ -8,6 +8,8 @@ a front end needs (see ``__all__``).
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -114,7 +116,10 @@ class MergeResult:
             quant=self.quant,
             speed=self.speed,
         )
-        card.save(self.output_dir / "README.md")
+        # A path of undecodable bytes (surrogate escapes) cannot be written as UTF-8; shown as U+FFFD instead.
+        text = str(card).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        with open(self.output_dir / "README.md", "w", encoding="utf-8", newline="") as f:  # as ModelCard.save
+            f.write(text)
 
     def release(self) -> None:
         """Remove what this merge left on disk: temporary inputs and, for the app, its folder."""
@@ -138,15 +143,39 @@ def run_merge(
     ``workdir``/merged). The forward-pass checks are off by default: the app runs them on the
     GPU through model_checks; the CLI asks for them here."""
     workdir = Path(workdir)
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]  # innermost first
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_merge(
+            request, workdir, progress, output_dir=output_dir, overwrite=overwrite, verify=verify, functional=functional
+        )
+    except BaseException:
+        for folder in created:  # the output's parents this run made: a refused run leaves none behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only while empty
+        raise
+
+
+def _run_merge(
+    request: MergeRequest,
+    workdir: Path,
+    progress: ProgressCallback,
+    *,
+    output_dir: Path | None,
+    overwrite: bool,
+    verify: bool,
+    functional: str,
+) -> MergeResult:
     request = replace(request, measure_cost=verify, gguf_types=list(request.gguf_types))
     inputs = resolve_inputs(request, workdir, progress)
+    published: Path | None = None
     try:
         plan = build_plan(inputs.base.folder, inputs.adapter_dir, inputs.options)
         settings = requantize_settings(plan, request.quantized_target)  # refused before any writing
         refuse_quantized_original(plan, inputs)
         output_dir = Path(output_dir) if output_dir is not None else workdir / "merged"
         report = execute_plan(plan, output_dir, overwrite=overwrite, progress=progress)
+        published = output_dir
         report.notes += inputs.notes
         verification = (
             verify_merge(plan, output_dir, functional=functional, device=request.device, progress=progress)
@@ -156,22 +185,24 @@ def run_merge(
         fits = functional_budget(plan, "cpu") if verify else (False, "")
         gguf = write_gguf_files(output_dir, request.gguf_types, verify=verify, fits=fits, progress=progress)
         quant = finish_target(plan, inputs, output_dir, target=request.quantized_target, settings=settings, fits=fits)
+        if verification is not None:
+            verification.checks += gguf.checks + quant.checks
+        report.notes += quant.notes
+        result = MergeResult(
+            inputs=inputs,
+            workdir=workdir,
+            output_dir=output_dir,
+            report=report,
+            verification=verification,
+            gguf_files=gguf.files,
+            quant=quant if quant.quantized_base else None,
+        )
+        result.write_card()
     except BaseException:
         inputs.release()
+        if published is not None:  # published, then a later step failed (checks, GGUF, card): a failed run keeps none
+            shutil.rmtree(published, ignore_errors=True)
         raise
-    if verification is not None:
-        verification.checks += gguf.checks + quant.checks
-    report.notes += quant.notes
-    result = MergeResult(
-        inputs=inputs,
-        workdir=workdir,
-        output_dir=output_dir,
-        report=report,
-        verification=verification,
-        gguf_files=gguf.files,
-        quant=quant if quant.quantized_base else None,
-    )
-    result.write_card()
     return result
 
 

@@ -20,6 +20,7 @@ from .layouts import has_conv1d, model_names, shared_embeddings
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .peft_types import uses_registry
+from .plan_copies import loaded_by_peft, refuse_quantized_copy
 from .plan_heads import apply_head, head_output, is_task_head
 from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, check_conv_targets, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
@@ -112,6 +113,9 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     """Full tensors the adapter ships (modules_to_save, resized embeddings): base tensor -> adapter key."""
     replaced: dict[str, str] = {}
     for module_tensor, key in inp.adapter.replacements.items():
+        if not loaded_by_peft(module_tensor, key, inp.config):
+            notes.append(f"{key} is left out, as PEFT leaves it: modules_to_save does not name its module.")
+            continue
         target = inp.resolve(module_tensor)
         if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
             continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding
@@ -122,11 +126,17 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             continue
         if target is None:
             raise inp.not_found(module_tensor.rsplit(".", 1)[0], module_tensor)
-        _refuse_quantized_copy(inp, target, key)
+        refuse_quantized_copy(inp.base, inp.adapter, target=target, key=key)
         spec, start = inp.adapter.specs[key], starts[target]
         if len(spec.shape) != len(start.shape) or spec.shape[1:] != start.shape[1:]:
             raise inp.blame.mismatch(
                 f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is {list(start.shape)}."
+            )
+        resizable = start.shape[0] in _token_rows(inp) or is_task_head(target, inp.config.task_type)
+        if spec.shape != start.shape and not resizable:
+            raise inp.blame.mismatch(
+                f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is "
+                f"{list(start.shape)}; only a resized vocabulary or a task head with other labels changes size."
             )
         if spec.shape != start.shape:
             notes.append(
@@ -137,21 +147,12 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
     return replaced
 
 
-def _refuse_quantized_copy(inp: _Inputs, target: str, key: str) -> None:
-    """An adapter saved from a quantized model can ship a quantized weight's packed bytes and quant state (PEFT's
-    save_embedding_layers on a 4-bit lm_head): PEFT cannot load them back onto the base, so nothing equals it."""
-    quant = inp.base.quant
-    if quant is None:
-        return
-    weight = next((t for t in quant.tensors.values() if target == t.name or target in t.side_tensors), None)
-    if weight is None or (target == weight.name and inp.adapter.specs[key].dtype.is_floating_point):
-        return  # a float copy (modules_to_save trained on the full-precision model) replaces the weight
-    module = weight.name.removesuffix(".weight")
-    raise UnsupportedAdapterError(
-        f"The adapter ships a bitsandbytes-quantized copy of {module} (PEFT's saved embedding layers), which PEFT "
-        "cannot load back onto the quantized base; save the adapter again with save_embedding_layers=False or "
-        f"delete the {module}.base_layer tensors from its file."
-    )
+def _token_rows(inp: _Inputs) -> set[int]:
+    """Row counts of a tensor with a row per token: vocab_size, and the embedding's own (Mllama's has 8 more)."""
+    embed = input_embedding(inp.base)
+    rows = {inp.base.tensors[embed].info.shape[0]} if embed is not None else set()
+    vocab = inp.base.text_config().get("vocab_size")
+    return rows | ({vocab} if isinstance(vocab, int) else set())
 
 
 def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> list[LoraTarget]:

@@ -17,6 +17,7 @@ from .errors import AdapterWeightsError, UnsupportedAdapterError
 from .factors import CONV1D_MODEL_TYPES, FactorShapes, checked_factors, delta_transposed, model_stores_transposed
 from .layouts import conv_settings
 from .mismatch import Blame
+from .peft_types.common import lora_bias_missing
 from .plan_types import DoraSpec, LowRankDelta, ModulePlan, OutputTensorPlan
 
 __all__ = [
@@ -128,6 +129,8 @@ def plan_lora_module(
             )
         biases.append(BiasDelta(bias_name, module.b_bias, scale))
         variant += "+bias"
+    elif config.lora_bias:
+        raise lora_bias_missing(name)
     if kind == "embedding":
         variant = "embedding-" + variant
     return ModulePlan(name, target.tensor, kind, variant, w_shape, rank, alpha, scale, fifo), biases
@@ -181,7 +184,7 @@ def _plan_dora(
         if config.use_dora:
             raise AdapterWeightsError(
                 f"{module.module}: adapter_config.json enables DoRA but the weights have no lora_magnitude_vector "
-                "for this module."
+                "for this module; the config does not belong to these weights, so save the adapter again with PEFT."
             )
         return "rslora" if config.use_rslora else "lora"
     entries = math.prod(adapter.specs[module.magnitude].shape)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import TargetModuleNotFoundError, UnsupportedAdapterError
+from .errors import AdapterWeightsError, TargetModuleNotFoundError, UnsupportedAdapterError
 from .experts import ExpertLayout, FusedParameter, expert_layout, slice_specs
 from .plan_lora import CONV1D_MODEL_TYPES
 from .plan_types import ModulePlan, OutputTensorPlan
@@ -59,6 +59,12 @@ def registry_plans(
     shapes = {key: spec.shape for key, spec in inp.adapter.specs.items()}
     conv1d = inp.fan_in_fan_out() or inp.base.model_type in CONV1D_MODEL_TYPES
     parsed = record.parse_adapter(shapes)
+    if config.get("trainable_token_indices") and not any(k.endswith("trainable_tokens_delta") for k in shapes):
+        # PEFT's load fails on the missing key; merging without the token rows would drop what the config promises.
+        raise AdapterWeightsError(
+            "adapter_config.json sets trainable_token_indices but the weights hold no trainable_tokens_delta; the "
+            "config does not belong to these weights, so save the adapter again with PEFT."
+        )
     experts = transposed_parameter_modules(inp.base.path, parsed) if config.get("target_parameters") else set()
     layout = _layout(inp, parsed) if config.get("target_parameters") else ExpertLayout()
     inputs, tensors = {}, {}

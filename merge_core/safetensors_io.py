@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import torch
 
+from .json_files import JsonFormatError, parse_json
 from .output_file import open_output
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
@@ -41,6 +42,13 @@ DTYPE_FROM_ST: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     # ue8m0 scales of some FP8 checkpoints: read so that detection can name the scheme it refuses.
     "F8_E8M0": torch.float8_e8m0fnu,
+    # The rest of what safetensors' own torch loader reads (safetensors.torch._TYPES): copied bit for bit.
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C64": torch.complex64,
 }
 ST_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_ST.items()}
 FLOAT_ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -97,34 +105,69 @@ def element_size(st_dtype: str) -> int:
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Read only the JSON header of a safetensors file (a few KB, whatever the file size)."""
+    """Read only the JSON header of a safetensors file (a few KB, whatever the file size).
+
+    Validated as the format's reference implementation does (safetensors' ``Metadata::validate``),
+    which is what transformers and PEFT load with: a file they refuse is refused here too, and no
+    offset can point into the header, past the end or into another tensor's bytes.
+    """
     path = Path(path)
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise SafetensorsFormatError(f"{path.name} is too short to be a safetensors file")
         (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES:
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
             raise SafetensorsFormatError(f"{path.name} has an implausible header size ({header_len} bytes)")
         try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SafetensorsFormatError(f"{path.name} has a corrupt header: {exc}") from exc
-    data_start = 8 + header_len
-    file_size = path.stat().st_size
+            header = parse_json(f.read(header_len))
+        except JsonFormatError as exc:
+            raise SafetensorsFormatError(f"{path.name} has a corrupt header: {exc}") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{path.name} has a corrupt header: it is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    infos = []
-    for name, entry in header.items():
-        dtype = entry["dtype"]
-        if dtype not in DTYPE_FROM_ST:
-            raise SafetensorsFormatError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
-        begin, end = entry["data_offsets"]
-        info = TensorInfo(name, dtype, tuple(entry["shape"]), data_start + begin, data_start + end)
-        if info.numel * element_size(dtype) != info.nbytes or info.end > file_size:
-            raise SafetensorsFormatError(f"{path.name}: tensor {name} has inconsistent offsets (file truncated?)")
-        infos.append(info)
-    infos.sort(key=lambda t: t.begin)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsFormatError(f"{path.name}: __metadata__ must map names to strings")
+    data_start = 8 + header_len
+    infos = sorted((_tensor_info(path, name, entry, data_start) for name, entry in header.items()), key=_offsets)
+    end = data_start
+    for info in infos:
+        if info.begin != end:
+            raise SafetensorsFormatError(f"{path.name}: tensor {info.name} has inconsistent offsets (overlap or gap)")
+        end = info.end
+    if end != file_size:
+        why = "file truncated?" if end > file_size else "bytes no tensor describes"
+        raise SafetensorsFormatError(
+            f"{path.name}: its tensors cover {end - data_start} bytes of data but the file holds "
+            f"{file_size - data_start} ({why})"
+        )
     return SafetensorsHeader(path, {t.name: t for t in infos}, metadata)
+
+
+def _offsets(info: TensorInfo) -> tuple[int, int]:
+    return info.begin, info.end
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """One header entry, checked field by field: dtype known, shape and offsets non-negative integers."""
+    if not isinstance(entry, dict):
+        raise SafetensorsFormatError(f"{path.name}: the header entry of tensor {name} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_FROM_ST:
+        raise SafetensorsFormatError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise SafetensorsFormatError(f"{path.name}: tensor {name} has an invalid shape {shape}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets):
+        raise SafetensorsFormatError(f"{path.name}: tensor {name} has invalid data_offsets {offsets}")
+    info = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    if info.end < info.begin or info.numel * element_size(dtype) != info.nbytes:
+        raise SafetensorsFormatError(f"{path.name}: tensor {name} has inconsistent offsets (file truncated?)")
+    return info
 
 
 def read_rows(

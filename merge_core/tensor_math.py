@@ -145,7 +145,7 @@ def all_finite(values: torch.Tensor, workspace: Workspace) -> bool:
     if values.numel() == 0 or not values.is_floating_point():
         return True
     if values.dtype not in _FLOAT_BITS:  # float8 and other rare kinds: no bit rule here
-        return bool(torch.isfinite(values).all())
+        return bool(torch.isfinite(values.float()).all())  # torch has no float8 isfinite on the CPU
     int_dtype, mask, inf_bits = _FLOAT_BITS[values.dtype]
     bits = values.reshape(-1).view(int_dtype)
     scratch = workspace.get("finite", tuple(bits.shape), int_dtype, values.device)

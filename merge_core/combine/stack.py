@@ -42,14 +42,19 @@ def stack(sources: list[Source]) -> CombinedAdapter:
     tensors, _ = collect_replacements(active, keep_modules_to_save=True)
     modules = sorted({m for s in active for m in s.tensors.lora_modules}, key=heuristic_key)
     rank = max(sum(s.tensors.specs[s.tensors.lora_modules[m].a].shape[0] for s in _on(active, m)) for m in modules)
-    use_bias = False
+    biases: dict[str, torch.Tensor | None] = {}
     for m in modules:
-        a, b, bias = _stacked_module(active, m)
+        a, b, biases[m] = _stacked_module(active, m)
         key_a, key_b = factor_keys(m, shapes[m].is_embedding)
         tensors[key_a], tensors[key_b] = padded(a, b, rank)
-        if bias is not None:
-            use_bias = True
-            tensors[f"{PEFT_PREFIX}{m}.lora_B.bias"] = bias.contiguous()
+    use_bias = any(bias is not None for bias in biases.values())
+    for m, bias in biases.items() if use_bias else ():
+        # With lora_bias on, PEFT saves a lora_B bias for every module; a module no source trained one for gets
+        # zeros, which is what it adds (the merge refuses a lora_bias adapter that lacks one).
+        out_features = tensors[factor_keys(m, shapes[m].is_embedding)[1]].shape[0]
+        tensors[f"{PEFT_PREFIX}{m}.lora_B.bias"] = (
+            bias if bias is not None else torch.zeros(out_features)
+        ).contiguous()
     config = lora_config(
         active,
         r=rank,

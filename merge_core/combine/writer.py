@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapter import ADAPTER_CONFIG, ADAPTER_SAFETENSORS
+from ..json_files import JsonFormatError, read_json_file
 from .sources import PEFT_PREFIX, Source
 
 RECIPE_FILE = "merge_recipe.json"
@@ -141,7 +142,7 @@ def read_recipe(adapter_dir: Path) -> dict[str, Any]:
     An unreadable recipe also reads as empty: it only describes the merge and must never stop one.
     """
     try:
-        data = json.loads((Path(adapter_dir) / RECIPE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json_file(Path(adapter_dir) / RECIPE_FILE)
+    except (OSError, JsonFormatError):
         return {}
     return data if isinstance(data, dict) else {}

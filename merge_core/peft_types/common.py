@@ -149,6 +149,15 @@ def mismatch(module: str, what: str) -> ShapeMismatchError:
     return ShapeMismatchError(f"{module}: {what}; the adapter was trained for another base model or layout.")
 
 
+def lora_bias_missing(module: str) -> AdapterWeightsError:
+    """lora_bias on but no lora_B.bias saved: PEFT always saves it, and loading without it keeps lora_B's initial
+    bias (random unless init_lora_weights is true), so no merge can stand for what PEFT would compute."""
+    return AdapterWeightsError(
+        f"{module}: adapter_config.json sets lora_bias but the weights have no lora_B bias for this module; the "
+        "config does not belong to these weights, so save the adapter again with PEFT."
+    )
+
+
 def refuse(peft_type: str, module: str, reason: str) -> UnsupportedAdapterError:
     return UnsupportedAdapterError(f"{module}: this {peft_type} adapter {reason}, so it cannot be merged exactly.")
 

@@ -18,6 +18,7 @@ from .common import (
     configured_alpha,
     configured_rank,
     linear_features,
+    lora_bias_missing,
     mismatch,
     number,
     refuse,
@@ -188,6 +189,8 @@ def lora_ops(module: ModuleInput, context: AdapterContext) -> list[Spec]:
         if not module.has_bias:
             raise mismatch(module.name, "the adapter trains a bias (lora_bias) but the base layer has none")
         specs.append(AddSpec(module.name, "bias", module.keys["lora_B.bias"], scale))
+    elif config.get("lora_bias"):
+        raise lora_bias_missing(module.name)
     return specs
 
 
