@@ -11,7 +11,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -259,12 +260,33 @@ def _passed(verification: VerificationReport | None) -> bool:
     return verification is None or verification.passed
 
 
+@contextmanager
+def _library_bars(*, shown: bool) -> Iterator[None]:
+    """--quiet also hides the bars transformers draws itself ("Loading weights" of the checks); restored after,
+    since the setting is process-wide. huggingface_hub's bars never show: downloads report through ours."""
+    from transformers.utils import logging as hf_logging
+
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0: merged (and verified/pushed when asked); 1: a verification check failed;
     2: refused or failed, with one sentence on stderr and nothing left behind."""
     args = build_parser().parse_args(argv)
     _print_paths_as_given()
     progress = TqdmProgress(disable=args.quiet)
+    with _library_bars(shown=not args.quiet):
+        return _run(args, progress)
+
+
+def _run(args: argparse.Namespace, progress: TqdmProgress) -> int:
     if args.output == "-":
         return _main_streamed(args, progress)
     try:

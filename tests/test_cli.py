@@ -88,3 +88,20 @@ def test_verification_printed_and_push_refused_when_a_check_fails(models, tmp_pa
     out = capsys.readouterr()
     assert code == 2 and "made to fail" in out.out
     assert out.err == "error: Verification failed, so nothing was pushed. See the table above.\n"
+
+
+def test_quiet_hides_the_library_bars_of_the_checks_and_restores_them(models, tmp_path: Path, capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    base, adapter = models
+    args = [str(base), str(adapter), str(tmp_path / "out"), "--quiet", "--verify", "--functional", "always"]
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as on a user's machine (the test environment may start with bars off)
+    try:
+        assert cli.main(args) == 0
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "is deprecated" not in err
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()
