@@ -163,6 +163,16 @@ def _check_index_agrees(path: Path, shards: list[Path], tensors: dict[str, BaseT
             )
 
 
+def _check_model_type(path: Path, config: dict[str, Any]) -> None:
+    """transformers picks the model class by model_type; without it neither the base nor the merged model loads."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise BaseCheckpointError(
+            f"{path / 'config.json'} names no model_type, so transformers could load neither the base nor the "
+            "merged model; use the model's complete config.json."
+        )
+
+
 def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheckpoint:
     path = Path(path)
     if not path.is_dir():
@@ -174,6 +184,7 @@ def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheck
             f"{path} has no config.json, so it is not a transformers model folder. Point the base at "
             "the folder (or Hub repo) that holds config.json and the safetensors weights."
         ) from None
+    _check_model_type(path, config)
     shards = shard_files(path)
     tensors: dict[str, BaseTensor] = {}
     for shard in shards:

@@ -331,6 +331,15 @@ REFUSALS = [
     ),
     *[
         Refusal(
+            f"base-config-{name}",
+            lambda c, text=text: (c.base / "config.json").write_text(text),
+            BaseCheckpointError,
+            "names no model_type.*complete config.json",
+        )
+        for name, text in [("empty-object", "{}"), ("model_type-null", '{"model_type": null, "vocab_size": 32}')]
+    ],
+    *[
+        Refusal(
             f"index-shard-{name}",
             _indexed(_first_shard_to(value)),
             BaseCheckpointError,
