@@ -97,7 +97,13 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def shard_files(path: Path) -> list[Path]:
-    """The safetensors files that make up the model, as the index (or the single file) says."""
+    """The safetensors files that make up the model, as the single file (or the index) says.
+
+    model.safetensors wins over an index beside it, as in transformers' from_pretrained: a repo re-saved as one
+    file often keeps its old index, whose shards may be gone or stale.
+    """
+    if (path / SAFE_SINGLE).is_file():
+        return [path / SAFE_SINGLE]
     index_path = path / SAFE_INDEX
     if index_path.is_file():
         index = read_json(index_path, "the safetensors index")
@@ -112,8 +118,6 @@ def shard_files(path: Path) -> list[Path]:
                 f"(e.g. {missing[0]}). Download the complete model."
             )
         return sorted((path / n for n in names), key=lambda p: p.name)
-    if (path / SAFE_SINGLE).is_file():
-        return [path / SAFE_SINGLE]
     pickles = [n for n in PICKLE_WEIGHT_NAMES if (path / n).exists()]
     if pickles:
         raise BaseCheckpointError(

@@ -49,10 +49,11 @@ def pickle_only(files: Iterable[str]) -> bool:
 
 
 def base_weight_files(files: dict[str, int], ref: RepoRef) -> list[str]:
-    if "model.safetensors.index.json" in files:
-        return []  # listed by the index, read after the small files arrive
+    # model.safetensors first, as transformers (and huggingface_hub's header reads) pick it over an index beside it.
     if "model.safetensors" in files:
         return ["model.safetensors"]
+    if "model.safetensors.index.json" in files:
+        return []  # listed by the index, read after the small files arrive
     if pickle_only(files):
         raise BaseCheckpointError(
             f"{ref} only has pickle weights (pytorch_model*.bin). This tool streams safetensors and never executes "
