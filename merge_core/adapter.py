@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,9 +291,10 @@ class AdapterWeights:
 
 
 def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code.
+    # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code. torch maps only its
+    # zip format; a legacy (pre-1.6 format) file, which PEFT loads too, is read whole: adapters are small.
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as exc:
         raise AdapterWeightsError(
             f"{file.name} could not be loaded safely (weights_only=True): {exc}. This tool never "
