@@ -90,6 +90,13 @@ def _is_layer_indexes(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_peft_task(value: Any) -> bool:
+    # PeftConfig.__post_init__ refuses any other task_type ("causal_lm" included), so PEFT loads no such adapter.
+    from peft import TaskType
+
+    return isinstance(value, str) and value in {t.value for t in TaskType}
+
+
 def _is_pattern_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
 
@@ -115,7 +122,7 @@ _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_dropout": (_is_finite_number, "a number such as 0.05"),
     "bias": (lambda v: v in ("none", "all", "lora_only"), 'one of "none", "all" or "lora_only"'),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
-    "task_type": (lambda v: isinstance(v, str), 'a task name such as "CAUSAL_LM"'),
+    "task_type": (_is_peft_task, 'one of PEFT\'s task types in capitals, such as "CAUSAL_LM" or "SEQ_CLS"'),
     "base_model_name_or_path": (lambda v: isinstance(v, str), "a model ID or a path"),
     "revision": (lambda v: isinstance(v, str), "a branch, tag or commit of the base model"),
 }

@@ -56,7 +56,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("bias", "lora", 'one of "none", "all" or "lora_only"'),
     ("bias", True, 'one of "none", "all" or "lora_only"'),
     ("init_lora_weights", 1, "true, false or the name of an initialisation"),
-    ("task_type", 5, "a task name"),
+    ("task_type", 5, "one of PEFT's task types"),
     ("base_model_name_or_path", ["a", "b"], "a model ID or a path"),
     ("revision", 1, "a branch, tag or commit"),
 ]
