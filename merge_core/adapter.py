@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError
+from .peft_keys import PEFT_PREFIX, check_peft_prefix
 from .safetensors_io import SafetensorsFormatError, SafetensorsHeader, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -224,7 +225,7 @@ def load_adapter_config(path: str | Path) -> AdapterConfig:
 # --- weights -----------------------------------------------------------------------------------
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_PEFT_PREFIX = "base_model.model."
+_PEFT_PREFIX = PEFT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
     specs = _read_specs(file)
     if not specs:
         raise AdapterWeightsError(f"{file.name} holds no tensors.")
+    check_peft_prefix(file.name, list(specs))
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     keys = list(specs)
