@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError
-from .peft_keys import PEFT_PREFIX, check_peft_prefix
+from .peft_keys import PEFT_PREFIX, check_peft_keys, is_wrapper_copy
 from .safetensors_io import SafetensorsFormatError, SafetensorsHeader, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -395,7 +395,7 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
     specs = _read_specs(file)
     if not specs:
         raise AdapterWeightsError(f"{file.name} holds no tensors.")
-    check_peft_prefix(file.name, list(specs))
+    check_peft_keys(file.name, specs)
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     keys = list(specs)
@@ -408,8 +408,8 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
                 continue  # PEFT saves the untouched original next to the trained copy
             # "embed_tokens.base_layer.weight": PEFT saved the (resized) base embedding itself.
             target = module.replace(".base_layer.", ".")
-            # The trained copy is also saved under the plain name; the explicit one wins.
-            if ".modules_to_save." in f".{key}." or target not in replacements:
+            # save_embedding_layers also writes the copy under the wrapper's name; PEFT loads the plain name.
+            if target not in replacements or is_wrapper_copy(replacements[target]) and not is_wrapper_copy(key):
                 replacements[target] = key
             continue
         roles = parts.setdefault(module, {})
