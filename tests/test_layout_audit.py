@@ -158,3 +158,62 @@ def test_old_and_new_peft_config_fields_merge(tmp: Path, pair) -> None:
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     merge_adapter(pair[0], adapter, tmp / "merged")
     assert_matches_peft(pair[0], adapter, tmp / "merged")
+
+
+@pytest.fixture(scope="module")
+def saved_pair(tmp_path_factory: pytest.TempPathFactory, pair) -> tuple[Path, Path]:
+    """An unsloth-style adapter: LoRA plus full copies of embed_tokens and lm_head (modules_to_save)."""
+    root = tmp_path_factory.mktemp("saved-pair")
+    adapter = make_adapter(
+        pair[0], root / "adapter", target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]
+    )
+    return pair[0], adapter
+
+
+def test_embedding_and_head_in_modules_to_save_merge(tmp: Path, saved_pair) -> None:
+    merge_adapter(*saved_pair, tmp / "merged")
+    assert_matches_peft(*saved_pair, tmp / "merged")
+
+
+def _peft_refuses(base: Path, adapter: Path, missing: str) -> None:
+    with pytest.raises(KeyError, match=missing):
+        peft_reference(base, adapter)
+
+
+def test_a_modules_to_save_module_without_its_copy_is_refused_as_peft_refuses_it(tmp: Path, saved_pair) -> None:
+    # Was: merged with the base's lm_head, while PEFT raises KeyError for the copy it must load.
+    adapter = shutil.copytree(saved_pair[1], tmp / "adapter")
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in state.items() if "lm_head" not in k}, adapter / "adapter_model.safetensors")
+    _peft_refuses(saved_pair[0], adapter, "base_model.model.lm_head.weight")
+    with pytest.raises(
+        AdapterWeightsError, match=r"full copy of lm_head, but adapter_model.safetensors holds no lm_head"
+    ):
+        merge_adapter(saved_pair[0], adapter, tmp / "merged")
+    assert not (tmp / "merged").exists()
+
+
+@pytest.mark.parametrize("infix", ["modules_to_save.default.", "modules_to_save."])
+def test_a_copy_under_the_wrappers_in_memory_name_is_refused_as_peft_cannot_load_it(
+    tmp: Path, saved_pair, infix: str
+) -> None:
+    # Was: merged as the copy, while PEFT looks the copy up under the plain name only (KeyError).
+    def rename(key: str) -> str:
+        return key.replace("lm_head.weight", f"lm_head.{infix}weight")
+
+    adapter = edit_keys(saved_pair[1], tmp / "adapter", rename)
+    _peft_refuses(saved_pair[0], adapter, "base_model.model.lm_head.weight")
+    with pytest.raises(AdapterWeightsError, match=r"rename the key to base_model\.model\.lm_head\.weight"):
+        merge_adapter(saved_pair[0], adapter, tmp / "merged")
+    assert not (tmp / "merged").exists()
+
+
+def test_the_plain_copy_wins_over_the_wrappers_copy_as_in_peft(tmp: Path, saved_pair) -> None:
+    # save_embedding_layers writes both names; PEFT loads the plain one (was: the wrapper's one won).
+    adapter = shutil.copytree(saved_pair[1], tmp / "adapter")
+    state = load_file(adapter / "adapter_model.safetensors")
+    head = "base_model.model.lm_head.weight"
+    state[head.replace(".weight", ".modules_to_save.weight")] = state[head] + 0.5
+    save_file(state, adapter / "adapter_model.safetensors")
+    merge_adapter(saved_pair[0], adapter, tmp / "merged")
+    assert_matches_peft(saved_pair[0], adapter, tmp / "merged")
