@@ -162,9 +162,9 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
     peft_type = data.get("peft_type")
     if not peft_type:
         raise AdapterConfigError(f"{source} has no peft_type; it does not look like a PEFT adapter config.")
-    if not isinstance(peft_type, str):
-        raise AdapterConfigError(f'{source}: peft_type is {_shown(peft_type)} but must be a string such as "LORA".')
-    peft_type = peft_type.upper()
+    if not isinstance(peft_type, str) or peft_type != peft_type.upper():  # PEFT looks the type up as written
+        what = "a string" if not isinstance(peft_type, str) else "in capitals, as PEFT reads it,"
+        raise AdapterConfigError(f'{source}: peft_type is {_shown(peft_type)} but must be {what} such as "LORA".')
     from .peft_types import record_for
 
     record = record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge

@@ -100,7 +100,7 @@ def test_values_peft_accepts_are_accepted(key: str, value: Any) -> None:
 
 
 def test_defaults_when_keys_are_absent() -> None:
-    config = parse_adapter_config({"peft_type": "lora"})
+    config = parse_adapter_config({"peft_type": "LORA"})
     assert (config.peft_type, config.r, config.lora_alpha, config.target_modules) == ("LORA", 8, 8.0, None)
 
 

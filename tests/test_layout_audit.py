@@ -128,14 +128,23 @@ def test_adapter_name_infix_of_older_peft_merges(tmp: Path, pair) -> None:
     assert_matches_peft(pair[0], adapter, tmp / "merged")
 
 
-def test_lower_case_task_type_is_refused_as_peft_refuses_it(tmp: Path, pair) -> None:
-    # Was: merged, while PeftConfig refuses "causal_lm" (and the task head rules read the exact spelling).
+@pytest.mark.parametrize(
+    ("key", "value", "peft_error", "words"),
+    [
+        ("task_type", "causal_lm", ValueError, 'task_type is "causal_lm" but must be one of PEFT\'s task types'),
+        ("peft_type", "lora", KeyError, 'peft_type is "lora" but must be in capitals'),
+    ],
+)
+def test_lower_case_names_are_refused_as_peft_refuses_them(
+    tmp: Path, pair, key: str, value: str, peft_error: type, words: str
+) -> None:
+    # Was: merged, while PEFT refuses both (PeftConfig's task check; its peft_type -> config class lookup).
     adapter = shutil.copytree(pair[1], tmp / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "task_type": "causal_lm"}))
-    with pytest.raises(ValueError, match="Invalid task type"):
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(peft_error):
         peft_reference(pair[0], adapter)
-    with pytest.raises(AdapterConfigError, match='task_type is "causal_lm" but must be one of PEFT\'s task types'):
+    with pytest.raises(AdapterConfigError, match=words):
         merge_adapter(pair[0], adapter, tmp / "merged")
     assert not (tmp / "merged").exists()
 
