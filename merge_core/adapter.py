@@ -225,7 +225,6 @@ def load_adapter_config(path: str | Path) -> AdapterConfig:
 # --- weights -----------------------------------------------------------------------------------
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_PEFT_PREFIX = PEFT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -319,8 +318,7 @@ def normalize_key(key: str) -> tuple[str, str | None, str | None]:
     Accepts the forms PEFT has written over the years: with or without the
     ``base_model.model.`` prefix, with or without an adapter-name infix (``.default``).
     """
-    if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX) :]
+    key = key.removeprefix(PEFT_PREFIX)
     parts = key.split(".")
     for i, token in enumerate(parts):
         if token in _LORA_PARTS and i > 0:
@@ -394,7 +392,10 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
         )
     specs = _read_specs(file)
     if not specs:
-        raise AdapterWeightsError(f"{file.name} holds no tensors.")
+        # e.g. alpaca-lora's 443-byte adapter_model.bin, saved before any weight was in it
+        raise AdapterWeightsError(
+            f"{file.name} holds no tensors; use a checkpoint of the adapter whose file has weights."
+        )
     check_peft_keys(file.name, specs)
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}

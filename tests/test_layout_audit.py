@@ -226,3 +226,14 @@ def test_the_plain_copy_wins_over_the_wrappers_copy_as_in_peft(tmp: Path, saved_
     save_file(state, adapter / "adapter_model.safetensors")
     merge_adapter(saved_pair[0], adapter, tmp / "merged")
     assert_matches_peft(saved_pair[0], adapter, tmp / "merged")
+
+
+def test_an_empty_pickle_adapter_is_refused_with_what_to_do(tmp: Path, pair) -> None:
+    # alpaca-lora's known empty save: PEFT loads it as no change at all (missing keys), so nothing merges.
+    adapter = shutil.copytree(pair[1], tmp / "adapter")
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({}, adapter / "adapter_model.bin")
+    assert _peft_missing_keys(pair[0], adapter)
+    with pytest.raises(AdapterWeightsError, match="holds no tensors; use a checkpoint of the adapter whose file has"):
+        merge_adapter(pair[0], adapter, tmp / "merged")
+    assert not (tmp / "merged").exists()
