@@ -237,3 +237,22 @@ def test_an_empty_pickle_adapter_is_refused_with_what_to_do(tmp: Path, pair) -> 
     with pytest.raises(AdapterWeightsError, match="holds no tensors; use a checkpoint of the adapter whose file has"):
         merge_adapter(pair[0], adapter, tmp / "merged")
     assert not (tmp / "merged").exists()
+
+
+def test_the_declared_base_is_fetched_at_the_revision_the_adapter_records(tmp: Path, pair) -> None:
+    # Was: the base repo's newest commit, not the one the adapter names (AutoPeftModel loads config.revision).
+    newer = make_base(tmp / "newer", "llama", seed=7)
+    hub = HubServer(tmp / "hub", port=HUB_PORT).start()
+    try:
+        hub.create_repo("acme/evolving-llama")
+        trained_on = hub.upload_dir("acme/evolving-llama", pair[0])
+        hub.upload_dir("acme/evolving-llama", newer)
+        adapter = shutil.copytree(pair[1], tmp / "adapter")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config.update(base_model_name_or_path="acme/evolving-llama", revision=trained_on)
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        result = run_merge(MergeRequest(adapter=str(adapter), base="", endpoint=hub.url), tmp / "work")
+    finally:
+        hub.stop()
+    assert result.inputs.base.revision == trained_on
+    assert_matches_peft(pair[0], adapter, result.output_dir)
