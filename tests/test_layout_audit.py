@@ -256,3 +256,18 @@ def test_the_declared_base_is_fetched_at_the_revision_the_adapter_records(tmp: P
         hub.stop()
     assert result.inputs.base.revision == trained_on
     assert_matches_peft(pair[0], adapter, result.output_dir)
+
+
+def test_a_hub_adapter_with_both_formats_downloads_only_the_safetensors_peft_reads(tmp: Path, pair) -> None:
+    adapter = shutil.copytree(pair[1], tmp / "adapter")
+    zeros = {k: torch.zeros_like(v) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    torch.save(zeros, adapter / "adapter_model.bin")
+    hub = HubServer(tmp / "hub", port=HUB_PORT).start()
+    try:
+        hub.create_repo("alice/both-formats")
+        hub.upload_dir("alice/both-formats", adapter)
+        result = run_merge(MergeRequest(adapter="alice/both-formats", base=str(pair[0]), endpoint=hub.url), tmp / "w")
+    finally:
+        hub.stop()
+    assert not (result.inputs.adapter_dir / "adapter_model.bin").exists()
+    assert_matches_peft(pair[0], adapter, result.output_dir)
