@@ -117,7 +117,8 @@ _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha_pattern": (_is_pattern_of(_is_finite_number), "an object mapping module names to finite numbers"),
     "target_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
     "exclude_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
-    "modules_to_save": (_is_str_or_str_list, "a list of module names or one module name"),
+    # PEFT matches a bare string letter by letter (wrapping "model" for its "l"), then cannot load the adapter.
+    "modules_to_save": (lambda v: isinstance(v, list) and _is_str_or_str_list(v), 'a list such as ["lm_head"]'),
     "layers_to_transform": (_is_layer_indexes, "a layer index or a list of layer indexes (integers)"),
     "layers_pattern": (_is_str_or_str_list, 'a module name or a list of module names, such as "layers"'),
     "lora_dropout": (_is_finite_number, "a number such as 0.05"),
@@ -170,9 +171,6 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
     record = record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge
     check_config_types(data, source)
     record.check_config(Path(source).name, data)  # options no module could merge, before any module is resolved
-    modules_to_save = data.get("modules_to_save") or []
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
     return AdapterConfig(
         peft_type=peft_type,
         r=data.get("r", 8),
@@ -183,7 +181,7 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
         lora_bias=bool(data.get("lora_bias", False)),
         rank_pattern=dict(data.get("rank_pattern") or {}),
         alpha_pattern={k: float(v) for k, v in (data.get("alpha_pattern") or {}).items()},
-        modules_to_save=list(modules_to_save),
+        modules_to_save=list(data.get("modules_to_save") or []),
         target_modules=data.get("target_modules"),
         exclude_modules=data.get("exclude_modules"),
         layers_to_transform=data.get("layers_to_transform"),

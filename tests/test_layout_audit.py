@@ -271,3 +271,17 @@ def test_a_hub_adapter_with_both_formats_downloads_only_the_safetensors_peft_rea
         hub.stop()
     assert not (result.inputs.adapter_dir / "adapter_model.bin").exists()
     assert_matches_peft(pair[0], adapter, result.output_dir)
+
+
+def test_modules_to_save_as_one_string_is_refused_as_peft_cannot_load_it(tmp: Path, pair) -> None:
+    # Was: merged as ["lm_head"], while PEFT matches the string letter by letter, wraps "model" and raises KeyError.
+    adapter = make_adapter(pair[0], tmp / "adapter", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": "lm_head"}))
+    with pytest.raises(KeyError):
+        peft_reference(pair[0], adapter)
+    with pytest.raises(
+        AdapterConfigError, match=r'modules_to_save is "lm_head" but must be a list such as \["lm_head"\]'
+    ):
+        merge_adapter(pair[0], adapter, tmp / "merged")
+    assert not (tmp / "merged").exists()
