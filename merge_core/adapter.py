@@ -13,6 +13,7 @@ import torch
 from .config_checks import ADAPTER_CONFIG, check_config_regexes, check_config_types, shown
 from .errors import AdapterConfigError, AdapterWeightsError, NonFiniteAdapterWeightsError, explain_os_error
 from .json_files import JsonFormatError, read_json_file
+from .peft_keys import PEFT_PREFIX, check_peft_keys, is_wrapper_copy
 from .safetensors_io import SafetensorsFormatError, SafetensorsHeader, read_header, read_tensor
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -71,18 +72,15 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
             f"{source} has no peft_type, so it is not a PEFT adapter config; save the adapter with PEFT's "
             "save_pretrained."
         )
-    if not isinstance(peft_type, str):
-        raise AdapterConfigError(f'{source}: peft_type is {shown(peft_type)} but must be a string such as "LORA".')
-    peft_type = peft_type.upper()
+    if not isinstance(peft_type, str) or peft_type != peft_type.upper():  # PEFT looks the type up as written
+        what = "a string" if not isinstance(peft_type, str) else "in capitals, as PEFT reads it,"
+        raise AdapterConfigError(f'{source}: peft_type is {shown(peft_type)} but must be {what} such as "LORA".')
     from .peft_types import record_for
 
     record = record_for(peft_type)  # refuses, by name and with PEFT's reason, every type this tool does not merge
     check_config_types(data, source)
     check_config_regexes(data, source)
     record.check_config(Path(source).name, data)  # options no module could merge, before any module is resolved
-    modules_to_save = data.get("modules_to_save") or []
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
     return AdapterConfig(
         peft_type=peft_type,
         r=data.get("r", 8),
@@ -93,7 +91,7 @@ def parse_adapter_config(data: dict[str, Any], source: str = ADAPTER_CONFIG) -> 
         lora_bias=bool(data.get("lora_bias", False)),
         rank_pattern=dict(data.get("rank_pattern") or {}),
         alpha_pattern={k: float(v) for k, v in (data.get("alpha_pattern") or {}).items()},
-        modules_to_save=list(modules_to_save),
+        modules_to_save=list(data.get("modules_to_save") or []),
         target_modules=data.get("target_modules"),
         exclude_modules=data.get("exclude_modules"),
         layers_to_transform=data.get("layers_to_transform"),
@@ -141,7 +139,6 @@ def load_adapter_config(path: str | Path) -> AdapterConfig:
 # --- weights -----------------------------------------------------------------------------------
 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -222,7 +219,8 @@ def _torch_load(file: Path) -> Any:
 
 
 def load_pickle_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code.
+    # weights_only=True: the unpickler only rebuilds tensors and containers, never runs code. torch maps only its
+    # zip format; a legacy (pre-1.6 format) file, which PEFT loads too, is read whole: adapters are small.
     try:
         state = _torch_load(file)
     except Exception as exc:
@@ -244,8 +242,7 @@ def normalize_key(key: str) -> tuple[str, str | None, str | None]:
     Accepts the forms PEFT has written over the years: with or without the
     ``base_model.model.`` prefix, with or without an adapter-name infix (``.default``).
     """
-    if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX) :]
+    key = key.removeprefix(PEFT_PREFIX)
     parts = key.split(".")
     for i, token in enumerate(parts):
         if token in _LORA_PARTS and i > 0:
@@ -322,7 +319,9 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
         )
     specs = _read_specs(file)
     if not specs:
-        raise AdapterWeightsError(f"{file} holds no tensors; save the adapter again with PEFT.")
+        # e.g. alpaca-lora's 443-byte adapter_model.bin, saved before any weight was in it
+        raise AdapterWeightsError(f"{file} holds no tensors; use a checkpoint of the adapter whose file has weights.")
+    check_peft_keys(file.name, specs)
     parts: dict[str, dict[str, str]] = {}  # module -> role ("a", "b", "magnitude", "b_bias", "embedding") -> key
     replacements: dict[str, str] = {}
     keys = list(specs)
@@ -335,8 +334,8 @@ def load_adapter_weights(path: str | Path, config: AdapterConfig | None = None) 
                 continue  # PEFT saves the untouched original next to the trained copy
             # "embed_tokens.base_layer.weight": PEFT saved the (resized) base embedding itself.
             target = module.replace(".base_layer.", ".")
-            # The trained copy is also saved under the plain name; the explicit one wins.
-            if ".modules_to_save." in f".{key}." or target not in replacements:
+            # save_embedding_layers also writes the copy under the wrapper's name; PEFT loads the plain name.
+            if target not in replacements or is_wrapper_copy(replacements[target]) and not is_wrapper_copy(key):
                 replacements[target] = key
             continue
         roles = parts.setdefault(module, {})

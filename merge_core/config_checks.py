@@ -64,13 +64,14 @@ _OPTIONAL_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha_pattern": (_is_pattern_of(_is_finite_number), "an object mapping module names to finite numbers"),
     "target_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
     "exclude_modules": (_is_str_or_str_list, "a list of module names or one regular expression string"),
-    "modules_to_save": (_is_str_or_str_list, "a list of module names or one module name"),
+    # PEFT matches a bare string letter by letter (wrapping "model" for its "l"), then cannot load the adapter.
+    "modules_to_save": (lambda v: isinstance(v, list) and _is_str_or_str_list(v), 'a list such as ["lm_head"]'),
     "layers_to_transform": (_is_layer_indexes, "a layer index or a list of layer indexes (integers)"),
     "layers_pattern": (_is_str_or_str_list, 'a module name or a list of module names, such as "layers"'),
     "lora_dropout": (_is_finite_number, "a number such as 0.05"),
     "bias": (lambda v: v in ("none", "all", "lora_only"), 'one of "none", "all" or "lora_only"'),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an initialisation"),
-    "task_type": (_is_task_type, 'a task name such as "CAUSAL_LM" (one of PEFT\'s TaskType values)'),
+    "task_type": (_is_task_type, 'one of PEFT\'s task types in capitals, such as "CAUSAL_LM" or "SEQ_CLS"'),
     "base_model_name_or_path": (lambda v: isinstance(v, str), "a model ID or a path"),
     "revision": (lambda v: isinstance(v, str), "a branch, tag or commit of the base model"),
 }

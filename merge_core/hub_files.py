@@ -49,10 +49,11 @@ def pickle_only(files: Iterable[str]) -> bool:
 
 
 def base_weight_files(files: dict[str, int], ref: RepoRef) -> list[str]:
-    if "model.safetensors.index.json" in files:
-        return []  # listed by the index, read after the small files arrive
+    # model.safetensors first, as transformers (and huggingface_hub's header reads) pick it over an index beside it.
     if "model.safetensors" in files:
         return ["model.safetensors"]
+    if "model.safetensors.index.json" in files:
+        return []  # listed by the index, read after the small files arrive
     if pickle_only(files):
         raise BaseCheckpointError(
             f"{ref} only has pickle weights (pytorch_model*.bin). This tool streams safetensors and never executes "
@@ -87,4 +88,8 @@ def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> l
     if f"{prefix}adapter_model.safetensors" not in files and f"{prefix}adapter_model.bin" not in files:
         raise AdapterConfigError(f"{ref} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
     local = {f[len(prefix) :]: f for f in files if f.startswith(prefix)}
+    if "adapter_model.safetensors" in local:
+        local.pop(
+            "adapter_model.bin", None
+        )  # PEFT reads the safetensors file; the pickle would be downloaded for nothing
     return [local[f] for f in matching(local, ADAPTER_PATTERNS)]

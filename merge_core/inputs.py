@@ -220,11 +220,13 @@ def base_source(request: MergeRequest, adapter_dir: Path) -> tuple[RepoRef | Pat
     typed = (request.base or "").strip()
     if typed:
         return parse_source(typed, request.base_revision), typed
-    declared = (load_adapter_config(adapter_dir).base_model_name_or_path or "").strip()
+    config = load_adapter_config(adapter_dir)
+    declared = (config.base_model_name_or_path or "").strip()
     if not declared:
         raise ValueError("The adapter does not name its base model; enter the base model ID.")
     try:
-        source = parse_source(declared, request.base_revision)
+        # The declared base at the commit the adapter records, as PEFT's AutoPeftModel loads it.
+        source = parse_source(declared, request.base_revision or config.revision)
     except ValueError:
         # Adapters often record the trainer's own folder (e.g. a Colab path) as their base.
         raise ValueError(

@@ -27,7 +27,7 @@ from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_con
 from .plan_registry import registry_plans
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
 from .safetensors_io import ST_FROM_DTYPE, PlannedTensor
-from .targets import BaseModules, select_lora_modules
+from .targets import BaseModules, check_saved_modules, select_lora_modules
 from .tensor_names import OUTPUT_EMBEDDING_NAME, input_embedding, resolve_tensor
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -335,6 +335,13 @@ def plan_merge(
     out_dtype = output_dtype(base, options)
     starts = _starts(inp, out_dtype)
     replaced = _replacements(inp, starts, notes)
+    check_saved_modules(
+        adapter_config,
+        tensors=list(starts),
+        shipped=frozenset(replaced),
+        renamed=inp._model_names,
+        file_name=adapter.file.name,
+    )
     registry = uses_registry(adapter_config.raw)
     targets = [] if registry else _lora_targets(inp, starts, notes)
     untie = _untie(inp, set(replaced) | {t.tensor for t in targets} | _registry_head(inp), notes)

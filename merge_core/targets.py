@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter import AdapterConfig, LoraModule
-from .errors import AdapterTargetError
+from .errors import AdapterTargetError, AdapterWeightsError
 
 # The keys of adapter_config.json that decide which modules PEFT wraps (target_parameters is refused earlier).
 _TARGETING_KEYS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
@@ -180,6 +180,50 @@ def select_lora_modules(
     return TargetSelection(applied=applied, ignored=tuple(sorted(ignored)), targeted=frozenset(targeted))
 
 
+def saved_module_names(config: AdapterConfig) -> list[str]:
+    """modules_to_save as the PeftModel applies it: the config's names, plus the task's heads for classifiers."""
+    return [*config.modules_to_save, *_HEADS_SAVED_BY_TASK.get(str(config.task_type), ())]
+
+
+def check_saved_modules(
+    config: AdapterConfig,
+    *,
+    tensors: Sequence[str],
+    shipped: frozenset[str],
+    renamed: Mapping[str, str] | None = None,
+    file_name: str = "The adapter file",
+) -> None:
+    """Refuse where PEFT would: every module modules_to_save matches must come with all its tensors in the file.
+
+    PEFT (_set_trainable) wraps each module whose name ends with a modules_to_save entry, then looks each of its
+    tensors up in the file by its plain name (set_peft_model_state_dict) and raises KeyError for one not there.
+
+    Args:
+        tensors: the base's tensors (checkpoint names, a tied lm_head included); quantization side tensors left out.
+        shipped: the checkpoint tensors the adapter's full copies replace.
+        renamed: {name in the model class: checkpoint name} where transformers renames on load.
+    """
+    names = saved_module_names(config)
+    to_model = {checkpoint: name for name, checkpoint in (renamed or {}).items()}
+    for tensor in tensors:
+        parts = to_model.get(tensor, tensor).split(".")[:-1]
+        wrapped = next(
+            (".".join(parts[: i + 1]) for i in range(len(parts)) if _saved(".".join(parts[: i + 1]), names)), None
+        )
+        if wrapped is None or tensor in shipped:
+            continue
+        entry = next(n for n in names if wrapped.endswith(n))
+        raise AdapterWeightsError(
+            f"modules_to_save makes PEFT load a full copy of {wrapped}, but {file_name} holds no {tensor}, so PEFT "
+            f'refuses to load the adapter (KeyError); save it again with PEFT, or remove "{entry}" from '
+            "modules_to_save in adapter_config.json if that layer was not trained."
+        )
+
+
+def _saved(module: str, names: Sequence[str]) -> bool:
+    return any(module.endswith(name) for name in names)  # PEFT's own test: a plain suffix, no dot needed
+
+
 # --- PEFT's steps, in the order inject_adapter runs them --------------------------------------------------------
 
 
@@ -215,10 +259,9 @@ def _peft_config(config: AdapterConfig, modules: BaseModules, *, model_type: str
     from peft import LoraConfig
 
     kwargs = {key: config.raw[key] for key in _TARGETING_KEYS if config.raw.get(key) is not None}
-    heads = _HEADS_SAVED_BY_TASK.get(str(config.task_type))
-    if heads:
-        saved = kwargs.get("modules_to_save")
-        kwargs["modules_to_save"] = [*([saved] if isinstance(saved, str) else saved or []), *heads]
+    saved = saved_module_names(config)
+    if saved:
+        kwargs["modules_to_save"] = saved
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -313,4 +356,11 @@ def _targets_text(targets: Any) -> str:
     return f"[{shown}{f', … {len(names) - 4} more' if len(names) > 4 else ''}]"
 
 
-__all__ = ["BaseModules", "TargetSelection", "select_lora_modules", "targeted_modules"]
+__all__ = [
+    "BaseModules",
+    "TargetSelection",
+    "check_saved_modules",
+    "saved_module_names",
+    "select_lora_modules",
+    "targeted_modules",
+]

@@ -44,8 +44,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("target_modules", ["q_proj", 7], _NAMES),
     ("target_modules", {"q_proj": True}, _NAMES),
     ("exclude_modules", 3, _NAMES),
-    ("modules_to_save", {"lm_head": 1}, "a list of module names or one module name"),
-    ("modules_to_save", [3], "a list of module names or one module name"),
+    ("modules_to_save", {"lm_head": 1}, "a list such as"),
+    ("modules_to_save", [3], "a list such as"),
+    ("modules_to_save", "lm_head", 'a list such as ["lm_head"]'),
     ("layers_to_transform", "0", _LAYERS),
     ("layers_to_transform", [0, "1"], _LAYERS),
     ("layers_to_transform", [True], _LAYERS),
@@ -56,7 +57,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("bias", "lora", 'one of "none", "all" or "lora_only"'),
     ("bias", True, 'one of "none", "all" or "lora_only"'),
     ("init_lora_weights", 1, "true, false or the name of an initialisation"),
-    ("task_type", 5, "a task name"),
+    ("task_type", 5, "one of PEFT's task types"),
     ("base_model_name_or_path", ["a", "b"], "a model ID or a path"),
     ("revision", 1, "a branch, tag or commit"),
 ]
@@ -78,7 +79,7 @@ GOOD: list[tuple[str, Any]] = [
     ("lora_alpha", 32),
     ("target_modules", "all-linear"),
     ("target_modules", None),
-    ("modules_to_save", "lm_head"),
+    ("modules_to_save", ["lm_head"]),
     ("modules_to_save", None),
     ("rank_pattern", {"q_proj": 4}),
     ("alpha_pattern", {"v_proj": 2.5}),
@@ -100,7 +101,7 @@ def test_values_peft_accepts_are_accepted(key: str, value: Any) -> None:
 
 
 def test_defaults_when_keys_are_absent() -> None:
-    config = parse_adapter_config({"peft_type": "lora"})
+    config = parse_adapter_config({"peft_type": "LORA"})
     assert (config.peft_type, config.r, config.lora_alpha, config.target_modules) == ("LORA", 8, 8.0, None)
 
 

@@ -314,7 +314,7 @@ REFUSALS = [
         "adapter-without-tensors",
         lambda c: _write(_adapter_file(c), {"__metadata__": {"format": "pt"}}, b""),
         AdapterWeightsError,
-        f"holds no tensors; {SAVE_AGAIN}",
+        "holds no tensors; use a checkpoint of the adapter whose file has weights",
     ),
     Refusal(
         "adapter-pickle-not-a-torch-file",
