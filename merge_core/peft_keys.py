@@ -10,10 +10,9 @@ PEFT_PREFIX = "base_model.model."
 
 
 def check_peft_keys(file_name: str, keys: Iterable[str]) -> None:
-    """Refuse an adapter file with keys PEFT's loader skips or cannot place (see the two checks)."""
-    keys = list(keys)
-    check_peft_prefix(file_name, keys)
-    check_saved_copies(file_name, keys)
+    """Refuse an adapter file with keys PEFT's loader skips (no prefix, or twice); a modules_to_save copy under
+    the wrapper's name only is judged by the planner, which knows what modules_to_save names (wrapper_only_copy)."""
+    check_peft_prefix(file_name, list(keys))
 
 
 def is_wrapper_copy(key: str) -> bool:
@@ -21,23 +20,19 @@ def is_wrapper_copy(key: str) -> bool:
     return ".modules_to_save." in f".{key}."
 
 
-def check_saved_copies(file_name: str, keys: Iterable[str]) -> None:
-    """PEFT looks a modules_to_save copy up under the module's own name (``lm_head.weight``). save_embedding_layers
-    also writes it under the wrapper's name (``lm_head.modules_to_save.weight``), which PEFT then skips; a file with
-    only the wrapper's name (a raw state_dict) gets KeyError from PEFT, or is skipped where the module is not saved."""
-    keys = set(keys)
-    for key in sorted(keys):
-        if not is_wrapper_copy(key):
-            continue
-        parts = key.split(".")
-        i = parts.index("modules_to_save")
-        plain = ".".join(parts[:i] + parts[i + (2 if len(parts) - i > 2 else 1) :])
-        if plain not in keys:
-            raise AdapterWeightsError(
-                f"{file_name} holds {key}, a modules_to_save copy under the wrapper's in-memory name, without "
-                f"{plain}, the name PEFT loads it from; rename the key to {plain} (or save the adapter again with "
-                "PEFT's save_pretrained)."
-            )
+def wrapper_only_copy(file_name: str, key: str) -> AdapterWeightsError:
+    """PEFT looks a modules_to_save copy up under the module's own name (``lm_head.weight``); save_embedding_layers
+    also writes it under the wrapper's name (``lm_head.modules_to_save.weight``), which PEFT then skips. A file with
+    only the wrapper's name (a raw state_dict) makes PEFT raise KeyError where modules_to_save names the module
+    (where it does not, PEFT skips the key and so does the planner)."""
+    parts = key.split(".")
+    i = parts.index("modules_to_save")
+    plain = ".".join(parts[:i] + parts[i + (2 if len(parts) - i > 2 else 1) :])
+    return AdapterWeightsError(
+        f"{file_name} holds {key}, a modules_to_save copy under the wrapper's in-memory name, without "
+        f"{plain}, the name PEFT loads it from; rename the key to {plain} (or save the adapter again with "
+        "PEFT's save_pretrained)."
+    )
 
 
 def check_peft_prefix(file_name: str, keys: Iterable[str]) -> None:

@@ -19,6 +19,7 @@ from .formats import refuse_foreign
 from .layouts import has_conv1d, model_names, shared_embeddings
 from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
+from .peft_keys import is_wrapper_copy, wrapper_only_copy
 from .peft_types import uses_registry
 from .plan_copies import loaded_by_peft, refuse_quantized_copy
 from .plan_heads import apply_head, head_output, is_task_head
@@ -116,6 +117,8 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         if not loaded_by_peft(module_tensor, key, inp.config):
             notes.append(f"{key} is left out, as PEFT leaves it: modules_to_save does not name its module.")
             continue
+        if is_wrapper_copy(key):  # no copy under the plain name beside it (adapter.py prefers that one)
+            raise wrapper_only_copy(inp.adapter.file.name, key)
         target = inp.resolve(module_tensor)
         if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
             continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding

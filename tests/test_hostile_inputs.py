@@ -235,11 +235,13 @@ def _misplace_head(weight_map: dict[str, str]) -> None:
     weight_map["lm_head.weight"] = sorted(set(weight_map.values()) - {weight_map["lm_head.weight"]})[0]
 
 
-def _saved_norm_copy(value: torch.Tensor, **config: Any) -> Callable[[Case], None]:
+def _saved_norm_copy(
+    value: torch.Tensor, key: str = "base_model.model.model.norm.modules_to_save.default.weight", **config: Any
+) -> Callable[[Case], None]:
     """A modules_to_save copy of the final norm in the adapter file (and ``config`` changes)."""
 
     def build(c: Case) -> None:
-        _weights(lambda s: s.__setitem__("base_model.model.model.norm.modules_to_save.default.weight", value))(c)
+        _weights(lambda s: s.__setitem__(key, value))(c)
         c.config(**config)
 
     return build
@@ -271,7 +273,7 @@ REFUSALS = [
             ("modules_to_save", {"modules_to_save": ["lm_head["]}),
         ]
     ],
-    Refusal("task-type-unknown-to-peft", _config(task_type="NOT_A_TASK"), AdapterConfigError, "TaskType"),
+    Refusal("task-type-unknown-to-peft", _config(task_type="NOT_A_TASK"), AdapterConfigError, "task types in capitals"),
     # a config that promises tensors the file does not have, or a targeting PEFT refuses
     Refusal("lora_bias-without-biases", _config(lora_bias=True), AdapterWeightsError, f"lora_bias.*{SAVE_AGAIN}"),
     Refusal(
@@ -306,7 +308,7 @@ REFUSALS = [
     ),
     Refusal(
         "saved-copy-of-another-shape",
-        _saved_norm_copy(torch.ones(7), modules_to_save=["norm"]),
+        _saved_norm_copy(torch.ones(7), "base_model.model.model.norm.weight", modules_to_save=["norm"]),
         ShapeMismatchError,
         r"saved copy of model\.norm\.weight has shape \[7\], the base's is \[32\]",
     ),
