@@ -83,7 +83,9 @@ def probe_inputs(models: LoadedModels) -> dict[str, torch.Tensor]:
         raise ProbeInputError(f"no probe input for a model whose input is {main}")
     if models.task in FEATURE_TASKS and main == "input_ids" and getattr(config, "vision_config", None) is not None:
         inputs["pixel_values"] = _pixels(config.vision_config, gen)  # dual encoders (CLIP) need both
-    if getattr(config, "is_encoder_decoder", False):
+    if getattr(config, "is_encoder_decoder", False) and models.task not in SEQ2SEQ_TASKS:
+        _end_with_eos(inputs, config)  # BartForSequenceClassification: decoder inputs from input_ids, eos pooled
+    elif getattr(config, "is_encoder_decoder", False):
         vocab = models.base_vocab or _config_vocab(config)
         start = torch.full((BATCH, 1), _decoder_start(config, vocab), dtype=torch.long)
         rest = _token_inputs(config, vocab, DECODER_TOKENS - 1, gen)["input_ids"]
@@ -103,6 +105,13 @@ def _token_inputs(config: Any, vocab: int, length: int, gen: torch.Generator) ->
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _end_with_eos(inputs: dict[str, torch.Tensor], config: Any) -> None:
+    """An encoder-decoder classifier reads the decoder's state at the last eos of each sequence, and needs one."""
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int) and "input_ids" in inputs:
+        inputs["input_ids"][:, -1] = eos
+
+
 def _special_ids(config: Any) -> set[int]:
     found: set[int] = set()
     for cfg in (config, getattr(config, "text_config", None)):
@@ -114,6 +123,8 @@ def _special_ids(config: Any) -> set[int]:
 
 
 def _pixels(config: Any, gen: torch.Generator) -> torch.Tensor:
+    # A dual encoder's image classifier (CLIPForImageClassification) keeps the image settings in vision_config.
+    config = config if getattr(config, "image_size", None) is not None else getattr(config, "vision_config", config)
     size = getattr(config, "image_size", None)
     if size is None:
         raise ProbeInputError("the config gives no image_size to build pixel_values")
@@ -242,9 +253,22 @@ def _head_logits(out: Any) -> torch.Tensor:
     return torch.stack([out.start_logits, out.end_logits], dim=-1).float()  # question answering
 
 
+def _head_outputs(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The three head logits; one sample at a time where the classifier cannot batch.
+
+    A decoder's sequence classifier (LlamaForSequenceClassification) finds each sequence's last token through
+    config.pad_token_id and refuses batches without one; training set it from the tokenizer, the adapter does
+    not keep it. The probe has no padding, so sample by sample is what a batch would compute.
+    """
+    if models.task != "SEQ_CLS" or getattr(models.merged.config, "pad_token_id", None) is not None:
+        return tuple(_head_logits(out) for out in three_ways(models, inputs))
+    rows = [three_ways(models, {k: v[i : i + 1] for k, v in inputs.items()}) for i in range(BATCH)]
+    return tuple(torch.cat([_head_logits(row[j]) for row in rows]) for j in range(3))
+
+
 def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Classification heads (sequence, token, image, audio, QA, masked LM): logits and predicted labels."""
-    ref, got, base = (_head_logits(out) for out in three_ways(models, inputs))
+    ref, got, base = _head_outputs(models, inputs)
     compared = Compared.of(models, ref, got, base)
     tol = compared.tol
     dim = -2 if models.task == "QUESTION_ANS" else -1  # answer span: argmax over positions
