@@ -21,6 +21,7 @@ import torch
 from .errors import ModelLoadError
 from .model_lock import building_models
 from .plan import MergePlan
+from .plan_heads import output_layer
 from .reference_adapter import adapter_for_model
 from .safetensors_io import DTYPE_FROM_ST
 
@@ -182,7 +183,8 @@ def choose_model_class(plan: MergePlan) -> ModelChoice:
     import transformers
 
     config = _load_config(plan.base.path)
-    arch_name = next(iter(getattr(config, "architectures", None) or []), None)
+    # The merged model's class: the base's, or the head class the adapter's head made it (plan_heads).
+    arch_name = next(iter(plan.config.get("architectures") or getattr(config, "architectures", None) or []), None)
     arch_class = getattr(transformers, str(arch_name), None) if arch_name else None
     arch_task = architecture_task(str(arch_name)) if arch_class is not None else None
     task_type = str(plan.adapter_config.task_type or "").upper() or None
@@ -258,8 +260,8 @@ def _load_reference(
         dtype=dtype,
         which="base",
         notes=notes,
-        # The adapter's own copy of a resized head replaces the base's, as in training.
-        replaced={t.name for t in plan.tensors if t.adapter_key} if labels else set(),
+        # The adapter's own copy of a head (resized or new) replaces the base's, as in training.
+        replaced={t.name for t in plan.tensors if t.adapter_key},
         config={**placed, **({"num_labels": labels} if labels else {})},
     )
     base = _dequantized(plan, base, dtype)
@@ -341,17 +343,17 @@ def _label_count(plan: MergePlan, choice: ModelChoice) -> int | None:
     """Rows of a classification head the adapter saved at another size than the base's (num_labels changed).
 
     Training did ``AutoModelForSequenceClassification.from_pretrained(base, num_labels=N)``; the reference
-    model must be built the same way for the adapter's head to fit.
+    model must be built the same way for the adapter's head to fit. The labels are the rows of the head's
+    output layer (RoBERTa's ``classifier.out_proj``, not its hidden-sized ``classifier.dense``).
     """
     if choice.task not in LABEL_TASKS:
         return None
-    embed = _embed_name(plan)
-    rows = set()
-    for t in plan.tensors:
-        base = plan.base.tensors.get(t.name)
-        if t.adapter_key and t.name != embed and (base is None or base.info.shape[0] != t.shape[0]):
-            rows.add(t.shape[0])
-    return rows.pop() if len(rows) == 1 else None
+    saved = {t.name: t for t in plan.tensors if t.adapter_key and t.name != _embed_name(plan)}
+    head = output_layer(saved)
+    if head is None:
+        return None
+    base = plan.base.tensors.get(head)
+    return saved[head].shape[0] if base is None or base.info.shape[0] != saved[head].shape[0] else None
 
 
 def _from_pretrained(
@@ -384,7 +386,8 @@ def _from_pretrained(
             f"The {which} checkpoint's {key} has shape {list(stored)} but {name} built from its config.json expects "
             f"{list(expected)}; config.json and the weights disagree (num_labels, vocab_size or hidden sizes)."
         )
-    missing = sorted(info.get("missing_keys") or [])
+    # A head the adapter brings is no weight "initialised alike": PEFT loads the trained one over it.
+    missing = sorted(set(info.get("missing_keys") or []) - (replaced or set()))
     if missing:
         notes.append(
             f"not in the checkpoint, initialised alike in both: {', '.join(missing[:3])}"

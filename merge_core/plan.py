@@ -22,14 +22,14 @@ from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, Mer
 from .peft_keys import is_wrapper_copy, wrapper_only_copy
 from .peft_types import uses_registry
 from .plan_copies import loaded_by_peft, refuse_quantized_copy
-from .plan_heads import apply_head, head_output, is_task_head
+from .plan_heads import apply_head, gained_by_head, head_output, head_task, is_task_head, unfilled_warnings
 from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, check_conv_targets, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
 from .plan_registry import registry_plans
 from .plan_types import DoraSpec, LowRankDelta, MergePlan, ModulePlan, OutputTensorPlan
 from .safetensors_io import ST_FROM_DTYPE, PlannedTensor
 from .targets import BaseModules, check_saved_modules, select_lora_modules
-from .tensor_names import OUTPUT_EMBEDDING_NAME, input_embedding, resolve_tensor
+from .tensor_names import OUTPUT_EMBEDDING_NAME, base_model_prefix, input_embedding, resolve_tensor
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -57,7 +57,7 @@ class _Inputs:
             self._model_names = model_names(self.base.path, self.base.tensors)
         if name in self._model_names:
             return self._model_names[name]
-        found = resolve_tensor(name, known)
+        found = resolve_tensor(name, known, base_model_prefix(self.base.config))
         if found is None and self._model_names:
             alias = resolve_tensor(name, self._model_names.keys())
             found = self._model_names[alias] if alias is not None else None
@@ -113,6 +113,7 @@ def _starts(inp: _Inputs, out_dtype: str) -> dict[str, PlannedTensor]:
 def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> dict[str, str]:
     """Full tensors the adapter ships (modules_to_save, resized embeddings): base tensor -> adapter key."""
     replaced: dict[str, str] = {}
+    task = head_task(inp.config.task_type, inp.base.config)
     for module_tensor, key in inp.adapter.replacements.items():
         if not loaded_by_peft(module_tensor, key, inp.config):
             notes.append(f"{key} is left out, as PEFT leaves it: modules_to_save does not name its module.")
@@ -122,7 +123,7 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         target = inp.resolve(module_tensor)
         if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
             continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding
-        if target is None and is_task_head(module_tensor, inp.config.task_type):
+        if target is None and gained_by_head(module_tensor, task, inp.base.path):
             spec = inp.adapter.specs[key]  # a head the base lacks: the merged model gains it
             starts[module_tensor] = PlannedTensor(module_tensor, ST_FROM_DTYPE.get(spec.dtype, "F32"), spec.shape)
             replaced[module_tensor] = key
@@ -135,13 +136,13 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             raise inp.blame.mismatch(
                 f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is {list(start.shape)}."
             )
-        resizable = start.shape[0] in _token_rows(inp) or is_task_head(target, inp.config.task_type)
+        resizable = start.shape[0] in _token_rows(inp) or is_task_head(target, task)
         if spec.shape != start.shape and not resizable:
             raise inp.blame.mismatch(
                 f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is "
                 f"{list(start.shape)}; only a resized vocabulary or a task head with other labels changes size."
             )
-        if spec.shape != start.shape:
+        if spec.shape != start.shape and not is_task_head(target, task):  # a head's labels: apply_head notes them
             notes.append(
                 f"{target}: the adapter resized it from {start.shape[0]} to {spec.shape[0]} rows (resized vocabulary)."
             )
@@ -358,9 +359,12 @@ def plan_merge(
     vocab_delta = _vocab_delta(inp, plans)
     tensors = list(plans.values())
     config = output_config(_source_config(base), vocab_delta=vocab_delta, out_dtype=out_dtype, untie=untie, notes=notes)
-    head = head_output(replaced, adapter_config.task_type)
+    task = head_task(adapter_config.task_type, base.config)
+    head = head_output(replaced, task)
+    head_warnings: list[str] = []
     if head is not None:
-        apply_head(config, task_type=adapter_config.task_type, head_rows=plans[head].shape[0], notes=notes)
+        apply_head(config, task=task, head_rows=plans[head].shape[0], notes=notes)
+        head_warnings = unfilled_warnings(task, config, config_dir=base.path, saved=replaced, resolve=inp.resolve)
     return MergePlan(
         base=base,
         adapter_config=adapter_config,
@@ -373,7 +377,7 @@ def plan_merge(
         config=config,
         copy_files=files_to_copy(base.path, adapter.path, notes),
         notes=notes,
-        warnings=_warnings(inp) + conv_warnings,
+        warnings=_warnings(inp) + conv_warnings + head_warnings,
     )
 
 

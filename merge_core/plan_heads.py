@@ -9,47 +9,156 @@ copy. The merged model therefore holds that head, names the task's class in
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-# PEFT's classifier_module_names for these task types (peft_model.py) plus the QA head.
-HEAD_MODULES = ("classifier", "score", "qa_outputs")
+from .tensor_names import base_model_prefix
+
+log = logging.getLogger(__name__)
+
+# PEFT's classifier_module_names for these task types (peft_model.py), the QA head, and the heads of the
+# encoder-decoder classifiers (BART, T5, mBART: BartForSequenceClassification.classification_head).
+HEAD_MODULES = ("classifier", "score", "qa_outputs", "classification_head")
+_PEFT_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _TASK_MAPPINGS = {
     "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
     "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    # No PEFT task type: PEFT's image classification recipe saves modules_to_save=["classifier"] and no task.
+    "IMAGE_CLS": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "AUDIO_CLS": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
 }
 
 
-def is_task_head(tensor: str, task_type: str | None) -> bool:
-    """A tensor of the head PEFT adds for ``task_type`` (e.g. ``classifier.weight``, ``classifier.out_proj.bias``)."""
-    return task_type in _TASK_MAPPINGS and tensor.split(".", 1)[0] in HEAD_MODULES
+def head_task(task_type: str | None, config: dict[str, Any]) -> str | None:
+    """The task whose head a saved ``classifier`` belongs to: PEFT's task type where it names a head task; an
+    adapter without task_type takes the task of the base's own head class (ViTForImageClassification), else the
+    one head task transformers has for the model type (ViTModel: image classification). None when ambiguous."""
+    if task_type:
+        return task_type if task_type in _PEFT_HEAD_TASKS else None
+    from transformers.models.auto import modeling_auto
+
+    model_type = str(config.get("model_type", ""))
+    architectures = config.get("architectures") or []
+    tasks = []
+    for task, mapping in _TASK_MAPPINGS.items():
+        names = getattr(modeling_auto, mapping).get(model_type)
+        if names is None:
+            continue
+        if any(a == names or (isinstance(names, (tuple, list)) and a in names) for a in architectures):
+            return task
+        tasks.append(task)
+    return tasks[0] if len(tasks) == 1 else None
 
 
-def head_output(tensors: Iterable[str], task_type: str | None) -> str | None:
+def is_task_head(tensor: str, task: str | None) -> bool:
+    """A tensor of the head of ``task`` (head_task; e.g. ``classifier.weight``, ``classifier.out_proj.bias``)."""
+    return task in _TASK_MAPPINGS and tensor.split(".", 1)[0] in HEAD_MODULES
+
+
+def class_parameters(task: str | None, config_dir: Path) -> frozenset[str]:
+    """Parameter names of transformers' class for ``task`` built from the base's config.json on the meta device
+    (BART's ``classification_head.*``, wav2vec2's ``projector.*``, DeBERTa's ``pooler.*``); empty when unknown."""
+    config_file = Path(config_dir) / "config.json"
+    try:
+        stat = config_file.stat()
+        return _class_parameters(task, str(config_file.resolve()), stat.st_mtime_ns)
+    except Exception as exc:  # noqa: BLE001 - without the class, the head is known by its module name only
+        log.debug("no %s class for %s: %s", task, config_dir, exc)
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=4)
+def _class_parameters(task: str | None, config_file: str, _mtime_ns: int) -> frozenset[str]:
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(Path(config_file).parent)
+    architecture = task_architecture(task, str(getattr(config, "model_type", "")))
+    cls = getattr(transformers, str(architecture), None) if architecture else None
+    if cls is None:
+        return frozenset()
+    with torch.device("meta"):
+        model = cls(config)
+    # Tied copies (BART's encoder/decoder embeddings are model.shared) are stored once, under their source's name.
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return frozenset(name for name, _ in model.named_parameters() if name not in tied)
+
+
+def gained_by_head(tensor: str, task: str | None, config_dir: Path) -> bool:
+    """A tensor the base lacks that the task's class has: the adapter's saved head (or pooler, projector) that
+    the merged model gains."""
+    return is_task_head(tensor, task) or tensor in class_parameters(task, config_dir)
+
+
+def unfilled_warnings(
+    task: str | None,
+    config: dict[str, Any],
+    *,
+    config_dir: Path,
+    saved: Iterable[str],
+    resolve: Callable[[str], str | None],
+) -> list[str]:
+    """The task class's parameters that neither the base nor the adapter holds, as a warning: transformers draws them
+    at random on every load (DeBERTa's pooler when the adapter saved only the classifier), as PEFT did too."""
+    kept, prefix = set(saved), f"{base_model_prefix(config)}."
+    missing = sorted(
+        n
+        for n in class_parameters(task, config_dir)
+        # A bare base (Wav2Vec2Model) names wav2vec2.masked_spec_embed without the head class's prefix.
+        if n not in kept and resolve(n) is None and not (n.startswith(prefix) and resolve(n.removeprefix(prefix)))
+    )
+    if not missing:
+        return []
+    more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
+    return [
+        f"{(config.get('architectures') or ['The merged model'])[0]} needs {', '.join(missing[:2])}{more}, which "
+        "neither the base nor the adapter holds: transformers initialises it at random on every load (PEFT did "
+        "too), so its outputs change from load to load; retrain with those modules in modules_to_save."
+    ]
+
+
+def head_output(tensors: Iterable[str], task: str | None) -> str | None:
     """The weight of the head's output layer: ``classifier.weight`` or ``classifier.out_proj.weight``."""
-    weights = [t for t in tensors if is_task_head(t, task_type) and t.endswith(".weight")]
+    return output_layer(t for t in tensors if is_task_head(t, task))
+
+
+def output_layer(tensors: Iterable[str]) -> str | None:
+    """Among a head's tensors, the weight whose rows are the labels: RoBERTa's and ELECTRA's heads are a
+    dense layer (hidden rows) then ``out_proj``; BERT's is one ``classifier`` layer."""
+    weights = [t for t in tensors if t.split(".", 1)[0] in HEAD_MODULES and t.endswith(".weight")]
     for candidate in (w for w in weights if w.endswith("out_proj.weight")):
         return candidate
     return next((w for w in weights if w.count(".") == 1), None)
 
 
-def task_architecture(task_type: str | None, model_type: str) -> str | None:
+def task_architecture(task: str | None, model_type: str) -> str | None:
     """transformers' class for the task and model type, e.g. ('SEQ_CLS', 'bert') -> 'BertForSequenceClassification'."""
-    if task_type not in _TASK_MAPPINGS:
+    if task not in _TASK_MAPPINGS:
         return None
     from transformers.models.auto import modeling_auto
 
-    return getattr(modeling_auto, _TASK_MAPPINGS[task_type]).get(model_type)
+    names = getattr(modeling_auto, _TASK_MAPPINGS[task]).get(model_type)
+    return names[0] if isinstance(names, (tuple, list)) else names
 
 
-def apply_head(config: dict[str, Any], *, task_type: str | None, head_rows: int | None, notes: list[str]) -> None:
+def apply_head(config: dict[str, Any], *, task: str | None, head_rows: int | None, notes: list[str]) -> None:
     """Name the task's class and label count in ``config`` for a head that came with the adapter."""
-    architecture = task_architecture(task_type, str(config.get("model_type", "")))
+    architecture = task_architecture(task, str(config.get("model_type", "")))
     if architecture and config.get("architectures") != [architecture]:
-        notes.append(f"architectures -> {architecture}: the adapter brings its {task_type} head.")
+        notes.append(f"architectures -> {architecture}: the adapter brings its {task} head.")
         config["architectures"] = [architecture]
-    if task_type == "QUESTION_ANS" or head_rows is None:
+    if task == "SEQ_CLS" and config.get("pad_token_id") is None:
+        # Decoder classifiers find each sequence's last token through it; training set it, the adapter lacks it.
+        notes.append(
+            f"config.json has no pad_token_id: set it to your tokenizer's pad token id so {architecture or 'the model'}"
+            " can classify padded batches (it finds each sequence's end through it)."
+        )
+    if task == "QUESTION_ANS" or head_rows is None:
         return
     labels = config.get("id2label") or {}
     if len(labels) != head_rows:

@@ -22,8 +22,10 @@ _INPUT_EMBEDDING_NAMES = (
 OUTPUT_EMBEDDING_NAME = "lm_head.weight"
 
 
-def resolve_tensor(name: str, known: Collection[str]) -> str | None:
-    """The base tensor ``name`` refers to: itself, a suffix of it, or it under a known prefix."""
+def resolve_tensor(name: str, known: Collection[str], model_prefix: str | None = None) -> str | None:
+    """The base tensor ``name`` refers to: itself, a suffix of it, or it under a known prefix (or under
+    ``model_prefix``, the base class's base_model_prefix: a bare BertModel adapter on a BertForMaskedLM
+    checkpoint names ``encoder.*`` what the checkpoint calls ``bert.encoder.*``)."""
     if name in known:
         return name
     parts = name.split(".")
@@ -31,9 +33,21 @@ def resolve_tensor(name: str, known: Collection[str]) -> str | None:
         candidate = ".".join(parts[i:])
         if candidate in known:
             return candidate
-    for prefix in _PREFIXES:
+    for prefix in (*_PREFIXES, *([f"{model_prefix}."] if model_prefix else [])):
         if prefix + name in known:
             return prefix + name
+    return None
+
+
+def base_model_prefix(config: dict) -> str | None:
+    """transformers' ``base_model_prefix`` of the class config.json names: where a head class keeps the bare
+    model (``bert``, ``roberta``, ``vit``), the prefix from_pretrained adds or strips between the two layouts."""
+    import transformers
+
+    for name in config.get("architectures") or []:
+        prefix = getattr(getattr(transformers, str(name), None), "base_model_prefix", None)
+        if isinstance(prefix, str) and prefix:
+            return prefix
     return None
 
 

@@ -398,7 +398,9 @@ def test_rows_over_the_memory_budget_are_the_tasks_own_and_skipped(tmp: Path) ->
 
 def choice_for(tmp: Path, config: Any, task_type: str | None):
     config.save_pretrained(tmp)
-    plan = SimpleNamespace(base=SimpleNamespace(path=tmp), adapter_config=SimpleNamespace(task_type=task_type))
+    plan = SimpleNamespace(
+        base=SimpleNamespace(path=tmp), adapter_config=SimpleNamespace(task_type=task_type), config=config.to_dict()
+    )
     return choose_model_class(plan)  # type: ignore[arg-type]
 
 
