@@ -34,14 +34,15 @@ _TASK_MAPPINGS = {
 
 
 def head_task(task_type: str | None, config: dict[str, Any]) -> str | None:
-    """The task whose head a saved ``classifier`` belongs to: PEFT's task type where it names a head task; an
-    adapter without task_type takes the task of the base's own head class (ViTForImageClassification), else the
-    one head task transformers has for the model type (ViTModel: image classification). None when ambiguous."""
-    if task_type:
+    """The task whose head a saved ``classifier`` belongs to: PEFT's task type where it names a head task of the
+    model type; otherwise the task of the base's own head class (ViTForImageClassification), else the one head
+    task transformers has for the model type (ViTModel: image classification). None when ambiguous."""
+    model_type = str(config.get("model_type", ""))
+    if task_type and (task_type not in _PEFT_HEAD_TASKS or task_architecture(task_type, model_type)):
         return task_type if task_type in _PEFT_HEAD_TASKS else None
+    # No task_type, or one the model type has no class for (SEQ_CLS on ViT: PEFT trains it all the same).
     from transformers.models.auto import modeling_auto
 
-    model_type = str(config.get("model_type", ""))
     architectures = config.get("architectures") or []
     tasks = []
     for task, mapping in _TASK_MAPPINGS.items():
