@@ -54,6 +54,28 @@ def _bart():
     )
 
 
+def _whisper():
+    from transformers import WhisperConfig
+
+    return WhisperConfig(
+        vocab_size=96,
+        num_mel_bins=16,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_source_positions=32,
+        max_target_positions=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+
+
 def _wav2vec2():
     from transformers import Wav2Vec2Config
 
@@ -176,6 +198,28 @@ CASES = {
         {"input_ids": torch.cat([_IDS, torch.full((2, 1), 2)], dim=1)},
         "BartForSequenceClassification",
         labels=4,
+    ),
+    # the encoder of a speech seq2seq checkpoint: its inputs are log-mel features only, no decoder tokens
+    "whisper-audio-cls-from-seq2seq": Case(
+        lambda: _t("WhisperForConditionalGeneration")(_whisper()),
+        "WhisperForAudioClassification",
+        "AutoModelForAudioClassification",
+        {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier", "projector"]},
+        {"input_features": torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(3))},
+        "WhisperForAudioClassification",
+        labels=4,
+    ),
+    # no task_type on a base that is a classifier already: its class says which head the labels belong to
+    "xlm-r-seq-cls-relabelled-without-task-type": Case(
+        lambda: _t("XLMRobertaForSequenceClassification")(
+            _t("XLMRobertaConfig")(vocab_size=96, max_position_embeddings=64, pad_token_id=1, **SMALL)
+        ),
+        "XLMRobertaForSequenceClassification",
+        "AutoModelForSequenceClassification",
+        {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+        _TOKENS,
+        "XLMRobertaForSequenceClassification",
+        labels=6,
     ),
     "wav2vec2-audio-cls-from-bare-model": Case(
         lambda: _t("Wav2Vec2Model")(_wav2vec2()),
