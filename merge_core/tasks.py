@@ -266,14 +266,24 @@ def _head_outputs(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> tupl
     return tuple(torch.cat([_head_logits(row[j]) for row in rows]) for j in range(3))
 
 
+def _label_agreement(models: LoadedModels, ref: torch.Tensor, got: torch.Tensor) -> tuple[float, str]:
+    """Share of predictions that agree, as transformers' loss reads the head: argmax over the labels (over the
+    positions for an answer span); each logit's sign for multi-label heads and one-output heads, whose argmax
+    would always agree (num_labels=1 is a regression or a binary score)."""
+    problem = getattr(models.merged.config, "problem_type", None)
+    if models.task != "QUESTION_ANS" and (ref.shape[-1] == 1 or problem == "multi_label_classification"):
+        return float(((ref > 0) == (got > 0)).float().mean()), f"sign of each of the {ref.shape[-1]} outputs"
+    dim = -2 if models.task == "QUESTION_ANS" else -1
+    over = ref.shape[-1] if models.task != "QUESTION_ANS" else "positions"
+    return float((ref.argmax(dim) == got.argmax(dim)).float().mean()), f"argmax over {over}"
+
+
 def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[Check]:
     """Classification heads (sequence, token, image, audio, QA, masked LM): logits and predicted labels."""
     ref, got, base = _head_outputs(models, inputs)
     compared = Compared.of(models, ref, got, base)
     tol = compared.tol
-    dim = -2 if models.task == "QUESTION_ANS" else -1  # answer span: argmax over positions
-    agree = float((ref.argmax(dim) == got.argmax(dim)).float().mean())
-    over = ref.shape[-1] if models.task != "QUESTION_ANS" else "positions"
+    agree, how = _label_agreement(models, ref, got)
     return [
         compared.diff_check(
             HEAD_ROWS[0], models, f"{BATCH} random inputs, logits {list(ref.shape)} up to {compared.scale:.2f}"
@@ -284,7 +294,7 @@ def head_checks(models: LoadedModels, inputs: dict[str, torch.Tensor]) -> list[C
             agree >= tol.agreement,
             f"{agree:.2%}",
             f">= {tol.agreement:.0%}",
-            f"argmax over {over}",
+            how,
         ),
         compared.effect_check(HEAD_ROWS[2], "logits"),
     ]

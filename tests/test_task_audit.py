@@ -310,3 +310,33 @@ def test_head_weights_neither_model_holds_are_a_warning(tmp: Path, saved: list[s
         assert warnings == []
     else:
         assert len(warnings) == 1 and "pooler.dense.bias, pooler.dense.weight" in warnings[0], warnings
+
+
+def test_one_output_head_agreement_reads_the_sign_and_can_fail(tmp: Path) -> None:
+    """num_labels=1 (regression, binary score): an argmax over one output always agrees, so the row compares
+    signs; a merged head with its sign flipped fails it."""
+    from safetensors.torch import load_file, save_file
+
+    regression = Case(
+        lambda: _t("BertModel")(_bert()),
+        "BertForSequenceClassification",
+        "AutoModelForSequenceClassification",
+        {"task_type": "SEQ_CLS", "target_modules": ["query", "value"]},
+        _TOKENS,
+        "BertForSequenceClassification",
+        labels=1,
+    )
+    base, adapter, merged = _merge(tmp, regression)
+    plan = build_plan(base, adapter, MergeOptions())
+
+    def agreement() -> Any:
+        rows = verify_merge(plan, merged, functional="always").checks
+        return next(c for c in rows if c.name == "predicted-label agreement")
+
+    row = agreement()
+    assert row.passed is True and "sign" in row.detail, row
+    state = load_file(merged / "model.safetensors")
+    state.update({name: -state[name] for name in ("classifier.weight", "classifier.bias")})
+    save_file(state, merged / "model.safetensors", metadata={"format": "pt"})
+    row = agreement()
+    assert row.passed is False and row.value == "0.00%", row
