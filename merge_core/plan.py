@@ -123,7 +123,7 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         target = inp.resolve(module_tensor)
         if target in inp.virtual and _tied_by_peft(inp) and ".base_layer." in key:
             continue  # PEFT's saved copy of the shared matrix; PEFT keeps lm_head tied to the embedding
-        if target is None and gained_by_head(module_tensor, task, inp.base.path):
+        if target is None and gained_by_head(module_tensor, task, inp.base, task_type=inp.config.task_type):
             spec = inp.adapter.specs[key]  # a head the base lacks: the merged model gains it
             starts[module_tensor] = PlannedTensor(module_tensor, ST_FROM_DTYPE.get(spec.dtype, "F32"), spec.shape)
             replaced[module_tensor] = key

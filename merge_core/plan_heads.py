@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import BaseCheckpoint
+from .errors import AdapterConfigError
 from .tensor_names import base_model_prefix
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,23 @@ def head_task(task_type: str | None, config: dict[str, Any]) -> str | None:
     return tasks[0] if len(tasks) == 1 else None
 
 
+def head_tasks_of(model_type: str) -> list[str]:
+    """Every head task transformers has a class for with this model type (bert: SEQ_CLS, TOKEN_CLS, QUESTION_ANS)."""
+    return [task for task in _TASK_MAPPINGS if task_architecture(task, model_type)]
+
+
+def untyped_head_error(tensor: str, task_type: str | None, config: dict[str, Any]) -> AdapterConfigError | None:
+    """The refusal for a head the base lacks when no task_type says which of the model type's heads it is."""
+    tasks = head_tasks_of(str(config.get("model_type", "")))
+    if task_type or tensor.split(".", 1)[0] not in HEAD_MODULES or len(tasks) < 2:
+        return None
+    return AdapterConfigError(
+        f"The adapter saves a {tensor.split('.', 1)[0]} head that the base lacks and names no task_type, and "
+        f"{config.get('model_type')} has a head for each of {', '.join(tasks)}: set task_type in "
+        "adapter_config.json to the task it was trained for."
+    )
+
+
 def is_task_head(tensor: str, task: str | None) -> bool:
     """A tensor of the head of ``task`` (head_task; e.g. ``classifier.weight``, ``classifier.out_proj.bias``)."""
     return task in _TASK_MAPPINGS and tensor.split(".", 1)[0] in HEAD_MODULES
@@ -90,10 +109,15 @@ def _class_parameters(task: str | None, config_file: str, _mtime_ns: int) -> fro
     return frozenset(name for name, _ in model.named_parameters() if name not in tied)
 
 
-def gained_by_head(tensor: str, task: str | None, config_dir: Path) -> bool:
+def gained_by_head(tensor: str, task: str | None, base: BaseCheckpoint, *, task_type: str | None) -> bool:
     """A tensor the base lacks that the task's class has: the adapter's saved head (or pooler, projector) that
-    the merged model gains."""
-    return is_task_head(tensor, task) or tensor in class_parameters(task, config_dir)
+    the merged model gains. A head whose task no task_type settles is refused (untyped_head_error)."""
+    if is_task_head(tensor, task) or tensor in class_parameters(task, base.path):
+        return True
+    error = untyped_head_error(tensor, task_type, base.config)
+    if error is not None:
+        raise error
+    return False
 
 
 def unfilled_warnings(

@@ -340,3 +340,22 @@ def test_one_output_head_agreement_reads_the_sign_and_can_fail(tmp: Path) -> Non
     save_file(state, merged / "model.safetensors", metadata={"format": "pt"})
     row = agreement()
     assert row.passed is False and row.value == "0.00%", row
+
+
+def test_untyped_head_on_a_model_with_several_heads_is_refused_with_what_to_set(tmp: Path) -> None:
+    """No task_type, a classifier the bare BertModel lacks: sequence or token classifier cannot be told apart
+    (both are classifier.weight [labels, hidden]), so the merge asks for task_type before writing anything."""
+    from merge_core.errors import AdapterConfigError
+
+    token_cls = Case(
+        lambda: _t("BertModel")(_bert()),
+        "BertForTokenClassification",
+        "AutoModelForTokenClassification",
+        {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+        _TOKENS,
+        "BertForTokenClassification",
+        labels=4,
+    )
+    with pytest.raises(AdapterConfigError, match=r"names no task_type.*SEQ_CLS, TOKEN_CLS.*set task_type"):
+        _merge(tmp, token_cls)
+    assert not (tmp / "merged").exists()
