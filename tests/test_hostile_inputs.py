@@ -304,7 +304,8 @@ REFUSALS = [
         "lora_A-flattened",
         _weights(lambda s: s.__setitem__(Q_A, s[Q_A].flatten())),
         AdapterWeightsError,
-        r"lora_A has shape \[128\] and lora_B \[32, 4\], neither LoRA matrices nor the factors PEFT gives a convolution.*save it again with PEFT",
+        r"lora_A has shape \[128\] and lora_B \[32, 4\], neither LoRA matrices nor the factors PEFT gives a "
+        r"convolution.*save it again with PEFT",
     ),
     Refusal(
         "saved-copy-of-another-shape",
