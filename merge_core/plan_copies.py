@@ -6,7 +6,7 @@ from __future__ import annotations
 from .adapter import AdapterConfig, AdapterWeights
 from .checkpoint import BaseCheckpoint
 from .errors import UnsupportedAdapterError
-from .plan_heads import is_task_head
+from .targets import saved_module_names, wrapped_module
 
 
 def refuse_quantized_copy(base: BaseCheckpoint, adapter: AdapterWeights, *, target: str, key: str) -> None:
@@ -27,9 +27,8 @@ def refuse_quantized_copy(base: BaseCheckpoint, adapter: AdapterWeights, *, targ
 
 
 def loaded_by_peft(module_tensor: str, key: str, config: AdapterConfig) -> bool:
-    """A modules_to_save copy is loaded only into a module PEFT wrapped: one whose name ends with an entry of
-    modules_to_save (_set_trainable) or a head its task adds; any other copy is an unexpected key PEFT skips."""
+    """A modules_to_save copy is loaded only into a module PEFT wrapped (targets.wrapped_module: an entry of
+    modules_to_save or a head its task adds); any other copy is an unexpected key PEFT skips."""
     if ".modules_to_save." not in f".{key}.":
         return True
-    module = module_tensor.rsplit(".", 1)[0]
-    return is_task_head(module_tensor, config.task_type) or any(module.endswith(m) for m in config.modules_to_save)
+    return wrapped_module(module_tensor, saved_module_names(config)) is not None

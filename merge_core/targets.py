@@ -29,7 +29,12 @@ from .errors import AdapterTargetError, AdapterWeightsError
 _TARGETING_KEYS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
 # PeftModelForSequenceClassification / ForTokenClassification add their heads to modules_to_save before
 # injecting, so LoRA never wraps them (peft_model.py, classifier_module_names).
-_HEADS_SAVED_BY_TASK = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+# PEFT's classifier_module_names and qa_module_names: the heads its task models add to modules_to_save.
+_HEADS_SAVED_BY_TASK = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 # What transformers' get_output_embeddings() returns, by name: "all-linear" leaves it out.
 _OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "lm_head.decoder", "cls.predictions.decoder", "proj_out")
 # nn.Embedding modules that have a 2-D weight like nn.Linear; "all-linear" must not count them.
@@ -206,10 +211,7 @@ def check_saved_modules(
     names = saved_module_names(config)
     to_model = {checkpoint: name for name, checkpoint in (renamed or {}).items()}
     for tensor in tensors:
-        parts = to_model.get(tensor, tensor).split(".")[:-1]
-        wrapped = next(
-            (".".join(parts[: i + 1]) for i in range(len(parts)) if _saved(".".join(parts[: i + 1]), names)), None
-        )
+        wrapped = wrapped_module(to_model.get(tensor, tensor), names)
         if wrapped is None or tensor in shipped:
             continue
         entry = next(n for n in names if wrapped.endswith(n))
@@ -218,6 +220,13 @@ def check_saved_modules(
             f'refuses to load the adapter (KeyError); save it again with PEFT, or remove "{entry}" from '
             "modules_to_save in adapter_config.json if that layer was not trained."
         )
+
+
+def wrapped_module(tensor: str, names: Sequence[str]) -> str | None:
+    """The module PEFT wraps for modules_to_save (``names``, saved_module_names) that holds ``tensor``: the
+    outermost one whose name ends with an entry; None when PEFT wraps none of its modules."""
+    parts = tensor.split(".")[:-1]
+    return next((m for m in (".".join(parts[: i + 1]) for i in range(len(parts))) if _saved(m, names)), None)
 
 
 def _saved(module: str, names: Sequence[str]) -> bool:
@@ -363,4 +372,5 @@ __all__ = [
     "saved_module_names",
     "select_lora_modules",
     "targeted_modules",
+    "wrapped_module",
 ]
