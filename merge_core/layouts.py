@@ -29,25 +29,27 @@ def _model_class(config) -> type | None:
     return None
 
 
-def meta_model(config_dir: Path):
-    """The model class named by config.json, instantiated without memory; None when not possible.
+def meta_model(config_dir: Path, architecture: str | None = None):
+    """The model class named by config.json (or transformers' class ``architecture``, e.g. the head class a task
+    adapter makes of the base), instantiated without memory; None when not possible.
 
     One plan asks for it up to three times (names, transposed experts, expert layout): it is built once per
     config.json as it is on disk, and only read, never changed, by its callers.
     """
     config_file = Path(config_dir) / "config.json"
     stat = config_file.stat()
-    return _meta_model_of(str(config_file.resolve()), stat.st_mtime_ns, stat.st_size)
+    return _meta_model_of(str(config_file.resolve()), stat.st_mtime_ns, stat.st_size, architecture)
 
 
 @functools.lru_cache(maxsize=4)
-def _meta_model_of(config_file: str, _mtime_ns: int, _size: int):
+def _meta_model_of(config_file: str, _mtime_ns: int, _size: int, architecture: str | None):
     import torch
+    import transformers
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(Path(config_file).parent)
-    cls = _model_class(config)
-    if cls is None:
+    cls = getattr(transformers, architecture, None) if architecture else _model_class(config)
+    if not isinstance(cls, type):
         return None
     with torch.device("meta"):
         return cls(config)

@@ -9,7 +9,6 @@ copy. The merged model therefore holds that head, names the task's class in
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from .checkpoint import BaseCheckpoint
 from .errors import AdapterConfigError
+from .layouts import meta_model
 from .tensor_names import base_model_prefix
 
 log = logging.getLogger(__name__)
@@ -79,31 +79,17 @@ def is_task_head(tensor: str, task: str | None) -> bool:
     return task in _TASK_MAPPINGS and tensor.split(".", 1)[0] in HEAD_MODULES
 
 
-def class_parameters(task: str | None, config_dir: Path) -> frozenset[str]:
+def class_parameters(task: str | None, config_dir: Path, model_type: str) -> frozenset[str]:
     """Parameter names of transformers' class for ``task`` built from the base's config.json on the meta device
     (BART's ``classification_head.*``, wav2vec2's ``projector.*``, DeBERTa's ``pooler.*``); empty when unknown."""
-    config_file = Path(config_dir) / "config.json"
+    architecture = task_architecture(task, model_type)
     try:
-        stat = config_file.stat()
-        return _class_parameters(task, str(config_file.resolve()), stat.st_mtime_ns)
+        model = meta_model(config_dir, architecture) if architecture else None
     except Exception as exc:  # noqa: BLE001 - without the class, the head is known by its module name only
         log.debug("no %s class for %s: %s", task, config_dir, exc)
         return frozenset()
-
-
-@functools.lru_cache(maxsize=4)
-def _class_parameters(task: str | None, config_file: str, _mtime_ns: int) -> frozenset[str]:
-    import torch
-    import transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(Path(config_file).parent)
-    architecture = task_architecture(task, str(getattr(config, "model_type", "")))
-    cls = getattr(transformers, str(architecture), None) if architecture else None
-    if cls is None:
+    if model is None:
         return frozenset()
-    with torch.device("meta"):
-        model = cls(config)
     # Tied copies (BART's encoder/decoder embeddings are model.shared) are stored once, under their source's name.
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     return frozenset(name for name, _ in model.named_parameters() if name not in tied)
@@ -112,7 +98,7 @@ def _class_parameters(task: str | None, config_file: str, _mtime_ns: int) -> fro
 def gained_by_head(tensor: str, task: str | None, base: BaseCheckpoint, *, task_type: str | None) -> bool:
     """A tensor the base lacks that the task's class has: the adapter's saved head (or pooler, projector) that
     the merged model gains. A head whose task no task_type settles is refused (untyped_head_error)."""
-    if is_task_head(tensor, task) or tensor in class_parameters(task, base.path):
+    if is_task_head(tensor, task) or tensor in class_parameters(task, base.path, base.model_type):
         return True
     error = untyped_head_error(tensor, task_type, base.config)
     if error is not None:
@@ -133,7 +119,7 @@ def unfilled_warnings(
     kept, prefix = set(saved), f"{base_model_prefix(config)}."
     missing = sorted(
         n
-        for n in class_parameters(task, config_dir)
+        for n in class_parameters(task, config_dir, str(config.get("model_type", "")))
         # A bare base (Wav2Vec2Model) names wav2vec2.masked_spec_embed without the head class's prefix.
         if n not in kept and resolve(n) is None and not (n.startswith(prefix) and resolve(n.removeprefix(prefix)))
     )
