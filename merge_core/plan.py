@@ -9,6 +9,7 @@ become a tensor of its own), tensors (what each output tensor is made of), vocab
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .mismatch import Blame
 from .options import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, MergeOptions, dtype_name, parse_size
 from .peft_keys import is_wrapper_copy, wrapper_only_copy
 from .peft_types import uses_registry
-from .plan_copies import loaded_by_peft, refuse_quantized_copy
+from .plan_copies import loaded_by_peft, refuse_quantized_copy, token_rows
 from .plan_heads import apply_head, gained_by_head, head_output, head_task, is_task_head, unfilled_warnings
 from .plan_lora import CONV1D_MODEL_TYPES, LoraTarget, check_conv_targets, plan_lora_module, weights_transposed
 from .plan_output import TOKENIZER_FILES, check_vocab, files_to_copy, output_config, shard
@@ -57,11 +58,15 @@ class _Inputs:
             self._model_names = model_names(self.base.path, self.base.tensors)
         if name in self._model_names:
             return self._model_names[name]
-        found = resolve_tensor(name, known, base_model_prefix(self.base.config))
+        found = resolve_tensor(name, known, self._model_prefix)
         if found is None and self._model_names:
             alias = resolve_tensor(name, self._model_names.keys())
             found = self._model_names[alias] if alias is not None else None
         return found
+
+    @functools.cached_property
+    def _model_prefix(self) -> str | None:
+        return base_model_prefix(self.base.config)
 
     def not_found(self, module: str, tensor: str):
         return self.blame.not_found(module, tensor, list(self.base.tensors))
@@ -110,10 +115,12 @@ def _starts(inp: _Inputs, out_dtype: str) -> dict[str, PlannedTensor]:
     return starts
 
 
-def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> dict[str, str]:
-    """Full tensors the adapter ships (modules_to_save, resized embeddings): base tensor -> adapter key."""
+def _replacements(
+    inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str], *, task: str | None
+) -> dict[str, str]:
+    """Full tensors the adapter ships (modules_to_save, resized embeddings): base tensor -> adapter key.
+    ``task``: the head task (plan_heads.head_task) a saved head belongs to."""
     replaced: dict[str, str] = {}
-    task = head_task(inp.config.task_type, inp.base.config)
     for module_tensor, key in inp.adapter.replacements.items():
         if not loaded_by_peft(module_tensor, key, inp.config):
             notes.append(f"{key} is left out, as PEFT leaves it: modules_to_save does not name its module.")
@@ -136,7 +143,7 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
             raise inp.blame.mismatch(
                 f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is {list(start.shape)}."
             )
-        resizable = start.shape[0] in _token_rows(inp) or is_task_head(target, task)
+        resizable = start.shape[0] in token_rows(inp.base) or is_task_head(target, task)
         if spec.shape != start.shape and not resizable:
             raise inp.blame.mismatch(
                 f"The adapter's saved copy of {target} has shape {list(spec.shape)}, the base's is "
@@ -149,14 +156,6 @@ def _replacements(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[st
         replaced[target] = key
         starts[target] = PlannedTensor(target, ST_FROM_DTYPE.get(spec.dtype, start.dtype), spec.shape)
     return replaced
-
-
-def _token_rows(inp: _Inputs) -> set[int]:
-    """Row counts of a tensor with a row per token: vocab_size, and the embedding's own (Mllama's has 8 more)."""
-    embed = input_embedding(inp.base)
-    rows = {inp.base.tensors[embed].info.shape[0]} if embed is not None else set()
-    vocab = inp.base.text_config().get("vocab_size")
-    return rows | ({vocab} if isinstance(vocab, int) else set())
 
 
 def _lora_targets(inp: _Inputs, starts: dict[str, PlannedTensor], notes: list[str]) -> list[LoraTarget]:
@@ -338,7 +337,8 @@ def plan_merge(
     notes: list[str] = [base.quant.describe()] if base.quant is not None else []
     out_dtype = output_dtype(base, options)
     starts = _starts(inp, out_dtype)
-    replaced = _replacements(inp, starts, notes)
+    task = head_task(adapter_config.task_type, base.config)
+    replaced = _replacements(inp, starts, notes, task=task)
     check_saved_modules(
         adapter_config,
         tensors=list(starts),
@@ -359,7 +359,6 @@ def plan_merge(
     vocab_delta = _vocab_delta(inp, plans)
     tensors = list(plans.values())
     config = output_config(_source_config(base), vocab_delta=vocab_delta, out_dtype=out_dtype, untie=untie, notes=notes)
-    task = head_task(adapter_config.task_type, base.config)
     head = head_output(replaced, task)
     head_warnings: list[str] = []
     if head is not None:

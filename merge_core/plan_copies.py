@@ -7,6 +7,7 @@ from .adapter import AdapterConfig, AdapterWeights
 from .checkpoint import BaseCheckpoint
 from .errors import UnsupportedAdapterError
 from .targets import saved_module_names, wrapped_module
+from .tensor_names import input_embedding
 
 
 def refuse_quantized_copy(base: BaseCheckpoint, adapter: AdapterWeights, *, target: str, key: str) -> None:
@@ -32,3 +33,12 @@ def loaded_by_peft(module_tensor: str, key: str, config: AdapterConfig) -> bool:
     if ".modules_to_save." not in f".{key}.":
         return True
     return wrapped_module(module_tensor, saved_module_names(config)) is not None
+
+
+def token_rows(base: BaseCheckpoint) -> set[int]:
+    """Row counts of a tensor with a row per token, the copies a resized vocabulary changes in size: vocab_size,
+    and the embedding's own (Mllama's has 8 more)."""
+    embed = input_embedding(base)
+    rows = {base.tensors[embed].info.shape[0]} if embed is not None else set()
+    vocab = base.text_config().get("vocab_size")
+    return rows | ({vocab} if isinstance(vocab, int) else set())
