@@ -98,14 +98,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def shard_files(path: Path) -> list[Path]:
-    """The safetensors files that make up the model, as transformers picks them: model.safetensors when the
-    folder has one (even beside an index, as from_pretrained does), else the shards the index lists."""
-    if (path / SAFE_SINGLE).is_file():
-        return [path / SAFE_SINGLE]
-    index_path = path / SAFE_INDEX
-    if index_path.is_file():
-        names = _indexed_shards(index_path, read_json(index_path, "the safetensors index"))
+def shard_files(path: Path, weight_map: dict[str, str] | None) -> list[Path]:
+    """The safetensors files that make up the model, as transformers picks them: the shards ``weight_map`` (the
+    index's, _weight_map) lists, else model.safetensors."""
+    if weight_map is not None:
+        names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise BaseCheckpointError(
@@ -113,6 +110,8 @@ def shard_files(path: Path) -> list[Path]:
                 f"(e.g. {missing[0]}). Download the complete model."
             )
         return sorted((path / n for n in names), key=lambda p: p.name)
+    if (path / SAFE_SINGLE).is_file():
+        return [path / SAFE_SINGLE]
     pickles = [n for n in PICKLE_WEIGHT_NAMES if (path / n).exists()]
     if pickles:
         raise BaseCheckpointError(
@@ -126,34 +125,34 @@ def shard_files(path: Path) -> list[Path]:
     )
 
 
-def _indexed_shards(index_path: Path, index: dict[str, Any]) -> list[str]:
-    """The shard names of an index's weight_map: plain file names in the model's folder, nothing else.
+def _weight_map(path: Path) -> dict[str, str] | None:
+    """The index's weight_map where transformers reads the index: not when model.safetensors is beside it (as
+    from_pretrained does), and only with plain file names in the model's folder.
 
     A name such as "../other/model.safetensors" or "/abs/path" would make the merge read (and, in the app,
     disclose) a file outside the folder the user chose; no model saved by transformers has one."""
-    weight_map = index.get("weight_map")
+    index_path = path / SAFE_INDEX
+    if (path / SAFE_SINGLE).is_file() or not index_path.is_file():
+        return None
+    weight_map = read_json(index_path, "the safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise BaseCheckpointError(
             f"{index_path} has no weight_map; the checkpoint is incomplete, so download it again."
         )
-    names = list(dict.fromkeys(weight_map.values()))
-    for name in names:
+    for name in dict.fromkeys(weight_map.values()):
         parts = Path(name).parts if isinstance(name, str) else ()
         if not parts or Path(name).is_absolute() or ".." in parts or any(p in ("", ".") for p in parts):
             raise BaseCheckpointError(
                 f"{index_path} lists the shard {json.dumps(name)[:80]}, which is not a file inside the model's "
                 "folder; the index is broken or crafted, so download the model again."
             )
-    return names
+    return weight_map
 
 
-def _check_index_agrees(path: Path, shards: list[Path], tensors: dict[str, BaseTensor]) -> None:
+def _check_index_agrees(path: Path, weight_map: dict[str, str] | None, tensors: dict[str, BaseTensor]) -> None:
     """transformers loads each tensor from the shard the index names: one the index misplaces would come out
     freshly initialised (random) from from_pretrained, so a merge of it could never equal PEFT's model."""
-    if shards == [path / SAFE_SINGLE]:
-        return
-    weight_map = read_json(path / SAFE_INDEX, "the safetensors index")["weight_map"]
-    for name, shard in weight_map.items():
+    for name, shard in (weight_map or {}).items():
         found = tensors.get(name)
         if found is None or found.shard != path / shard:
             where = f"it is in {found.shard.name}" if found is not None else "no shard holds it"
@@ -185,7 +184,8 @@ def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheck
             "the folder (or Hub repo) that holds config.json and the safetensors weights."
         ) from None
     _check_model_type(path, config)
-    shards = shard_files(path)
+    weight_map = _weight_map(path)
+    shards = shard_files(path, weight_map)
     tensors: dict[str, BaseTensor] = {}
     for shard in shards:
         try:
@@ -199,7 +199,7 @@ def load_base_checkpoint(path: str | Path, name: str | None = None) -> BaseCheck
                     "the model again."
                 )
             tensors[info.name] = BaseTensor(shard, info)
-    _check_index_agrees(path, shards, tensors)
+    _check_index_agrees(path, weight_map, tensors)
     return BaseCheckpoint(
         path=path,
         config=config,
