@@ -85,7 +85,7 @@ def begin_staging(output: Path) -> Claim:
         existing = next(p for p in output.parents if p.exists())
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
-        made = tuple(p for p in output.parents if p not in existing.parents and p != existing)
+        made = missing_folders(output.parent)
         output.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(output)
         staging = claim(output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -117,9 +117,27 @@ def publish(staging: Claim, output: Path) -> None:
 def discard(staging: Claim) -> None:
     """Remove an unfinished staging folder and its lock, and the output's parents made for it (while empty)."""
     staging.release(remove_folder=True)
-    for folder in staging.made_parents:
+    remove_if_empty(staging.made_parents)
+
+
+def missing_folders(folder: Path) -> tuple[Path, ...]:
+    """``folder`` and its parents that do not exist yet, innermost first: what a run will have made."""
+    return tuple(p for p in (folder, *folder.parents) if not p.exists())
+
+
+def remove_if_empty(folders: Iterable[Path]) -> None:
+    """Remove the folders a failed run made (innermost first), each only while empty."""
+    for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
 
 
-__all__ = ["begin_staging", "check_output_target", "discard", "publish", "sweep_leftovers"]
+__all__ = [
+    "begin_staging",
+    "check_output_target",
+    "discard",
+    "missing_folders",
+    "publish",
+    "remove_if_empty",
+    "sweep_leftovers",
+]

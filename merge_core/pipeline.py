@@ -8,7 +8,6 @@ a front end needs (see ``__all__``).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +53,7 @@ from .inputs import MergeRequest, ResolvedInputs, parse_adapter_list, resolve_in
 from .locks import Claim
 from .merge import execute_plan
 from .models import GENERATIVE_TASKS
+from .outputs import missing_folders, remove_if_empty
 from .plan import MergeOptions, build_plan
 from .progress import ProgressCallback, ProgressUpdate, in_caller_context, no_progress
 from .quant_targets import (
@@ -143,16 +143,14 @@ def run_merge(
     ``workdir``/merged). The forward-pass checks are off by default: the app runs them on the
     GPU through model_checks; the CLI asks for them here."""
     workdir = Path(workdir)
-    created = [p for p in (workdir, *workdir.parents) if not p.exists()]  # innermost first
+    created = missing_folders(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         return _run_merge(
             request, workdir, progress, output_dir=output_dir, overwrite=overwrite, verify=verify, functional=functional
         )
     except BaseException:
-        for folder in created:  # the output's parents this run made: a refused run leaves none behind
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only while empty
+        remove_if_empty(created)  # the output's parents this run made: a refused run leaves none behind
         raise
 
 
