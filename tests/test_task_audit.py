@@ -19,6 +19,7 @@ import torch
 from merge_core import MergeOptions, merge_adapter
 from merge_core.plan import build_plan
 from merge_core.verify import verify_merge
+from tests import arch_models
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
 _IDS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -36,44 +37,6 @@ def _vit(**extra: Any):
     from transformers import ViTConfig
 
     return ViTConfig(image_size=16, patch_size=4, **SMALL, **extra)
-
-
-def _bart():
-    from transformers import BartConfig
-
-    return BartConfig(
-        vocab_size=96,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        max_position_embeddings=64,
-    )
-
-
-def _whisper():
-    from transformers import WhisperConfig
-
-    return WhisperConfig(
-        vocab_size=96,
-        num_mel_bins=16,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=48,
-        decoder_ffn_dim=48,
-        max_source_positions=32,
-        max_target_positions=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
 
 
 def _wav2vec2():
@@ -191,7 +154,7 @@ CASES = {
         pad_note=True,
     ),
     "bart-seq-cls-classification-head": Case(
-        lambda: _t("BartForConditionalGeneration")(_bart()),
+        arch_models.bart,
         "BartForSequenceClassification",
         "AutoModelForSequenceClassification",
         {"task_type": "SEQ_CLS", "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classification_head"]},
@@ -201,7 +164,7 @@ CASES = {
     ),
     # the encoder of a speech seq2seq checkpoint: its inputs are log-mel features only, no decoder tokens
     "whisper-audio-cls-from-seq2seq": Case(
-        lambda: _t("WhisperForConditionalGeneration")(_whisper()),
+        arch_models.whisper,
         "WhisperForAudioClassification",
         "AutoModelForAudioClassification",
         {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier", "projector"]},
