@@ -23,24 +23,10 @@ from merge_core.errors import UnsupportedAdapterError
 from merge_core.merge import execute_plan
 from merge_core.plan import build_plan
 from merge_core.verify import verify_merge
+from tests.arch_models import vit
 from tests.test_verify_tasks import whisper
 
 R, ALPHA = 4, 8
-
-
-def vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_labels=3,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=48,
-    )
-    return ViTForImageClassification(config)
 
 
 def resnet():
