@@ -88,8 +88,6 @@ def adapter_files(files: dict[str, int], ref: RepoRef, subfolder: str = "") -> l
     if f"{prefix}adapter_model.safetensors" not in files and f"{prefix}adapter_model.bin" not in files:
         raise AdapterConfigError(f"{ref} has adapter_config.json but no adapter weights (adapter_model.safetensors).")
     local = {f[len(prefix) :]: f for f in files if f.startswith(prefix)}
-    if "adapter_model.safetensors" in local:
-        local.pop(
-            "adapter_model.bin", None
-        )  # PEFT reads the safetensors file; the pickle would be downloaded for nothing
+    if "adapter_model.safetensors" in local:  # PEFT reads it; the pickle would be downloaded for nothing
+        local.pop("adapter_model.bin", None)
     return [local[f] for f in matching(local, ADAPTER_PATTERNS)]
